@@ -1,0 +1,56 @@
+"""pyops: FP8/NVFP4 quantization, caching and few-step sampling kernels for DiT inference."""
+from __future__ import annotations
+
+import importlib.util as _ilu
+import sys as _sys
+from pathlib import Path as _Path
+
+__version__ = "0.1.0"
+
+
+def _alias_triton_kernels() -> None:
+    """Make ``pyops.triton_kernels`` importable when running from a source checkout.
+
+    setup.py installs the repository's top-level ``triton_kernels/`` as ``pyops.triton_kernels``
+    (never as a top-level ``triton_kernels``, which is the Triton project's own package). Without
+    an install, map the source folder under that name.
+    """
+    if "pyops.triton_kernels" in _sys.modules:
+        return
+    try:
+        if _ilu.find_spec("pyops.triton_kernels") is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    src = _Path(__file__).resolve().parent.parent / "triton_kernels"
+    init = src / "__init__.py"
+    if init.exists():
+        spec = _ilu.spec_from_file_location("pyops.triton_kernels", init,
+                                            submodule_search_locations=[str(src)])
+        mod = _ilu.module_from_spec(spec)
+        _sys.modules["pyops.triton_kernels"] = mod
+        spec.loader.exec_module(mod)
+
+
+_alias_triton_kernels()
+
+from . import _backend  # noqa: E402
+from . import ops  # noqa: E402,F401  (registers torch.ops.pyops.*)
+from ._info import info  # noqa: E402
+from .quantize import (  # noqa: E402
+    FP8Tensor,
+    NVFP4Tensor,
+    dequantize_fp8,
+    dequantize_nvfp4,
+    quantize_fp8,
+    quantize_nvfp4,
+)
+
+if _backend.extension_status()[0]:
+    ops.quantize_fp8._register_cuda_fakes()
+    ops.quantize_nvfp4._register_cuda_fakes()
+
+__all__ = [
+    "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
+    "dequantize_nvfp4", "info", "__version__",
+]

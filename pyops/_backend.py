@@ -1,0 +1,130 @@
+"""Backend selection: CUDA extension -> Triton -> PyTorch reference.
+
+Every op registers one implementation per backend. The choice is made on the host, before the op
+runs, from static facts only (device, what is installed, the request), never from data, so it is
+fixed under torch.compile and CUDA-graph capture.
+
+Override order: the ``backend=`` argument, then ``PYOPS_BACKEND_<OP>`` (e.g.
+``PYOPS_BACKEND_QUANTIZE_FP8=triton``), then ``PYOPS_BACKEND``, then automatic. A backend that was
+asked for explicitly but cannot run raises; automatic selection never picks one that cannot run.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def impl(op: str, backend: str) -> Callable:
+    return _IMPLS[op][backend]
+
+
+def ops() -> list[str]:
+    return sorted(_IMPLS)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(None)
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return False, f"triton not importable ({type(e).__name__}: {e})"
+    return True, f"triton {triton.__version__}"
+
+
+@functools.lru_cache(None)
+def extension_status() -> tuple[bool, str]:
+    """Load the compiled CUDA extension ``pyops._C`` if it was built."""
+    if os.environ.get("PYOPS_DISABLE_CUDA_EXT", "0") not in ("", "0"):
+        return False, "disabled by PYOPS_DISABLE_CUDA_EXT"
+    try:
+        importlib.import_module("pyops._C")
+    except ImportError as e:
+        return False, f"pyops._C not built ({e})"
+    except Exception as e:  # a broken build must not break `import pyops`
+        return False, f"pyops._C failed to load ({type(e).__name__}: {e})"
+    return True, "pyops._C loaded"
+
+
+def extension_archs() -> list[str]:
+    ok, _ = extension_status()
+    if not ok:
+        return []
+    try:
+        return list(torch.ops.pyops._cuda_archs())
+    except Exception:
+        return []
+
+
+def _cuda_backend_ok(device: torch.device) -> tuple[bool, str]:
+    ok, why = extension_status()
+    if not ok:
+        return False, why
+    if device.type != "cuda":
+        return False, "the CUDA backend needs CUDA tensors"
+    major, minor = torch.cuda.get_device_capability(device)
+    archs = extension_archs()
+    # sm_XYa code runs only on exactly sm_XY; plain sm_XY code (no 'a') runs on newer minors too.
+    have = {a.rstrip("af") for a in archs}
+    if archs and f"{major}{minor}" not in have:
+        return False, f"pyops._C built for sm_{','.join(archs)}, device is sm_{major}{minor}"
+    return True, why
+
+
+def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+    if op not in _IMPLS or backend not in _IMPLS[op]:
+        return False, f"no {backend} implementation of {op}"
+    if backend == "reference":
+        return True, "PyTorch reference"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return ok, why
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+            return True, why + (" (interpreter)" if device.type == "cpu" else "")
+        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+    return _cuda_backend_ok(device)
+
+
+def requested(op: str, backend: Optional[str]) -> Optional[str]:
+    if backend in (None, "", "auto"):
+        backend = (os.environ.get(f"PYOPS_BACKEND_{op.upper()}")
+                   or os.environ.get("PYOPS_BACKEND") or None)
+        if backend in ("", "auto"):
+            backend = None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"pyops: unknown backend {backend!r} for {op}; expected one of "
+                         f"{BACKENDS} or 'auto'")
+    return backend
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """Pick the backend for ``op`` on ``device``. Raises if an explicit request cannot run."""
+    want = requested(op, backend)
+    if want is not None:
+        ok, why = available(op, want, device)
+        if not ok:
+            raise RuntimeError(f"pyops: backend {want!r} requested for {op} cannot run: {why}")
+        return want
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
+    for b in order:
+        if available(op, b, device)[0]:
+            return b
+    raise RuntimeError(f"pyops: no backend can run {op} on {device}")  # pragma: no cover

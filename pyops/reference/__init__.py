@@ -1,0 +1,1 @@
+"""Plain-PyTorch fp32 references: the specification every backend must match bit for bit."""
