@@ -1,2 +1,3 @@
 """Op definitions (torch.library, namespace ``pyops``): schema, fake, backend dispatch."""
 from . import quantize_fp8, quantize_nvfp4  # noqa: F401  (registers the ops)
+from . import sample_step  # noqa: F401,E402  (registers pyops::sample_step)
