@@ -1,0 +1,160 @@
+"""FP8 e4m3 dynamic quantization: pyops cuda / triton vs the reference under torch.compile
+(what Inductor gives you), the eager reference, and plain torch eager (per-tensor, per-row).
+
+    python bench/bench_quantize_fp8.py [--out bench/out] [--quick] [--device cuda]
+
+GB/s counts the fewest bytes the op must move: the input once (twice for per-tensor scaling,
+whose amax must be known before any element is scaled), the e4m3 codes and the fp32 scales.
+``exact``: the provider's codes and scales equal the reference's bit for bit on the same input
+(the whole input, or its first rows when it is larger than --check-elems).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import utils as U  # noqa: E402
+
+import pyops  # noqa: E402
+from pyops import _backend  # noqa: E402
+from pyops.reference import quantize_fp8 as ref  # noqa: E402
+
+NAME = "quantize_fp8"
+OP = "quantize_fp8"
+COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms graph", "exact",
+           "note"]
+# (label, M, K): DiT activations (Flux 1024², Wan 480p 81 frames, 75600 tokens) and weights.
+SHAPES = [("act Flux 1024²", 4608, 3072), ("act Wan 480p", 32760, 5120),
+          ("act 75600 tok", 75600, 3072), ("weight", 4096, 4096), ("weight", 12288, 3072)]
+QUICK_SHAPES = [("quick", 256, 384), ("quick odd", 130, 200)]
+GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
+GRAPH_MAX_BYTES = 64 * 2**20  # CUDA-graph timing for inputs smaller than this
+
+
+def nbytes_moved(M: int, K: int, elsize: int, g: str) -> int:
+    reads = M * K * elsize * (2 if g == "tensor" else 1)
+    scales = 1
+    for d in ref.scale_shape_2d(M, K, g):
+        scales *= d
+    return reads + M * K + 4 * scales
+
+
+def _eager(g: str):
+    """What a user writes in plain PyTorch: amax, divide, cast (per tensor or per row)."""
+    if g == "tensor":
+        def f(x):
+            s = torch.clamp_min(x.abs().amax().float() / 448.0, ref.FLT_MIN)
+            return (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s.reshape(1)
+    else:
+        def f(x):
+            s = torch.clamp_min(x.abs().amax(dim=1, keepdim=True).float() / 448.0, ref.FLT_MIN)
+            return (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s.reshape(-1)
+    return f
+
+
+def _outputs(res):
+    """(codes as uint8, scales as int32 bits), flattened, from any provider's result."""
+    if isinstance(res, pyops.FP8Tensor):
+        q, s = res.data, res.scale
+    else:
+        q, s = res
+    return q.reshape(-1).view(torch.uint8), s.float().reshape(-1).contiguous().view(torch.int32)
+
+
+def _checker(x: torch.Tensor, g: str, check_elems: int):
+    M, K = x.shape
+    rows = M if M * K <= check_elems else max(128, (check_elems // K) // 128 * 128)
+    xc = x[:rows]
+    want = None
+
+    def check(fn) -> bool:
+        nonlocal want
+        if want is None:
+            want = _outputs(ref.quantize_fp8(xc, g))
+        got = _outputs(fn(xc))
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
+    return check, rows
+
+
+def providers(g: str, device: torch.device, compile_ok: bool, check, compiled_cache: dict):
+    ps = []
+    for b in ("cuda", "triton"):
+        ok, why = _backend.available(OP, b, device)
+        if ok:
+            ps.append(U.Provider(f"pyops {b}", lambda x, b=b: pyops.quantize_fp8(x, g, backend=b),
+                                 check=check))
+    if compile_ok:
+        if g not in compiled_cache:
+            compiled_cache[g] = torch.compile(lambda x: ref.quantize_fp8(x, g), dynamic=False)
+        ps.append(U.Provider("torch.compile(reference)", compiled_cache[g], slow=True,
+                             compiles=True, check=check))
+    if g in ("tensor", "row"):
+        ps.append(U.Provider("torch eager", _eager(g), check=check))
+    ps.append(U.Provider("pyops reference (eager)",
+                         lambda x: pyops.quantize_fp8(x, g, backend="reference"),
+                         slow=True, graph=False, check=check))
+    return ps
+
+
+def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
+    t = U.Table("FP8 e4m3 quantization (bf16 input)", COLUMNS, notes=[
+        "GB/s = (input read once, twice for per-tensor amax + e4m3 codes + fp32 scales) / time; "
+        "% copy = GB/s over the device-to-device copy measured in the same run.",
+        "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
+        "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
+        "exact: codes and scales bit-identical to pyops.reference on the same input."])
+    compile_ok = device.type == "cuda" or args.compile
+    if not compile_ok:
+        t.notes.append("torch.compile(reference) not run on CPU (pass --compile to force).")
+    U.raise_compile_limits()
+    compiled_cache: dict = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
+        graph_inputs = None
+        if M * K * 2 < GRAPH_MAX_BYTES and device.type == "cuda":
+            n = U.rotation_count(M * K * 2, device)
+            graph_inputs = [(torch.randn(M, K, device=device, dtype=torch.bfloat16,
+                                         generator=gen),) for _ in range(n)]
+        for g in GRANULARITIES:
+            check, rows = _checker(x, g, args.check_elems)
+            base = {"op": "quantize_fp8", "shape": f"{label} {M}x{K}", "config": g,
+                    "M": M, "K": K, "dtype": "bfloat16", "check_rows": rows}
+            U.bench_providers(t, base, providers(g, device, compile_ok, check, compiled_cache),
+                              (x,), nbytes_moved(M, K, 2, g), ceiling_gbps, device, budget,
+                              graph_inputs)
+        del x, graph_inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress:
+            progress(t)
+    return t
+
+
+def parser() -> argparse.ArgumentParser:
+    p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--compile", action="store_true", help="run torch.compile on CPU too")
+    p.add_argument("--check-elems", type=int, default=2**28,
+                   help="bit-exact check on the first rows holding at most this many elements")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    device = U.pick_device(args.device)
+    env = U.env_record(device)
+    env.update(U.measure_ceiling(device, args.quick))
+    budget = U.Budget(args.budget_s)
+    t = run(args, device, env["copy_gbps"], budget,
+            progress=lambda tb: U.write_results(args.out, NAME, [tb], env))
+    U.write_results(args.out, NAME, [t], env)
+    print(U.env_markdown(env) + "\n\n" + t.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""NVFP4 quantization (E2M1 + E4M3 per 16 + fp32 global): pyops cuda / triton vs the reference
+under torch.compile (what Inductor gives you) and the eager reference; computed and static global
+scale, swizzled scales on and off.
+
+    python bench/bench_quantize_nvfp4.py [--out bench/out] [--quick] [--device cuda]
+
+GB/s counts the fewest bytes the op must move: the input once (twice when the global scale is
+computed, whose amax must be known before any block is scaled), the packed codes, the E4M3
+scales (padded size when swizzled) and the 4-byte global scale (read when static, written when
+computed). ``exact``: codes, scale bytes and global scale bit-identical to the reference on the
+same input (the whole input, or its first rows when larger than --check-elems).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import utils as U  # noqa: E402
+from bench_quantize_fp8 import COLUMNS, GRAPH_MAX_BYTES, QUICK_SHAPES, SHAPES  # noqa: E402
+
+import pyops  # noqa: E402
+from pyops import _backend  # noqa: E402
+from pyops.reference import quantize_nvfp4 as ref  # noqa: E402
+
+NAME = "quantize_nvfp4"
+OP = "quantize_nvfp4"
+CONFIGS = [(False, False), (False, True), (True, False), (True, True)]  # (static global, swizzle)
+
+
+def config_name(static: bool, swizzle: bool) -> str:
+    return f"global {'static' if static else 'computed'}, swizzle {'on' if swizzle else 'off'}"
+
+
+def nbytes_moved(M: int, K: int, elsize: int, static: bool, swizzle: bool) -> int:
+    nb = (K + ref.BLOCK - 1) // ref.BLOCK
+    Ms, Ns = ref.swizzled_shape(M, nb) if swizzle else (M, nb)
+    reads = M * K * elsize * (1 if static else 2)
+    return reads + M * nb * 8 + Ms * Ns + 4
+
+
+def _outputs(res):
+    if isinstance(res, pyops.NVFP4Tensor):
+        d, s, g = res.data, res.scales, res.global_scale
+    else:
+        d, s, g = res
+    return (d.reshape(-1).view(torch.uint8), s.reshape(-1).view(torch.uint8),
+            g.float().reshape(-1).contiguous().view(torch.int32))
+
+
+def _checker(x: torch.Tensor, gs, swizzle: bool, check_elems: int):
+    M, K = x.shape
+    rows = M if M * K <= check_elems else max(128, (check_elems // K) // 128 * 128)
+    xc = x[:rows]
+    want = None
+
+    def check(fn) -> bool:
+        nonlocal want
+        if want is None:
+            want = _outputs(ref.quantize_nvfp4(xc, gs, swizzle))
+        got = _outputs(fn(xc))
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
+    return check, rows
+
+
+def providers(static: bool, swizzle: bool, gs, device, compile_ok: bool, check,
+              compiled_cache: dict):
+    ps = []
+    arg = gs if static else None
+    for b in ("cuda", "triton"):
+        if _backend.available(OP, b, device)[0]:
+            ps.append(U.Provider(
+                f"pyops {b}",
+                lambda x, b=b: pyops.quantize_nvfp4(x, arg, swizzle=swizzle, backend=b),
+                check=check))
+    if compile_ok:
+        key = (static, swizzle)
+        if key not in compiled_cache:
+            if static:
+                compiled_cache[key] = torch.compile(
+                    lambda x, g: ref.quantize_nvfp4(x, g, swizzle), dynamic=False)
+            else:
+                compiled_cache[key] = torch.compile(
+                    lambda x: ref.quantize_nvfp4(x, None, swizzle), dynamic=False)
+        cf = compiled_cache[key]
+        fn = (lambda x: cf(x, gs)) if static else cf
+        ps.append(U.Provider("torch.compile(reference)", fn, slow=True, compiles=True,
+                             check=check))
+    ps.append(U.Provider("pyops reference (eager)",
+                         lambda x: pyops.quantize_nvfp4(x, arg, swizzle=swizzle,
+                                                        backend="reference"),
+                         slow=True, graph=False, check=check))
+    return ps
+
+
+def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
+    t = U.Table("NVFP4 quantization (bf16 input)", COLUMNS, notes=[
+        "GB/s = (input read once, twice when the global scale is computed + packed codes + "
+        "E4M3 scales (padded when swizzled) + global scale) / time; % copy = GB/s over the "
+        "device-to-device copy measured in the same run.",
+        "static global = amax/2688 of the same input, computed once before timing.",
+        "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
+        "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
+        "exact: codes, scale bytes and global scale bit-identical to pyops.reference."])
+    compile_ok = device.type == "cuda" or args.compile
+    if not compile_ok:
+        t.notes.append("torch.compile(reference) not run on CPU (pass --compile to force).")
+    U.raise_compile_limits()
+    compiled_cache: dict = {}
+    gen = torch.Generator(device=device).manual_seed(1)
+    for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
+        gs = ref.global_scale_from_amax(x.abs().amax().float().reshape(1))
+        graph_inputs = None
+        if M * K * 2 < GRAPH_MAX_BYTES and device.type == "cuda":
+            n = U.rotation_count(M * K * 2, device)
+            graph_inputs = [(torch.randn(M, K, device=device, dtype=torch.bfloat16,
+                                         generator=gen),) for _ in range(n)]
+        for static, swizzle in CONFIGS:
+            check, rows = _checker(x, gs if static else None, swizzle, args.check_elems)
+            base = {"op": "quantize_nvfp4", "shape": f"{label} {M}x{K}",
+                    "config": config_name(static, swizzle), "M": M, "K": K,
+                    "dtype": "bfloat16", "check_rows": rows}
+            U.bench_providers(
+                t, base, providers(static, swizzle, gs, device, compile_ok, check,
+                                   compiled_cache),
+                (x,), nbytes_moved(M, K, 2, static, swizzle), ceiling_gbps, device, budget,
+                graph_inputs)
+        del x, graph_inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress:
+            progress(t)
+    return t
+
+
+def parser() -> argparse.ArgumentParser:
+    p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--compile", action="store_true", help="run torch.compile on CPU too")
+    p.add_argument("--check-elems", type=int, default=2**28,
+                   help="bit-exact check on the first rows holding at most this many elements")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    device = U.pick_device(args.device)
+    env = U.env_record(device)
+    env.update(U.measure_ceiling(device, args.quick))
+    budget = U.Budget(args.budget_s)
+    t = run(args, device, ceiling_gbps=env["copy_gbps"], budget=budget,
+            progress=lambda tb: U.write_results(args.out, NAME, [tb], env))
+    U.write_results(args.out, NAME, [t], env)
+    print(U.env_markdown(env) + "\n\n" + t.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
