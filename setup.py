@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "pyops", "_build_info.json")
@@ -127,7 +127,9 @@ setup(
     version="0.1.0",
     description="FP8/NVFP4 quantized attention and GEMMs, GPU-side caching and few-step "
                 "sampling kernels for diffusion transformers",
-    packages=["pyops", "pyops.ops", "pyops.reference", "pyops.triton_kernels"],
+    packages=(["pyops"] + [f"pyops.{p}" for p in find_packages("pyops")]
+              + ["pyops.triton_kernels"]
+              + [f"pyops.triton_kernels.{p}" for p in find_packages("triton_kernels")]),
     package_dir={"pyops": "pyops", "pyops.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
