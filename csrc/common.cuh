@@ -1,0 +1,287 @@
+// common.cuh - helpers shared by the pyops quantization kernels. Torch-free.
+//
+// Bit-exactness rules (spec: pyops/reference/*.py, fp32 math, IEEE RNE):
+//  - every division is __fdiv_rn, every product __fmul_rn: explicit intrinsics, so neither
+//    -use_fast_math nor FMA contraction can change a result;
+//  - clamps propagate NaN like torch.clamp (a comparison-select, never fminf/fmaxf);
+//  - fp32 -> e4m3 is the hardware RNE cast with satfinite (inputs are already clamped to
+//    +-448 as in the spec, so saturation never decides a finite result);
+//  - E2M1 is the branch-free threshold sum of the reference, sign bit = (v < 0).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+#include "pyops.h"
+
+namespace pyops {
+
+constexpr float kFltMin = 1.17549435082228750797e-38f;  // 2^-126, smallest normal fp32
+constexpr uint32_t kInfBits = 0x7F800000u;              // |x| bits >= this: inf or NaN
+constexpr uint32_t kNanBits = 0x7FC00000u;              // torch's float('nan') in fp32
+constexpr int kThreads = 256;
+
+// ---- element types ----------------------------------------------------------------------------
+// Each type moves in 16-byte chunks of V elements; a chunk is kept as raw bits in a uint4 and
+// converted to fp32 exactly (all three input types embed exactly in fp32).
+struct F32 {
+  using storage = uint32_t;
+  static constexpr int V = 4;
+  static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b); }
+};
+struct F16 {
+  using storage = uint16_t;
+  static constexpr int V = 8;
+  static __device__ __forceinline__ float to_float(uint16_t b) {
+    return __half2float(__ushort_as_half(b));
+  }
+};
+struct BF16 {
+  using storage = uint16_t;
+  static constexpr int V = 8;
+  static __device__ __forceinline__ float to_float(uint16_t b) {
+    return __uint_as_float(static_cast<uint32_t>(b) << 16);
+  }
+};
+
+// Input view: element (m, k) at base + m*sm + k*sk (elements).
+struct InView {
+  const void* base;
+  int64_t M, K, sm, sk;
+};
+
+// Raw bits of element j (0 <= j < V) of a chunk.
+template <typename E>
+__device__ __forceinline__ typename E::storage chunk_elem(const uint4& c, int j) {
+  const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+  if constexpr (sizeof(typename E::storage) == 4) {
+    return w[j];
+  } else {
+    return static_cast<uint16_t>((w[j >> 1] >> ((j & 1) * 16)) & 0xFFFFu);
+  }
+}
+
+template <typename E>
+__device__ __forceinline__ void chunk_set(uint4& c, int j, typename E::storage v) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(&c);
+  if constexpr (sizeof(typename E::storage) == 4) {
+    w[j] = v;
+  } else {
+    w[j >> 1] |= static_cast<uint32_t>(v) << ((j & 1) * 16);
+  }
+}
+
+template <typename E>
+__device__ __forceinline__ void chunk_to_float(const uint4& c, float (&f)[E::V]) {
+#pragma unroll
+  for (int j = 0; j < E::V; ++j) f[j] = E::to_float(chunk_elem<E>(c, j));
+}
+
+// Load elements (m, k0 .. k0+V-1) as raw bits; elements with k >= K read as +0.
+// VEC: stride_k == 1 and every row start 16-byte aligned (checked on the host); k0 % V == 0.
+template <typename E, bool VEC>
+__device__ __forceinline__ uint4 load_chunk(const InView& in, int64_t m, int64_t k0) {
+  using S = typename E::storage;
+  const S* x = static_cast<const S*>(in.base);
+  uint4 c = make_uint4(0u, 0u, 0u, 0u);
+  if (VEC && k0 + E::V <= in.K) {
+    return __ldg(reinterpret_cast<const uint4*>(x + m * in.sm + k0));
+  }
+  const int64_t row = m * in.sm;
+#pragma unroll
+  for (int j = 0; j < E::V; ++j) {
+    const int64_t k = k0 + j;
+    if (k < in.K) chunk_set<E>(c, j, __ldg(x + row + k * in.sk));
+  }
+  return c;
+}
+
+// |x| bits: max over a group of these is the group's amax when < kInfBits; a value >= kInfBits
+// means the group holds inf or NaN (bits are ordered like the non-negative floats they encode).
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
+// Same, but inf/NaN count as 0 (amax over finite elements only).
+__device__ __forceinline__ uint32_t finite_abs_bits(float v) {
+  const uint32_t a = abs_bits(v);
+  return a >= kInfBits ? 0u : a;
+}
+
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// Max over aligned groups of W lanes (W a power of 2 <= 32); every lane of the warp must call.
+template <int W>
+__device__ __forceinline__ uint32_t group_max(uint32_t v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = umax(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+// Max over the whole block (blockDim.x a multiple of 32, <= 1024). Every thread must call;
+// `red` is __shared__ uint32_t[32]. Ends with a barrier so `red` can be reused right away.
+__device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
+  v = group_max<32>(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  const int nw = blockDim.x >> 5;
+  uint32_t r = 0;
+  for (int i = 0; i < nw; ++i) r = umax(r, red[i]);
+  __syncthreads();
+  return r;
+}
+
+// torch.clamp semantics: NaN passes through.
+__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// Two fp32 -> e4m3 codes, RNE, satfinite; `a` in the low byte.
+__device__ __forceinline__ uint32_t e4m3x2(float a, float b) {
+  return static_cast<uint32_t>(
+      __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ uint32_t e4m3(float a) {
+  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(a, __NV_SATFINITE, __NV_E4M3));
+}
+
+// e4m3 byte -> fp32, exact (e4m3 embeds in fp16).
+__device__ __forceinline__ float e4m3_to_float(uint32_t byte) {
+  const __half_raw h =
+      __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(byte), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// E2M1 code of an fp32 already clamped to [-6, 6] (NaN -> 0): the reference's threshold sum.
+__device__ __forceinline__ uint32_t e2m1_code(float v) {
+  const float m = fabsf(v);
+  const uint32_t idx = static_cast<uint32_t>(m > 0.25f) + static_cast<uint32_t>(m >= 0.75f) +
+                       static_cast<uint32_t>(m > 1.25f) + static_cast<uint32_t>(m >= 1.75f) +
+                       static_cast<uint32_t>(m > 2.5f) + static_cast<uint32_t>(m >= 3.5f) +
+                       static_cast<uint32_t>(m > 5.0f);
+  return idx | (v < 0.0f ? 8u : 0u);
+}
+
+// (a / b, a % b) for non-negative int64; 32-bit hardware path when both fit.
+__device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& rem) {
+  if (((a | b) >> 32) == 0) {
+    const uint32_t q = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    rem = static_cast<int64_t>(static_cast<uint32_t>(a) - q * static_cast<uint32_t>(b));
+    return q;
+  }
+  const int64_t q = a / b;
+  rem = a - q * b;
+  return q;
+}
+
+// ---- host side --------------------------------------------------------------------------------
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int elem_size(pyops_dtype_t t) { return t == PYOPS_DTYPE_F32 ? 4 : 2; }
+
+inline bool valid_dtype(pyops_dtype_t t) {
+  return t == PYOPS_DTYPE_F32 || t == PYOPS_DTYPE_F16 || t == PYOPS_DTYPE_BF16;
+}
+
+// True when the 16-byte vector path may be used for every row.
+inline bool vec_ok(const InView& in, int esize) {
+  if (in.sk != 1 && in.K > 1) return false;
+  if (reinterpret_cast<uintptr_t>(in.base) % 16 != 0) return false;
+  return in.M <= 1 || (in.sm * esize) % 16 == 0;
+}
+
+// A contiguous (M, K) input seen as one row of M*K elements (for whole-tensor passes).
+inline InView flatten_if_contiguous(const InView& in) {
+  if ((in.sk == 1 || in.K == 1) && (in.sm == in.K || in.M == 1)) {
+    return InView{in.base, 1, in.M * in.K, in.M * in.K, 1};
+  }
+  return in;
+}
+
+// Grid size for grid-stride kernels: enough CTAs to fill the device a few times over.
+inline cudaError_t grid_for(int64_t work_items, int threads, int ctas_per_sm, int* grid) {
+  int dev = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return e;
+  const int64_t need = cdiv(work_items, threads);
+  const int64_t cap = static_cast<int64_t>(sms) * ctas_per_sm;
+  int64_t g = need < cap ? need : cap;
+  *grid = static_cast<int>(g < 1 ? 1 : g);
+  return cudaSuccess;
+}
+
+// Dispatch a callable on the element type: f(F32{}) etc.
+template <typename Fn>
+inline cudaError_t dispatch_dtype(pyops_dtype_t t, Fn&& f) {
+  switch (t) {
+    case PYOPS_DTYPE_F32: return f(F32{});
+    case PYOPS_DTYPE_F16: return f(F16{});
+    case PYOPS_DTYPE_BF16: return f(BF16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---- whole-tensor amax (pass 1 of the per-tensor FP8 scale and of the NVFP4 global scale) ----
+// atomicMax of |x| bits into *acc (which the launcher zeroes first). FINITE_ONLY: inf/NaN count
+// as 0 (NVFP4 global amax); otherwise they push the result to >= kInfBits (FP8 'bad' flag).
+template <typename E, bool VEC, bool FINITE_ONLY>
+__global__ void __launch_bounds__(kThreads) amax_kernel(InView in, uint32_t* acc) {
+  __shared__ uint32_t red[32];
+  const int64_t nc = (in.K + E::V - 1) / E::V;  // chunks per row
+  const int64_t total = in.M * nc;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint32_t mx = 0;
+  constexpr int U = 4;  // independent loads in flight per thread
+  for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s0 < total;
+       s0 += U * stride) {
+    uint4 c[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = s0 + u * stride;
+      c[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (s < total) {
+        int64_t kc;
+        const int64_t m = divmod(s, nc, kc);
+        c[u] = load_chunk<E, VEC>(in, m, kc * E::V);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float f[E::V];
+      chunk_to_float<E>(c[u], f);
+#pragma unroll
+      for (int j = 0; j < E::V; ++j)
+        mx = umax(mx, FINITE_ONLY ? finite_abs_bits(f[j]) : abs_bits(f[j]));
+    }
+  }
+  mx = block_max(mx, red);
+  if (threadIdx.x == 0 && mx != 0u) atomicMax(acc, mx);
+}
+
+// Zero *acc, then atomicMax the amax bits of `in` into it. Flattens contiguous inputs.
+template <bool FINITE_ONLY>
+inline cudaError_t launch_amax(const InView& in0, pyops_dtype_t dtype, uint32_t* acc,
+                               cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(acc, 0, sizeof(uint32_t), stream);
+  if (e != cudaSuccess) return e;
+  const InView in = flatten_if_contiguous(in0);
+  const bool vec = vec_ok(in, elem_size(dtype));
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using E = decltype(tag);
+    const int64_t chunks = in.M * ((in.K + E::V - 1) / E::V);
+    int grid = 0;
+    cudaError_t err = grid_for(cdiv(chunks, 4), kThreads, 8, &grid);
+    if (err != cudaSuccess) return err;
+    if (vec)
+      amax_kernel<E, true, FINITE_ONLY><<<grid, kThreads, 0, stream>>>(in, acc);
+    else
+      amax_kernel<E, false, FINITE_ONLY><<<grid, kThreads, 0, stream>>>(in, acc);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pyops

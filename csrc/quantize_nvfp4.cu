@@ -1,0 +1,137 @@
+// quantize_nvfp4.cu - NVFP4 quantization kernel + the pyops_quantize_nvfp4 C ABI.
+// Spec: pyops/reference/quantize_nvfp4.py. Torch-free.
+//
+// Per 16-element block along K (all fp32, IEEE RNE, in this order):
+//   s     = e4m3(min((block_amax / 6) / g, 448))       (block_amax over finite |x|)
+//   v     = clamp(x / (float(s) * g), -6, 6)
+//   code  = e2m1 threshold sum | (v < 0 ? 8 : 0); 0 for the whole block if s == 0 or the block
+//           holds inf/NaN; the scale byte of such a block is 0x7F.
+// g: read from *global_scale, or computed first as max(amax / 2688, FLT_MIN) by a grid-stride
+// amax pass (atomicMax into *global_scale itself) and a one-thread finalize kernel.
+//
+// One kernel does the blocks: 16/V lanes per block (2 for 16-bit inputs, 4 for fp32), each lane
+// loads one 16-byte chunk, the block amax is a 1-2 step shuffle, each lane writes V/2 bytes.
+#include "common.cuh"
+
+namespace pyops {
+namespace {
+
+constexpr float kFp4Max = 6.0f;
+constexpr float kE4m3Max = 448.0f;
+constexpr float kGlobalDiv = 2688.0f;  // 6 * 448
+constexpr uint32_t kScaleNan = 0x7Fu;
+
+struct Nvfp4Params {
+  InView in;
+  uint8_t* data;          // (M, nb*8)
+  uint8_t* scales;        // (M, nb) or swizzled (roundup(M,128), roundup(nb,4))
+  const float* gscale;    // one fp32
+  int64_t nb;             // ceil(K / 16)
+  int64_t np;             // roundup(nb, 4) (swizzled row length)
+  int swizzle;
+};
+
+// Offset of scale (m, c) in the 128x4-tiled layout.
+__device__ __forceinline__ int64_t swizzle_offset(int64_t m, int64_t c, int64_t np) {
+  const int64_t tile = (m >> 7) * (np >> 2) + (c >> 2);
+  const int64_t rr = m & 127;
+  return tile * 512 + (rr & 31) * 16 + (rr >> 5) * 4 + (c & 3);
+}
+
+template <typename E, bool VEC>
+__global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
+  constexpr int V = E::V;
+  constexpr int TPG = 16 / V;  // lanes per block
+  const int lane = threadIdx.x & 31;
+  const float g = p.gscale[0];
+  const int64_t total = p.in.M * p.nb * TPG;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t row_bytes = p.nb * 8;
+  // Warp-uniform loop: the shuffles need every lane of the warp.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31);
+       base < total; base += stride) {
+    const int64_t s = base + lane;
+    const bool valid = s < total;
+    const int li = static_cast<int>(s & (TPG - 1));
+    int64_t m = 0, gk = 0;
+    if (valid) m = divmod(s / TPG, p.nb, gk);
+    const int64_t k0 = gk * 16 + static_cast<int64_t>(li) * V;
+    uint4 c = make_uint4(0u, 0u, 0u, 0u);
+    if (valid) c = load_chunk<E, VEC>(p.in, m, k0);  // k >= K reads as 0 (the block padding)
+    float f[V];
+    chunk_to_float<E>(c, f);
+    uint32_t mx = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) mx = umax(mx, abs_bits(f[j]));
+    mx = group_max<TPG>(mx);
+    if (!valid) continue;  // no shuffles after this point
+    const bool bad = mx >= kInfBits;
+    // Only finite elements enter the block amax; a bad block's scale/codes are overwritten.
+    const float bamax = bad ? 0.0f : __uint_as_float(mx);
+    const float s_f = clamp_nan(__fdiv_rn(__fdiv_rn(bamax, kFp4Max), g), -INFINITY, kE4m3Max);
+    const uint32_t sbyte = e4m3(s_f);
+    const float sf = e4m3_to_float(sbyte);
+    const bool zero = bad || sf == 0.0f;
+    const float denom = __fmul_rn(sf, g);
+    uint32_t packed = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float v = clamp_nan(__fdiv_rn(f[j], denom), -kFp4Max, kFp4Max);
+      packed |= e2m1_code(v) << (4 * j);
+    }
+    if (zero) packed = 0;
+    uint8_t* dst = p.data + m * row_bytes + (k0 >> 1);  // V/2-byte aligned
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint32_t*>(dst) = packed;
+    } else {
+      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(packed);
+    }
+    if (li == 0) {
+      const int64_t off = p.swizzle ? swizzle_offset(m, gk, p.np) : m * p.nb + gk;
+      p.scales[off] = static_cast<uint8_t>(bad ? kScaleNan : sbyte);
+    }
+  }
+}
+
+// amax bits of the finite elements (from launch_amax<true>) -> global scale, in place.
+__global__ void nvfp4_finalize_kernel(float* gscale) {
+  const uint32_t mx = *reinterpret_cast<const uint32_t*>(gscale);
+  *gscale = fmaxf(__fdiv_rn(__uint_as_float(mx), kGlobalDiv), kFltMin);
+}
+
+}  // namespace
+}  // namespace pyops
+
+extern "C" cudaError_t pyops_quantize_nvfp4(const void* x, pyops_dtype_t dtype, int64_t M,
+                                            int64_t K, int64_t stride_m, int64_t stride_k,
+                                            uint8_t* data, uint8_t* scales,
+                                            float* global_scale, int compute_global,
+                                            int swizzle, cudaStream_t stream) {
+  using namespace pyops;
+  if (M < 0 || K < 0 || !valid_dtype(dtype)) return cudaErrorInvalidValue;
+  if (M == 0 || K == 0) return cudaSuccess;
+  if (x == nullptr || data == nullptr || scales == nullptr || global_scale == nullptr)
+    return cudaErrorInvalidValue;
+  const InView in{x, M, K, stride_m, stride_k};
+  cudaError_t e;
+  if (compute_global) {
+    e = launch_amax<true>(in, dtype, reinterpret_cast<uint32_t*>(global_scale), stream);
+    if (e != cudaSuccess) return e;
+    nvfp4_finalize_kernel<<<1, 1, 0, stream>>>(global_scale);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  const int64_t nb = cdiv(K, 16);
+  Nvfp4Params p{in, data, scales, global_scale, nb, cdiv(nb, 4) * 4, swizzle ? 1 : 0};
+  const bool vec = vec_ok(in, elem_size(dtype));
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using E = decltype(tag);
+    int grid = 0;
+    cudaError_t err = grid_for(M * nb * (16 / E::V), kThreads, 8, &grid);
+    if (err != cudaSuccess) return err;
+    if (vec)
+      nvfp4_kernel<E, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      nvfp4_kernel<E, false><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
