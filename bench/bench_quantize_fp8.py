@@ -126,7 +126,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
                     "M": M, "K": K, "dtype": "bfloat16", "check_rows": rows}
             U.bench_providers(t, base, providers(g, device, compile_ok, check, compiled_cache),
                               (x,), nbytes_moved(M, K, 2, g), ceiling_gbps, device, budget,
-                              graph_inputs)
+                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         del x, graph_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()

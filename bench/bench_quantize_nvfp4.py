@@ -128,7 +128,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
                 t, base, providers(static, swizzle, gs, device, compile_ok, check,
                                    compiled_cache),
                 (x,), nbytes_moved(M, K, 2, static, swizzle), ceiling_gbps, device, budget,
-                graph_inputs)
+                graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         del x, graph_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -390,6 +390,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget: once spent, slow optional providers are skipped")
+    p.add_argument("--warmup-ms", type=float, default=20, help="do_bench warmup (ms)")
+    p.add_argument("--rep-ms", type=float, default=60, help="do_bench repetition time (ms)")
     return p
 
 
@@ -438,7 +440,8 @@ class Provider:
 def bench_providers(table: Table, base: dict, providers: Sequence[Provider], args: tuple,
                     nbytes: int, ceiling_gbps: Optional[float], device: torch.device,
                     budget: Optional[Budget] = None,
-                    graph_inputs: Optional[Sequence[tuple]] = None) -> None:
+                    graph_inputs: Optional[Sequence[tuple]] = None,
+                    warmup_ms: float = 25, rep_ms: float = 100) -> None:
     """Add one row per provider to ``table``: ms, ms (graph), GB/s, % copy, exact, note.
 
     A provider that raises gets a row with its error in ``note`` and no numbers.
@@ -458,7 +461,8 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                 row["compile_s"] = round(first_s, 2)
             if p.check is not None:
                 row["exact"] = bool(p.check(p.fn))
-            ms = time_ms(lambda: p.fn(*args), device=device)
+            ms = time_ms(lambda: p.fn(*args), device=device, warmup_ms=warmup_ms,
+                         rep_ms=rep_ms)
             row["ms"] = ms
             row["GB/s"] = gbps(nbytes, ms)
             row["% copy"] = pct(row["GB/s"], ceiling_gbps)

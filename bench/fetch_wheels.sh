@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Download the peer wheels the GPU benchmarks compare against into .whl/ (git-ignored), HERE, on a
+# machine with internet; the lent GPU machine has none. Then carry them with the call:
+#   run(command="bash bench/gpu_check.sh", timeout_s=600, carry=[".whl"])
+# bench/gpu_check.sh installs them with pip --target /tmp/site and puts that on PYTHONPATH.
+# The command is the one the device README gives (cp312, manylinux x86_64, no dependencies).
+# Never commit the wheels.
+set -eu
+cd "$(dirname "$0")/.."
+PEERS=${PEERS:-"sageattention==1.0.6 torchao==0.18.0"}
+git check-ignore -q .whl/x.whl 2>/dev/null || echo /.whl/ >>.git/info/exclude
+mkdir -p .whl
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+for spec in $PEERS; do
+    if ! python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp "${PLATFORMS[@]}" -d .whl "$spec"; then
+        # pip matches manylinux_2_N exactly: try the other common N
+        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp "${PLATFORMS[@]}" --platform manylinux_2_24_x86_64 \
+            --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
+            --platform manylinux_2_35_x86_64 -d .whl "$spec"
+    fi
+done
+ls -la .whl
+du -sh .whl  # the working tree that travels is limited to 64 MiB
