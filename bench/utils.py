@@ -487,8 +487,8 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                 except Exception:
                     pass
         table.add(**row)
-        print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()
-                               if k not in ("bytes",)), flush=True)
+        print("  " + "  ".join(f"{k}={_fmt(row[k])}" for k in table.columns
+                               if row.get(k) is not None), flush=True)
 
 
 def raise_compile_limits() -> None:
