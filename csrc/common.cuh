@@ -1,8 +1,9 @@
 // common.cuh - helpers shared by the pyops quantization kernels. Torch-free.
 //
 // Bit-exactness rules (spec: pyops/reference/*.py, fp32 math, IEEE RNE):
-//  - every division is __fdiv_rn, every product __fmul_rn: explicit intrinsics, so neither
-//    -use_fast_math nor FMA contraction can change a result;
+//  - every division is div_rn, every product mul_rn: inline PTX div.rn.f32 / mul.rn.f32 without
+//    .ftz, so neither -use_fast_math / -ftz=true nor FMA contraction can change a result
+//    (libdevice's __fdiv_rn would follow -ftz and flush subnormals);
 //  - clamps propagate NaN like torch.clamp (a comparison-select, never fminf/fmaxf);
 //  - fp32 -> e4m3 is the hardware RNE cast with satfinite (inputs are already clamped to
 //    +-448 as in the spec, so saturation never decides a finite result);
@@ -132,6 +133,26 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
   return r;
 }
 
+// IEEE fp32 division / product, round to nearest even, subnormals kept, never contracted.
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// (v < 0) from the bits, so an -ftz build cannot turn a negative subnormal into -0:
+// sign set, not +-0, not NaN.
+__device__ __forceinline__ bool is_negative(float v) {
+  const uint32_t b = __float_as_uint(v);
+  const uint32_t a = b & 0x7FFFFFFFu;
+  return (b >> 31) != 0u && a != 0u && a <= kInfBits;
+}
+
 // torch.clamp semantics: NaN passes through.
 __device__ __forceinline__ float clamp_nan(float v, float lo, float hi) {
   return v < lo ? lo : (v > hi ? hi : v);
@@ -161,7 +182,7 @@ __device__ __forceinline__ uint32_t e2m1_code(float v) {
                        static_cast<uint32_t>(m > 1.25f) + static_cast<uint32_t>(m >= 1.75f) +
                        static_cast<uint32_t>(m > 2.5f) + static_cast<uint32_t>(m >= 3.5f) +
                        static_cast<uint32_t>(m > 5.0f);
-  return idx | (v < 0.0f ? 8u : 0u);
+  return idx | (is_negative(v) ? 8u : 0u);
 }
 
 // (a / b, a % b) for non-negative int64; 32-bit hardware path when both fit.

@@ -54,6 +54,7 @@ typedef enum pyops_fp8_granularity {
  *   stride_k    stride between columns, in elements.
  *   q           output codes, float8_e4m3fn bytes, contiguous (M, K): byte (m, k) at q[m*K + k].
  *               Fully written.
+ *               Any alignment; 8-byte aligned with K % 8 == 0 takes whole-word stores.
  *   scale       output fp32 dequantization scales, contiguous, shape given by `granularity`
  *               (see pyops_fp8_granularity_t). Fully written. For PYOPS_FP8_TENSOR the single
  *               float is also used as the in-flight amax accumulator (memset + atomicMax, then
@@ -71,8 +72,9 @@ cudaError_t pyops_quantize_fp8(const void* x, pyops_dtype_t dtype, int64_t M, in
  * one fp32 global scale. nb = ceil(K / 16); the last block is padded with zeros.
  *
  *   x, dtype, M, K, stride_m, stride_k   as for pyops_quantize_fp8.
- *   data        output, uint8 contiguous (M, nb*8): two codes a byte, element 2i in the low
- *               nibble; padding elements of the last block encode as 0. Fully written.
+ *   data        output, uint8 contiguous (M, nb*8), 4-byte aligned: two codes a byte, element
+ *               2i in the low nibble; padding elements of the last block encode as 0. Fully
+ *               written.
  *   scales      output e4m3 scale bytes, contiguous:
  *                 swizzle == 0: (M, nb) row-major; fully written.
  *                 swizzle != 0: padded (roundup(M,128), roundup(nb,4)) in the 128x4-tiled

@@ -25,12 +25,13 @@ struct Fp8Params {
   uint8_t* q;     // (M, K) contiguous codes (M, K of `in` as launched)
   float* scale;   // per-group scales, or the single per-tensor scale
   int64_t ng;     // groups (block1x128) or V-chunks (tensor) per row
+  int qvec;       // K % V == 0 and q 8-byte aligned: whole chunks stored as one word
 };
 
 // scale from the max |x| bits of a group (NaN bits when the group holds inf/NaN).
 __device__ __forceinline__ float fp8_scale(uint32_t mx) {
   if (mx >= kInfBits) return __uint_as_float(kNanBits);
-  return fmaxf(__fdiv_rn(__uint_as_float(mx), kFp8Max), kFltMin);
+  return fmaxf(div_rn(__uint_as_float(mx), kFp8Max), kFltMin);
 }
 
 // Codes of V elements into V bytes (little-endian words); all zero if bad.
@@ -40,20 +41,21 @@ __device__ __forceinline__ void fp8_codes(const float (&f)[V], float sc, bool ba
 #pragma unroll
   for (int i = 0; i < V / 4; ++i) {
     const float* v = f + 4 * i;
-    const uint32_t lo = e4m3x2(clamp_nan(__fdiv_rn(v[0], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(__fdiv_rn(v[1], sc), -kFp8Max, kFp8Max));
-    const uint32_t hi = e4m3x2(clamp_nan(__fdiv_rn(v[2], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(__fdiv_rn(v[3], sc), -kFp8Max, kFp8Max));
+    const uint32_t lo = e4m3x2(clamp_nan(div_rn(v[0], sc), -kFp8Max, kFp8Max),
+                               clamp_nan(div_rn(v[1], sc), -kFp8Max, kFp8Max));
+    const uint32_t hi = e4m3x2(clamp_nan(div_rn(v[2], sc), -kFp8Max, kFp8Max),
+                               clamp_nan(div_rn(v[3], sc), -kFp8Max, kFp8Max));
     w[i] = bad ? 0u : (lo | (hi << 16));
   }
 }
 
 // Store the V codes of elements (m, k0..k0+V-1) into q (row length K), skipping k >= K.
 template <int V>
-__device__ __forceinline__ void fp8_store(uint8_t* q, int64_t K, int64_t m, int64_t k0,
+__device__ __forceinline__ void fp8_store(const Fp8Params& p, int64_t m, int64_t k0,
                                           const uint32_t (&w)[V / 4]) {
-  uint8_t* dst = q + m * K + k0;
-  if (k0 + V <= K && (K % V) == 0) {  // dst is V-byte aligned
+  const int64_t K = p.in.K;
+  uint8_t* dst = p.q + m * K + k0;
+  if (p.qvec && k0 + V <= K) {  // dst is V-byte aligned
     if constexpr (V == 8) {
       *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
     } else {
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
     if (!valid || k0 >= p.in.K) continue;  // no shuffles after this point
     uint32_t w[V / 4];
     fp8_codes<V>(f, sc, bad, w);
-    fp8_store<V>(p.q, p.in.K, m, k0, w);
+    fp8_store<V>(p, m, k0, w);
   }
 }
 
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
         fp8_codes<V>(f, sc, bad, w);
-        fp8_store<V>(p.q, K, m, kc * V, w);
+        fp8_store<V>(p, m, kc * V, w);
       }
     }
     for (int64_t kc = t + static_cast<int64_t>(R) * tpr; kc < nc; kc += tpr) {
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
       chunk_to_float<E>(load_chunk<E, VEC>(p.in, m, kc * V), f);
       uint32_t w[V / 4];
       fp8_codes<V>(f, sc, bad, w);
-      fp8_store<V>(p.q, K, m, kc * V, w);
+      fp8_store<V>(p, m, kc * V, w);
     }
   }
 }
@@ -223,10 +225,14 @@ __global__ void __launch_bounds__(kTileThreads) fp8_tile_kernel(Fp8Params p, int
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
         fp8_codes<V>(f, sc, bad, w);
-        fp8_store<V>(p.q, K, m, k0, w);
+        fp8_store<V>(p, m, k0, w);
       }
     }
   }
+}
+
+inline int qvec_ok(const InView& in, const uint8_t* q, int V) {
+  return (in.K % V) == 0 && reinterpret_cast<uintptr_t>(q) % 8 == 0;
 }
 
 // amax bits (from launch_amax<false>) -> per-tensor scale, in place.
@@ -245,7 +251,7 @@ cudaError_t launch_fp8(const InView& in, uint8_t* q, float* scale, pyops_fp8_gra
   cudaError_t e;
   if (g == PYOPS_FP8_BLOCK1X128) {
     const bool vec = vec_ok(in, esize);
-    Fp8Params p{in, q, scale, cdiv(in.K, 128)};
+    Fp8Params p{in, q, scale, cdiv(in.K, 128), qvec_ok(in, q, V)};
     const int64_t slots = in.M * p.ng * (128 / V);
     if ((e = grid_for(slots, kThreads, 8, &grid)) != cudaSuccess) return e;
     if (vec)
@@ -257,7 +263,7 @@ cudaError_t launch_fp8(const InView& in, uint8_t* q, float* scale, pyops_fp8_gra
   if (g == PYOPS_FP8_ROW) {
     constexpr int R = 4;
     const bool vec = vec_ok(in, esize);
-    Fp8Params p{in, q, scale, 0};
+    Fp8Params p{in, q, scale, 0, qvec_ok(in, q, V)};
     const int64_t nc = cdiv(in.K, V);
     int64_t tpr = cdiv(cdiv(nc, R), 32) * 32;
     if (tpr == 96) tpr = 128;
@@ -279,7 +285,7 @@ cudaError_t launch_fp8(const InView& in, uint8_t* q, float* scale, pyops_fp8_gra
   }
   if (g == PYOPS_FP8_BLOCK128X128) {
     const bool vec = vec_ok(in, esize);
-    Fp8Params p{in, q, scale, 0};
+    Fp8Params p{in, q, scale, 0, qvec_ok(in, q, V)};
     const int64_t ntk = cdiv(in.K, 128);
     const int64_t ntiles = cdiv(in.M, 128) * ntk;
     int dev = 0, sms = 0;
@@ -307,7 +313,7 @@ cudaError_t launch_fp8_tensor(const InView& in0, pyops_dtype_t dtype, uint8_t* q
   if ((e = cudaGetLastError()) != cudaSuccess) return e;
   const InView in = flatten_if_contiguous(in0);  // q is contiguous: same flat indexing
   const bool vec = vec_ok(in, static_cast<int>(sizeof(typename E::storage)));
-  Fp8Params p{in, q, scale, cdiv(in.K, E::V)};
+  Fp8Params p{in, q, scale, cdiv(in.K, E::V), qvec_ok(in, q, E::V)};
   int grid = 0;
   if ((e = grid_for(in.M * p.ng, kThreads, 8, &grid)) != cudaSuccess) return e;
   if (vec)
@@ -341,8 +347,8 @@ extern "C" cudaError_t pyops_quantize_fp8(const void* x, pyops_dtype_t dtype, in
 
 // Compute capabilities this file was compiled for, from nvcc's __CUDA_ARCH_LIST__ (e.g.
 // "900,1000" -> "90;100").
-#define PYOPS_STR2_(x) #x
-#define PYOPS_STR_(x) PYOPS_STR2_(x)
+#define PYOPS_STR2_(...) #__VA_ARGS__
+#define PYOPS_STR_(...) PYOPS_STR2_(__VA_ARGS__)
 extern "C" const char* pyops_cuda_archs(void) {
 #ifdef __CUDA_ARCH_LIST__
   static const std::string archs = [] {

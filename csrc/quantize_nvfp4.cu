@@ -68,15 +68,15 @@ __global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
     const bool bad = mx >= kInfBits;
     // Only finite elements enter the block amax; a bad block's scale/codes are overwritten.
     const float bamax = bad ? 0.0f : __uint_as_float(mx);
-    const float s_f = clamp_nan(__fdiv_rn(__fdiv_rn(bamax, kFp4Max), g), -INFINITY, kE4m3Max);
+    const float s_f = clamp_nan(div_rn(div_rn(bamax, kFp4Max), g), -INFINITY, kE4m3Max);
     const uint32_t sbyte = e4m3(s_f);
     const float sf = e4m3_to_float(sbyte);
     const bool zero = bad || sf == 0.0f;
-    const float denom = __fmul_rn(sf, g);
+    const float denom = mul_rn(sf, g);
     uint32_t packed = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float v = clamp_nan(__fdiv_rn(f[j], denom), -kFp4Max, kFp4Max);
+      const float v = clamp_nan(div_rn(f[j], denom), -kFp4Max, kFp4Max);
       packed |= e2m1_code(v) << (4 * j);
     }
     if (zero) packed = 0;
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
 // amax bits of the finite elements (from launch_amax<true>) -> global scale, in place.
 __global__ void nvfp4_finalize_kernel(float* gscale) {
   const uint32_t mx = *reinterpret_cast<const uint32_t*>(gscale);
-  *gscale = fmaxf(__fdiv_rn(__uint_as_float(mx), kGlobalDiv), kFltMin);
+  *gscale = fmaxf(div_rn(__uint_as_float(mx), kGlobalDiv), kFltMin);
 }
 
 }  // namespace
@@ -112,6 +112,7 @@ extern "C" cudaError_t pyops_quantize_nvfp4(const void* x, pyops_dtype_t dtype, 
   if (M == 0 || K == 0) return cudaSuccess;
   if (x == nullptr || data == nullptr || scales == nullptr || global_scale == nullptr)
     return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(data) % 4 != 0) return cudaErrorInvalidValue;
   const InView in{x, M, K, stride_m, stride_k};
   cudaError_t e;
   if (compute_global) {

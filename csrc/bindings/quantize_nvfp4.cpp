@@ -28,6 +28,8 @@ void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scal
               ", got ", scales.sizes());
   TORCH_CHECK(global_scale.numel() == 1, kOp, ": global_scale must hold one float, got ",
               global_scale.sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(data.data_ptr()) % 4 == 0, kOp,
+              ": data must be 4-byte aligned");
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
