@@ -2,8 +2,9 @@
 
 Each helper has two paths chosen by the constexpr ``SOFT``:
 
-* ``SOFT=False`` (GPU): Triton's own casts, which lower to PTX ``cvt.rn[.satfinite]``
-  (IEEE round to nearest even, subnormals kept).
+* ``SOFT=False`` (GPU, sm_90+): Triton's own casts, which lower to PTX ``cvt.rn[.satfinite]``
+  (IEEE round to nearest even, subnormals kept; fp32 -> e4m3 is a single
+  ``cvt.rn.satfinite.e4m3x2.f32`` only from sm_90 on, so older GPUs take the soft path).
 * ``SOFT=True``: integer/bit arithmetic that gives the same bits as torch's casts. The Triton
   interpreter's numpy emulation of these casts is wrong (fp32->e4m3 loses the mantissa carry into
   the exponent, e4m3 0x7F decodes to 480 instead of NaN, fp32->bf16 does not round to nearest,
@@ -14,6 +15,7 @@ bf16 inputs are always loaded as int16 bits and widened by a shift (exact, one o
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,9 +26,21 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # 2**-126
 
 
+@functools.lru_cache(maxsize=None)
+def _hw_cvt_exact(index: int) -> bool:
+    # Triton lowers fp32 -> e4m3 to one cvt.rn.satfinite.e4m3x2.f32 only on sm_90+; below that
+    # it goes through fp16 with round-toward-zero first (double rounding: not bit-exact).
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
 def use_soft_cvt(t: torch.Tensor) -> bool:
-    """Soft conversions off-GPU (the interpreter) or when forced by the environment."""
-    return t.device.type != "cuda" or os.environ.get("PYOPS_TRITON_SOFT_CVT", "0") == "1"
+    """Soft conversions off-GPU (the interpreter), before sm_90, or when forced by the env."""
+    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    if os.environ.get("PYOPS_TRITON_SOFT_CVT", "0") == "1":
+        return True
+    return not _hw_cvt_exact(t.device.index if t.device.index is not None
+                             else torch.cuda.current_device())
 
 
 def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
