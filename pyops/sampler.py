@@ -340,6 +340,7 @@ class FewStepSampler:
         self.gamma, self.guidance, self.cfg = g, guidance, cfg
         self.model_dtype, self.backend = model_dtype, backend
         self.coefficients = _plan(schedule, prediction, g)
+        self._ts_cache: dict = {}
 
     # -- pieces shared by eager and graph mode --
     def _use_cfg(self, uncond) -> bool:
@@ -351,7 +352,12 @@ class FewStepSampler:
         return True
 
     def _timesteps(self, device) -> torch.Tensor:
-        return torch.tensor(self.schedule.timesteps, dtype=torch.float32, device=device)
+        # Made once per device (a host-to-device copy), so later calls do no transfer at all.
+        key = str(torch.device(device))
+        if key not in self._ts_cache:
+            self._ts_cache[key] = torch.tensor(self.schedule.timesteps, dtype=torch.float32,
+                                               device=device)
+        return self._ts_cache[key]
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: Optional[dict],
                  use_cfg: bool):
