@@ -1,5 +1,6 @@
 """Op definitions (torch.library, namespace ``pyops``): schema, fake, backend dispatch."""
 from . import quantize_fp8, quantize_nvfp4  # noqa: F401  (registers the ops)
 from . import sample_step  # noqa: F401,E402  (registers pyops::sample_step)
+from . import norm_modulate_quant  # noqa: F401,E402  (registers pyops::norm_modulate_quant)
 from . import fp8_linear  # noqa: F401,E402  (registers pyops::fp8_linear)
 from . import nvfp4_linear  # noqa: F401,E402  (registers pyops::nvfp4_linear)
