@@ -133,6 +133,11 @@ setup(
     package_dir={"pyops": "pyops", "pyops.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
-    extras_require={"test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'"]},
+    extras_require={
+        # triton: the Triton kernels run in its interpreter on CPU-only machines;
+        # scikit-learn (bundled digits data), diffusers (scheduler/model parity), tqdm: sampler tests
+        "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "scikit-learn",
+                 "diffusers", "tqdm"],
+    },
     **kwargs,
 )

@@ -46,6 +46,20 @@ from .quantize import (  # noqa: E402
     quantize_nvfp4,
 )
 
+from . import sampler  # noqa: E402
+from .sampler import (  # noqa: E402
+    CapturedSampler,
+    FewStepSampler,
+    Schedule,
+    StepCoefficients,
+    diffusers_model,
+    flow_schedule,
+    preset,
+    sample_step,
+    trigflow_schedule,
+    vp_schedule,
+)
+
 if _backend.extension_status()[0]:
     ops.quantize_fp8._register_cuda_fakes()
     ops.quantize_nvfp4._register_cuda_fakes()
@@ -53,4 +67,6 @@ if _backend.extension_status()[0]:
 __all__ = [
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
     "dequantize_nvfp4", "info", "__version__",
+    "sampler", "FewStepSampler", "CapturedSampler", "Schedule", "StepCoefficients", "sample_step",
+    "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "diffusers_model",
 ]
