@@ -139,7 +139,7 @@ def _global_scale_tensor(gs, x: torch.Tensor) -> Optional[torch.Tensor]:
             raise ValueError(f"pyops.quantize_nvfp4: global_scale must be finite and > 0, "
                              f"got {gs}")
         return torch.tensor([float(gs)], dtype=torch.float32, device=x.device)
-    check_tensor("quantize_nvfp4", "global_scale", gs, dtypes=FLOAT_DTYPES)
+    check_tensor("quantize_nvfp4", "global_scale", gs, dtypes=FLOAT_DTYPES, min_ndim=0)
     check_same_device("quantize_nvfp4", x, global_scale=gs)
     if gs.numel() != 1:
         raise ValueError(f"pyops.quantize_nvfp4: global_scale must hold one value, got shape "
