@@ -231,7 +231,9 @@ def _linear_fp8(x, qw: FP8Weight, bias, backend, N: int, K: int) -> torch.Tensor
         M = math.prod(lead)
         out_dtype, dev = x.dtype, x.device
         xq = xs = None
-    check_same_device("linear", qw.data, x=torch.empty(0, device=dev), scale=qw.scale)
+    if dev != qw.data.device:
+        raise ValueError(f"pyops.linear: x is on {dev} but the weight is on {qw.data.device}")
+    check_same_device("linear", qw.data, scale=qw.scale)
     _check_bias(bias, N, qw.data)
     b = _fp8.resolve(dev, backend, M, N, K, out_dtype)
     if xq is None:
