@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
 
 import pyops  # noqa: E402
-from pyops.linear import linear, quantize_weight  # noqa: E402
+from pyops.qlinear import linear, quantize_weight  # noqa: E402
 from pyops.ops import nvfp4_linear as _nv4  # noqa: E402
 
 NAME = "linear"

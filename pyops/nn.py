@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .linear import (QuantizedWeight, _dtype_from_name, _dtype_name, canonical_format,
+from .qlinear import (QuantizedWeight, _dtype_from_name, _dtype_name, canonical_format,
                      linear, quantize_weight, weight_from_state_dict)
 
 # (rule name, regex on the qualified module name): the default skip list, in order

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyops
-from pyops.linear import FP8Weight, linear, quantize_weight
+from pyops.qlinear import FP8Weight, linear, quantize_weight
 from pyops.ops import fp8_linear as op
 from pyops.reference import fp8_linear as ref
 from pyops.triton_kernels import fp8_linear as tk

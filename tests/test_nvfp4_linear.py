@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyops
-from pyops.linear import NVFP4Weight, linear, quantize_weight
+from pyops.qlinear import NVFP4Weight, linear, quantize_weight
 from pyops.ops import nvfp4_linear as op
 from pyops.triton_kernels import nvfp4_linear as tk
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pyops
-from pyops.linear import linear, quantize_weight
+from pyops.qlinear import linear, quantize_weight
 from pyops.models.dit import DiT, DiTConfig
 from pyops.nn import QuantConfig, QuantLinear, quantize_model
 
