@@ -16,6 +16,7 @@ if not HAS_CUDA:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "build: compiles the CUDA sources (nvcc, cmake); deselect with -m 'not build'")
 
 
 def pytest_collection_modifyitems(config, items):
