@@ -46,6 +46,12 @@ def scale_shape_2d(M: int, K: int, granularity: str) -> tuple[int, ...]:
     raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 
 
+def div_rn(a: torch.Tensor, c: float) -> torch.Tensor:
+    """IEEE ``a / c`` on every device. (On CUDA, torch computes ``tensor / python_scalar`` as
+    ``tensor * (1 / scalar)``, which differs in the last bit about half the time.)"""
+    return a / torch.full_like(a, c)
+
+
 def _pad_to(t: torch.Tensor, M: int, K: int, value: float) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, K - t.shape[1], 0, M - t.shape[0]), value=value)
 
@@ -87,7 +93,7 @@ def quantize_fp8(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch
     bad = ~(a <= FLT_MAX)  # inf or NaN
     a0 = torch.where(bad, torch.zeros((), dtype=a.dtype, device=a.device), a)
     amax, gbad = _group_reduce(a0, bad, granularity)
-    scale = torch.clamp_min(amax / FP8_MAX, FLT_MIN)
+    scale = torch.clamp_min(div_rn(amax, FP8_MAX), FLT_MIN)
     scale = torch.where(gbad, torch.full_like(scale, float("nan")), scale)
     s_full = expand_scale(scale, M, K, granularity)
     q = (xf / s_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)

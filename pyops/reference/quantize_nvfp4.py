@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize_fp8 import FLT_MAX, FLT_MIN
+from .quantize_fp8 import FLT_MAX, FLT_MIN, div_rn
 
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
@@ -86,7 +86,7 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
 
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    return torch.clamp_min(amax.float() / GLOBAL_DIV, FLT_MIN)
+    return torch.clamp_min(div_rn(amax.float(), GLOBAL_DIV), FLT_MIN)
 
 
 def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None,
@@ -104,7 +104,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None,
         g = global_scale.float().reshape(1)
     bamax = a0.view(M, nb, BLOCK).amax(dim=2)
     bbad = bad.view(M, nb, BLOCK).any(dim=2)
-    s = ((bamax / FP4_MAX) / g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    s = (div_rn(bamax, FP4_MAX) / g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     sf = s.float()
     v = (xf.view(M, nb, BLOCK) / (sf * g).unsqueeze(2)).clamp(-FP4_MAX, FP4_MAX)
     codes = e2m1_codes(v)
