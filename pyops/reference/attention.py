@@ -1,0 +1,282 @@
+"""Attention: the fp32/fp64 reference and the quantization recipe ("simulated" path).
+
+Layout everywhere here: q (B, Hq, Sq, D), k and v (B, Hk, Sk, D), Hq a multiple of Hk (GQA/MQA:
+query head h reads key/value head h // (Hq // Hk)). Causal masking is top-left aligned, like
+``F.scaled_dot_product_attention(is_causal=True)``: query i sees keys j <= i.
+
+``attention(q, k, v)`` is plain softmax attention in fp32 (or fp64 for tests); it returns the
+output and the log-sum-exp (natural log, (B, Hq, Sq), fp32).
+
+``simulated_attention(q, k, v, precision)`` quantizes exactly as the Triton kernels do and then
+computes in fp32, key block by key block, the way the kernel does. The recipe (per precision):
+
+    c      = scale * log2(e)                           (softmax in base 2: exp2)
+    K'     = K - (max_tokens K + min_tokens K) / 2  per (b, kv head, channel)   [smooth_k;
+             softmax is unchanged by any per-channel shift of K; mid-range, not mean: one pass]
+    t_c    = sqrt(amax|K'_c| / amax|Q_c|);  K' /= t, Q *= t               [smooth_qk]
+    Q, K' @= H   (orthonormal Hadamard, shared)                           [rotate]
+    Q, K'  per-token symmetric scales (group = 1 token):
+             fp8   s = max(amax/448, FLT_MIN), code = e4m3(x / s)
+             int8  s = max(amax/127, FLT_MIN), code = rne(x / s) in [-127, 127]
+             nvfp4 two levels: fp32 per token g = amax/(6*448), E4M3 per 16 channels, E2M1 codes
+                   (pyops.reference.quantize_nvfp4's rules per row)
+    S      = (codes_q @ codes_k^T) * (s_q * c) * s_k          (fp32)
+    online softmax per key block of ``block_n``: m = max(m, rowmax S); p = exp2(S - m)
+    P      fp8: e4m3(p * 448) (fixed scale: p is in [0, 1]);  16-bit PV: fp16(p)
+    V      per channel over all tokens: s_v = max(amax/448, FLT_MIN), fp8: e4m3(v / s_v),
+           16-bit PV: fp16(v / s_v)
+    acc    = acc * alpha + (P_q @ V_q)   -- a fresh fp32 product per key block, then added in fp32
+           (the "promotion once per key block"); l = l * alpha + rowsum(p) (unquantized p)
+    O      = acc / l * s_v / p_scale;   lse = (m + log2 l) * ln 2 + scale * Q . shift
+
+Defaults: all three transforms on. Options for studying the recipe: ``smooth_k``, ``rotate`` (a shared orthonormal Hadamard
+rotation of Q and K along D: Q K^T is unchanged, outlier channels are spread over all channels),
+``smooth_qk`` (SmoothQuant-style channel migration: K[:, c] /= t_c, Q[:, c] *= t_c with
+t_c = sqrt(amax K[:, c] / amax Q[:, c])), ``group`` (tokens per Q/K scale), ``p_scale``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+FLT_MIN = 2.0**-126
+P_SCALE_FP8 = 448.0
+PRECISIONS = ("fp8", "int8", "int8_fp16pv", "nvfp4", "bf16")
+# how each precision quantizes QK and PV
+QK_KIND = {"fp8": "fp8", "int8": "int8", "int8_fp16pv": "int8", "nvfp4": "nvfp4", "bf16": "none"}
+PV_KIND = {"fp8": "fp8", "int8": "fp8", "int8_fp16pv": "fp16", "nvfp4": "fp8", "bf16": "none"}
+
+
+def expand_kv(k: torch.Tensor, hq: int) -> torch.Tensor:
+    hk = k.shape[1]
+    return k if hk == hq else k.repeat_interleave(hq // hk, dim=1)
+
+
+def _causal_mask(sq: int, sk: int, device) -> torch.Tensor:
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j > i
+
+
+def attention(q, k, v, scale=None, causal=False, dtype=torch.float32):
+    """Plain attention in ``dtype`` (fp32 or fp64): returns (out (B,Hq,Sq,D), lse (B,Hq,Sq))."""
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qf, kf, vf = q.to(dtype), expand_kv(k, q.shape[1]).to(dtype), expand_kv(v, q.shape[1]).to(dtype)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.softmax(s, dim=-1) @ vf
+    return o, lse.float()
+
+
+# ---- quantizers (values returned as fp32 "codes" and fp32 scales) -----------------------------
+def hadamard(d: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix (d a power of two)."""
+    if d & (d - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(d)).to(dtype=dtype, device=device)
+
+
+def _group_amax(x: torch.Tensor, group: int) -> torch.Tensor:
+    """amax of |x| over ``group`` consecutive tokens and all channels -> (..., S)."""
+    a = x.abs().amax(dim=-1)
+    if group == 1:
+        return a
+    S = a.shape[-1]
+    pad = (-S) % group
+    ap = torch.nn.functional.pad(a, (0, pad))
+    g = ap.view(*a.shape[:-1], -1, group).amax(dim=-1)
+    return g.repeat_interleave(group, dim=-1)[..., :S]
+
+
+def quant_fp8_tokens(x: torch.Tensor, group: int = 1):
+    """x (..., S, D) fp32 -> (e4m3 values as fp32, scale (..., S))."""
+    s = torch.clamp_min(_group_amax(x, group) / FP8_MAX, FLT_MIN)
+    c = (x / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return c, s
+
+
+def quant_int8_tokens(x: torch.Tensor, group: int = 1):
+    s = torch.clamp_min(_group_amax(x, group) / INT8_MAX, FLT_MIN)
+    c = torch.round(x / s[..., None]).clamp(-INT8_MAX, INT8_MAX)
+    return c, s
+
+
+def quant_nvfp4_tokens(x: torch.Tensor):
+    """x (..., S, D), D a multiple of 16 -> (e2m1 * e4m3 block scale as fp32, g (..., S)).
+
+    Two levels: fp32 g = max(amax_token / 2688, FLT_MIN) per token, E4M3 per 16 channels."""
+    from .quantize_nvfp4 import E4M3_MAX, FP4_MAX, GLOBAL_DIV, e2m1_codes, e2m1_values
+    D = x.shape[-1]
+    g = torch.clamp_min(x.abs().amax(dim=-1) / GLOBAL_DIV, FLT_MIN)
+    xb = x.reshape(*x.shape[:-1], D // 16, 16)
+    bamax = xb.abs().amax(dim=-1)
+    sb = ((bamax / FP4_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    v = (xb / (sb * g[..., None])[..., None]).clamp(-FP4_MAX, FP4_MAX)
+    vals = e2m1_values(e2m1_codes(v)).view_as(xb) * sb[..., None]
+    vals = torch.where((sb == 0)[..., None], torch.zeros_like(vals), vals)
+    return vals.reshape(x.shape), g
+
+
+def quant_v_channels(v: torch.Tensor, kind: str):
+    """v (B, H, S, D) fp32 -> (codes as fp32, scale (B, H, D)), per channel over all tokens."""
+    s = torch.clamp_min(v.abs().amax(dim=-2) / FP8_MAX, FLT_MIN)
+    x = (v / s[..., None, :]).clamp(-FP8_MAX, FP8_MAX)
+    if kind == "fp8":
+        return x.to(torch.float8_e4m3fn).float(), s
+    if kind == "fp16":
+        return x.to(torch.float16).float(), s
+    raise ValueError(kind)
+
+
+def quantize_qk(x: torch.Tensor, kind: str, group: int = 1):
+    if kind == "fp8":
+        return quant_fp8_tokens(x, group)
+    if kind == "int8":
+        return quant_int8_tokens(x, group)
+    if kind == "nvfp4":
+        return quant_nvfp4_tokens(x)
+    raise ValueError(kind)
+
+
+def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
+    """The exact (softmax-preserving) transforms, in fp32: returns (Q', K', shift) with Q' K'^T equal
+    to Q K^T up to a per-query-row constant (removed by softmax; the lse adds back scale * Q . shift) and fp32
+    rounding; shift (B, Hk, D) is the subtracted K vector (None without smooth_k).
+
+    smooth_k: True/"mid" subtracts the per-channel mid-range (max + min) / 2 over tokens (one
+    pass; measured as accurate as the mean), "mean" the mean, False nothing.
+    smooth_qk: t_c = sqrt(amax_c |K'| / amax_c |Q|) (Q amax over all query heads of the group);
+    K' /= t, Q *= t.   rotate: both times the orthonormal Hadamard matrix."""
+    D = q.shape[-1]
+    qf, kf = q.float(), k.float()
+    kmax, kmin = kf.amax(dim=-2), kf.amin(dim=-2)  # (B, Hk, D)
+    shift = None
+    if smooth_k in (True, "mid"):
+        shift = (kmax + kmin) * 0.5
+        kf = kf - shift[..., None, :]
+        ka = (kmax - kmin) * 0.5
+    elif smooth_k == "mean":
+        shift = kf.mean(dim=-2)
+        kf = kf - shift[..., None, :]
+        ka = kf.abs().amax(dim=-2)
+    elif not smooth_k:
+        ka = torch.maximum(kmax.abs(), kmin.abs())
+    else:
+        raise ValueError(f"smooth_k must be True, 'mid', 'mean' or False, got {smooth_k!r}")
+    if smooth_qk:
+        hq, hk = q.shape[1], k.shape[1]
+        qa = qf.abs().amax(dim=-2).view(q.shape[0], hk, hq // hk, D).amax(dim=2)  # (B, Hk, D)
+        t = torch.sqrt(torch.clamp_min(ka, FLT_MIN) / torch.clamp_min(qa, FLT_MIN))
+        kf = kf / t[..., None, :]
+        qf = qf * expand_kv(t[..., None, :], hq)
+    if rotate:
+        h = hadamard(D, device=q.device)
+        qf, kf = qf @ h, kf @ h
+    return qf, kf, shift
+
+
+def quantize_qkv(q, k, v, precision: str, scale=None, *, smooth_k=True, smooth_qk: bool = True,
+                 rotate: bool = True, group: int = 1):
+    """The pre-pass in fp32: returns (qc, qs, kc, ks, vc, vs, qb); qs already times scale*log2e,
+    qb (B, Hq, Sq) = scale * Q . shift, added to the lse.
+
+    qc/kc/vc are the code values as fp32 (e4m3 / int8 / e2m1*e4m3 / fp16 values), shapes as the
+    inputs; qs (B,Hq,Sq), ks (B,Hk,Sk), vs (B,Hk,D)."""
+    kind, pv = QK_KIND[precision], PV_KIND[precision]
+    D = q.shape[-1]
+    c = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
+    qf, kf, shift = qkv_transform(q, k, smooth_k=smooth_k, smooth_qk=smooth_qk, rotate=rotate)
+    qc, qs = quantize_qk(qf, kind, group)
+    kc, ks = quantize_qk(kf, kind, group)
+    vc, vs = quant_v_channels(v.float(), pv)
+    if shift is None:
+        qb = torch.zeros(q.shape[:-1], device=q.device)
+    else:  # lse correction: the shifted-away part of the scores, natural-log units
+        qb = (q.float() * expand_kv(shift[..., None, :], q.shape[1])).sum(-1) * (c * LN2)
+    return qc, qs * c, kc, ks, vc, vs, qb
+
+
+def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=False, *,
+                        block_n: int = 64, p_scale=None, smooth_k=True,
+                        rotate: bool = True, smooth_qk: bool = True, group: int = 1):
+    """The kernel's arithmetic in fp32 (bhsd). Returns (out fp32, lse fp32).
+
+    ``precision="bf16"`` computes in fp32 from the inputs (no quantization)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}")
+    if precision == "bf16":
+        return attention(q, k, v, scale, causal)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    pv = PV_KIND[precision]
+    if p_scale is None:
+        p_scale = P_SCALE_FP8 if pv == "fp8" else 1.0
+    qc, qs, kc, ks, vc, vs, qb = quantize_qkv(q, k, v, precision, scale, smooth_k=smooth_k,
+                                          rotate=rotate, smooth_qk=smooth_qk, group=group)
+    kc, ks, vc = expand_kv(kc, Hq), expand_kv(ks, Hq), expand_kv(vc, Hq)
+    vs = expand_kv(vs, Hq)
+    m = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
+    l = torch.zeros((B, Hq, Sq), device=q.device)
+    acc = torch.zeros((B, Hq, Sq, D), device=q.device)
+    rows = torch.arange(Sq, device=q.device)[:, None]
+    for j0 in range(0, Sk, block_n):
+        j1 = min(j0 + block_n, Sk)
+        if causal and j0 > Sq - 1:
+            break
+        s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)) * qs[..., None] * ks[:, :, None, j0:j1]
+        if causal:
+            cols = torch.arange(j0, j1, device=q.device)[None, :]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s - m_new[..., None])
+        if pv == "fp8":
+            pq = (p * p_scale).to(torch.float8_e4m3fn).float()
+        else:
+            pq = (p * p_scale).to(torch.float16).float()
+        l = l * alpha + p.sum(dim=-1)
+        acc = acc * alpha[..., None] + pq @ vc[:, :, j0:j1]
+        m = m_new
+    out = acc / l[..., None] * (vs[:, :, None, :] / p_scale)
+    lse = (m + torch.log2(l)) * LN2 + qb
+    return out, lse
+
+
+def error_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Cosine similarity and relative L1 (sum|o - r| / sum|r|), flattened, in fp64."""
+    o, r = out.double().flatten(), ref.double().flatten()
+    cos = float(torch.dot(o, r) / (o.norm() * r.norm()).clamp_min(1e-300))
+    rel_l1 = float((o - r).abs().sum() / r.abs().sum().clamp_min(1e-300))
+    return {"cos": cos, "rel_l1": rel_l1}
+
+
+def make_inputs(B, Hq, Hk, Sq, Sk, D, kind="random", dtype=torch.bfloat16, device="cpu",
+                seed=0):
+    """Test/bench inputs (bhsd). kind "random": N(0, 1). kind "outlier" (DiT-like): K with large
+    per-channel means and a few outlier channels (x20 scale), Q with 3x the norm and its own
+    outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    k = torch.randn(B, Hk, Sk, D, generator=g)
+    v = torch.randn(B, Hk, Sk, D, generator=g)
+    if kind == "outlier":
+        k = k + 4.0 * torch.randn(B, Hk, 1, D, generator=g)  # per-channel means
+        idx = torch.randperm(D, generator=g)[: max(2, D // 32)]
+        k[..., idx] *= 20.0
+        q = 3.0 * q
+        qidx = torch.randperm(D, generator=g)[: max(2, D // 32)]
+        q[..., qidx] *= 5.0
+    elif kind != "random":
+        raise ValueError(kind)
+    return q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device)
