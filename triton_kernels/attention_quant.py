@@ -1,0 +1,285 @@
+"""Attention pre-pass: quantize Q, K (smoothed) and V into the attention kernel's layout.
+
+Spec: ``pyops/reference/attention.py`` (``quantize_qkv``). Two launches on the current stream, no
+host sync, every buffer sized from shapes only:
+
+1. ``_qkv_stats_kernel`` (grid: heads x NCH token chunks): per-channel partial statistics
+   over a chunk of tokens: amax |Q| (per query head), max K and min K, amax |V| (per kv head).
+   The K shift, the Q/K channel smoothing and V's per-channel scale all need a reduction over
+   *every* token before the first code can be written, so this pass cannot be folded into the
+   quantize pass without a grid-wide barrier.
+2. ``_qkv_quant_kernel`` (grid: one program per BT tokens of a Q head or a KV head): reduces the
+   NCH partials (fixed order: deterministic), then shift / channel-smooth / rotate (Hadamard
+   generated in registers: H[i, j] = (-1)^popcount(i & j) / sqrt(D)) / quantize per token and
+   writes: codes, per-token scales (Q's times scale * log2 e), the lse correction of each query
+   row, V's codes transposed ((B, Hk, D, Sk_pad): the PV MMA's B operand K-major, as FP8 wgmma
+   wants) and V's per-channel scales.
+
+Both read the inputs with any strides (int64 offsets). Reads: Q once... K and V twice (stats +
+quantize); writes one byte per element (fp8/int8) or two (fp16 codes). Counted in every
+benchmark number of pyops.attention.
+
+QK kinds: 1 fp8 e4m3 (uint8 bytes), 2 int8, 3 nvfp4 (E2M1 x E4M3-per-16 decoded exactly to fp16;
+per-token fp32 second level in the scale). PV kinds: 1 fp8 e4m3 bytes, 2 fp16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._cvt import as_kernel_input, e4m3_bits, e4m3_to_f32, load_f32, use_soft_cvt
+
+FP8_MAX = tl.constexpr(448.0)
+INT8_MAX = tl.constexpr(127.0)
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+LN2 = tl.constexpr(0.6931471805599453)
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + M) - M rounds |x| < 2**22 to even
+MAX_CHUNKS = 32
+QK_KIND = {"fp8": 1, "int8": 2, "int8_fp16pv": 2, "nvfp4": 3}
+PV_KIND = {"fp8": 1, "int8": 1, "int8_fp16pv": 2, "nvfp4": 1}
+
+
+@triton.jit
+def _qkv_stats_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
+                      n_qh, Hq, Hk, Sq, Sk, chq, chk, NCH,
+                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                      IS_BF16: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    pid = tl.program_id(0)
+    ch = tl.program_id(1)
+    d = tl.arange(0, D)
+    tt = tl.arange(0, BT)
+    if pid < n_qh:
+        b = (pid // Hq).to(tl.int64)
+        h = (pid % Hq).to(tl.int64)
+        base = b * sqb + h * sqh
+        amax = tl.zeros([D], dtype=tl.float32)
+        t_lo = ch * chq
+        t_hi = tl.minimum(t_lo + chq, Sq)
+        for t0 in range(t_lo, t_hi, BT):
+            rows = t0 + tt.to(tl.int64)
+            m = (rows < t_hi)[:, None]
+            x = load_f32(q_ptr, base + rows[:, None] * sqs + d[None, :] * sqd, m, IS_BF16)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+        tl.store(qa_ptr + (pid.to(tl.int64) * NCH + ch) * D + d, amax)
+    else:
+        p = pid - n_qh
+        b = (p // Hk).to(tl.int64)
+        h = (p % Hk).to(tl.int64)
+        kbase = b * skb + h * skh
+        vbase = b * svb + h * svh
+        kmx = tl.full([D], float("-inf"), dtype=tl.float32)
+        kmn = tl.full([D], float("inf"), dtype=tl.float32)
+        va = tl.zeros([D], dtype=tl.float32)
+        t_lo = ch * chk
+        t_hi = tl.minimum(t_lo + chk, Sk)
+        for t0 in range(t_lo, t_hi, BT):
+            rows = t0 + tt.to(tl.int64)
+            m = (rows < t_hi)[:, None]
+            x = load_f32(k_ptr, kbase + rows[:, None] * sks + d[None, :] * skd, m, IS_BF16)
+            kmx = tl.maximum(kmx, tl.max(tl.where(m, x, float("-inf")), axis=0))
+            kmn = tl.minimum(kmn, tl.min(tl.where(m, x, float("inf")), axis=0))
+            y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, m, IS_BF16)
+            va = tl.maximum(va, tl.max(tl.abs(y), axis=0))
+        o = (p.to(tl.int64) * NCH + ch) * D + d
+        tl.store(kmx_ptr + o, kmx)
+        tl.store(kmn_ptr + o, kmn)
+        tl.store(va_ptr + o, va)
+
+
+@triton.jit
+def _hadamard(D: tl.constexpr, LOG_D: tl.constexpr, RSQRT_D: tl.constexpr):
+    i = tl.arange(0, D)[:, None]
+    j = tl.arange(0, D)[None, :]
+    a = i & j
+    par = tl.zeros([D, D], dtype=tl.int32)
+    for bit in tl.static_range(LOG_D):
+        par = par ^ ((a >> bit) & 1)
+    return tl.where(par == 0, RSQRT_D, -RSQRT_D).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_rne_value(v):
+    """|v| <= 6 -> the nearest E2M1 value (ties to even), sign kept (-0.1 -> -0 is fine here)."""
+    m = tl.abs(v)
+    r = tl.where(m <= 0.25, 0.0, tl.where(m < 0.75, 0.5, tl.where(m <= 1.25, 1.0, tl.where(
+        m < 1.75, 1.5, tl.where(m <= 2.5, 2.0, tl.where(m < 3.5, 3.0, tl.where(
+            m <= 5.0, 4.0, 6.0)))))))
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    """x (BT, D) fp32 -> (codes to store, per-token scale (BT,))."""
+    amax = tl.max(tl.abs(x), axis=1)
+    if KIND == 1:
+        s = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FLT_MIN)
+        v = tl.math.div_rn(x, s[:, None])
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+        c = e4m3_bits(v, SOFT)
+    elif KIND == 2:
+        s = tl.maximum(tl.math.div_rn(amax, INT8_MAX), FLT_MIN)
+        v = tl.math.div_rn(x, s[:, None])
+        v = (v + RNE_MAGIC) - RNE_MAGIC
+        c = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX).to(tl.int8)
+    else:  # nvfp4: per-token fp32 g, E4M3 per 16 channels, E2M1 codes; stored decoded (fp16)
+        s = tl.maximum(tl.math.div_rn(amax, 2688.0), FLT_MIN)
+        xb = tl.reshape(x, [BT, D // 16, 16])
+        bam = tl.max(tl.abs(xb), axis=2)
+        sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(bam, 6.0), s[:, None]), FP8_MAX)
+        sb = e4m3_to_f32(e4m3_bits(sb, SOFT), SOFT)
+        den = sb * s[:, None]
+        v = tl.math.div_rn(xb, tl.where(den > 0, den, 1.0)[:, :, None])
+        v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+        val = _e2m1_rne_value(v) * sb[:, :, None]
+        val = tl.where((sb > 0)[:, :, None], val, 0.0)
+        c = tl.reshape(val, [BT, D]).to(tl.float16)
+    return c, s
+
+
+@triton.jit
+def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
+                      qc_ptr, qs_ptr, qb_ptr, kc_ptr, ks_ptr, vt_ptr, vs_ptr,
+                      n_qprog, nqt, nkt, Hq, Hk, GROUP, Sq, Sk, Sk_pad, NCH, c_log2,
+                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                      QK_KIND: tl.constexpr, PV_KIND: tl.constexpr, SMOOTH_K: tl.constexpr,
+                      SMOOTH_QK: tl.constexpr, ROTATE: tl.constexpr, IS_BF16: tl.constexpr,
+                      SOFT: tl.constexpr, INTERPRET: tl.constexpr, D: tl.constexpr,
+                      LOG_D: tl.constexpr, RSQRT_D: tl.constexpr, BT: tl.constexpr,
+                      NCH_P: tl.constexpr):
+    pid = tl.program_id(0)
+    d = tl.arange(0, D)
+    tt = tl.arange(0, BT)
+    ci = tl.arange(0, NCH_P)
+    cm = (ci < NCH)[:, None]
+    is_q = pid < n_qprog
+    qbh = pid // nqt
+    kp = tl.maximum(pid - n_qprog, 0)
+    kbh = kp // nkt
+    b = tl.where(is_q, qbh // Hq, kbh // Hk)
+    hk = tl.where(is_q, (qbh % Hq) // GROUP, kbh % Hk)
+    tb = tl.where(is_q, pid % nqt, kp % nkt)
+    bh = qbh
+    bhk = (b * Hk + hk).to(tl.int64)
+    # ---- per-channel statistics of this (b, kv head): fixed-order reductions of the partials
+    sofs = (bhk * NCH + ci[:, None]) * D + d[None, :]
+    kmx = tl.max(tl.load(kmx_ptr + sofs, mask=cm, other=float("-inf")), axis=0)
+    kmn = tl.min(tl.load(kmn_ptr + sofs, mask=cm, other=float("inf")), axis=0)
+    if SMOOTH_K:
+        shift = (kmx + kmn) * 0.5
+        ka = (kmx - kmn) * 0.5
+    else:
+        shift = tl.zeros([D], dtype=tl.float32)
+        ka = tl.maximum(tl.abs(kmx), tl.abs(kmn))
+    if SMOOTH_QK:
+        qa = tl.zeros([D], dtype=tl.float32)
+        for g in range(GROUP):
+            qofs = (((b * Hq + hk * GROUP + g).to(tl.int64)) * NCH + ci[:, None]) * D + d[None, :]
+            qa = tl.maximum(qa, tl.max(tl.load(qa_ptr + qofs, mask=cm, other=0.0), axis=0))
+        t = tl.sqrt_rn(tl.math.div_rn(tl.maximum(ka, FLT_MIN), tl.maximum(qa, FLT_MIN)))
+    if is_q:
+        rows = tb.to(tl.int64) * BT + tt
+        rm = rows < Sq
+        base = (b.to(tl.int64) * sqb + (bh % Hq).to(tl.int64) * sqh)
+        x = load_f32(q_ptr, base + rows[:, None] * sqs + d[None, :] * sqd, rm[:, None], IS_BF16)
+        if SMOOTH_K:
+            qb = tl.sum(x * shift[None, :], axis=1) * (c_log2 * LN2)
+        else:
+            qb = tl.zeros([BT], dtype=tl.float32)
+        if SMOOTH_QK:
+            x = x * t[None, :]
+        if ROTATE:
+            x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
+                       else "tf32")
+        c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D)
+        obh = bh.to(tl.int64)
+        tl.store(qc_ptr + (obh * Sq + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
+        tl.store(qs_ptr + obh * Sq + rows, s * c_log2, mask=rm)
+        tl.store(qb_ptr + obh * Sq + rows, qb, mask=rm)
+    else:
+        rows = tb.to(tl.int64) * BT + tt
+        rm = rows < Sk
+        kbase = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        x = load_f32(k_ptr, kbase + rows[:, None] * sks + d[None, :] * skd, rm[:, None], IS_BF16)
+        x = x - shift[None, :]
+        if SMOOTH_QK:
+            x = tl.math.div_rn(x, t[None, :])
+        x = tl.where(rm[:, None], x, 0.0)
+        if ROTATE:
+            x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
+                       else "tf32")
+        c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D)
+        tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
+        tl.store(ks_ptr + bhk * Sk + rows, s, mask=rm)
+        # V: per-channel scale over all tokens, codes written transposed (B, Hk, D, Sk_pad)
+        va = tl.max(tl.load(va_ptr + sofs, mask=cm, other=0.0), axis=0)
+        vs = tl.maximum(tl.math.div_rn(va, FP8_MAX), FLT_MIN)
+        vbase = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, rm[:, None], IS_BF16)
+        y = tl.math.div_rn(y, vs[None, :])
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        if PV_KIND == 1:
+            yc = e4m3_bits(y, SOFT)
+        else:
+            yc = y.to(tl.float16)
+        tl.store(vt_ptr + (bhk * D + d[None, :]) * Sk_pad + rows[:, None], yc, mask=rm[:, None])
+        if tb == 0:
+            tl.store(vs_ptr + bhk * D + d, vs)
+
+
+def prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, device):
+    """Allocate the pre-pass outputs (shapes only)."""
+    qk, pv = QK_KIND[precision], PV_KIND[precision]
+    cdt = {1: torch.uint8, 2: torch.int8, 3: torch.float16}[qk]
+    vdt = {1: torch.uint8, 2: torch.float16}[pv]
+    sk_pad = triton.cdiv(Sk, 16) * 16
+    f32 = dict(dtype=torch.float32, device=device)
+    return dict(
+        qc=torch.empty((B, Hq, Sq, D), dtype=cdt, device=device),
+        qs=torch.empty((B, Hq, Sq), **f32), qb=torch.empty((B, Hq, Sq), **f32),
+        kc=torch.empty((B, Hk, Sk, D), dtype=cdt, device=device),
+        ks=torch.empty((B, Hk, Sk), **f32),
+        vt=torch.empty((B, Hk, D, sk_pad), dtype=vdt, device=device),
+        vs=torch.empty((B, Hk, D), **f32), sk_pad=sk_pad)
+
+
+def quantize_qkv(q, k, v, precision: str, sm_scale: float, *, smooth_k: bool = True,
+                 smooth_qk: bool = True, rotate: bool = True, block_t: int = 64) -> dict:
+    """q (B, Hq, Sq, D), k/v (B, Hk, Sk, D) as strided views (bf16/fp16/fp32) -> buffers dict."""
+    B, Hq, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    dev = q.device
+    interp = dev.type != "cuda"
+    soft = use_soft_cvt(q)
+    out = prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, dev)
+    S = max(Sq, Sk)
+    nch = max(1, min(MAX_CHUNKS, triton.cdiv(S, 4 * block_t)))
+    chq = triton.cdiv(triton.cdiv(Sq, nch), block_t) * block_t
+    chk = triton.cdiv(triton.cdiv(Sk, nch), block_t) * block_t
+    f32 = dict(dtype=torch.float32, device=dev)
+    qa = torch.empty((B * Hq, nch, D), **f32)
+    kmx = torch.empty((B * Hk, nch, D), **f32)
+    kmn = torch.empty((B * Hk, nch, D), **f32)
+    va = torch.empty((B * Hk, nch, D), **f32)
+    is_bf16 = q.dtype == torch.bfloat16
+    qk_, kk_, vk_ = as_kernel_input(q), as_kernel_input(k), as_kernel_input(v)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    nw = 4 if D <= 64 else 8
+    _qkv_stats_kernel[(B * Hq + B * Hk, nch)](
+        qk_, kk_, vk_, qa, kmx, kmn, va, B * Hq, Hq, Hk, Sq, Sk, chq, chk, nch, *strides,
+        IS_BF16=is_bf16, D=D, BT=block_t, num_warps=nw)
+    nqt, nkt = triton.cdiv(Sq, block_t), triton.cdiv(Sk, block_t)
+    n_q = B * Hq * nqt
+    c_log2 = float(sm_scale) * 1.4426950408889634
+    _qkv_quant_kernel[(n_q + B * Hk * nkt,)](
+        qk_, kk_, vk_, qa, kmx, kmn, va,
+        out["qc"], out["qs"], out["qb"], out["kc"], out["ks"], out["vt"], out["vs"],
+        n_q, nqt, nkt, Hq, Hk, Hq // Hk, Sq, Sk, out["sk_pad"], nch, c_log2, *strides,
+        QK_KIND=QK_KIND[precision], PV_KIND=PV_KIND[precision], SMOOTH_K=bool(smooth_k),
+        SMOOTH_QK=bool(smooth_qk), ROTATE=bool(rotate), IS_BF16=is_bf16, SOFT=soft,
+        INTERPRET=interp, D=D, LOG_D=int(math.log2(D)),
+        RSQRT_D=float(torch.tensor(1.0 / math.sqrt(D), dtype=torch.float32)), BT=block_t,
+        NCH_P=triton.next_power_of_2(nch), num_warps=nw)
+    return out
