@@ -1,0 +1,203 @@
+"""Flash-attention forward with quantized QK^T and PV. Spec: ``pyops/reference/attention.py``
+(``simulated_attention``: same block-by-block arithmetic; fp32 summation order may differ).
+
+Host entry (destination-passing, current stream, no host sync)::
+
+    attention_fwd(qc, kc, vt, qs, ks, vs, qb, out, lse, precision, causal, sm_scale)
+
+with the pre-pass buffers of ``attention_quant.quantize_qkv`` (or, for ``precision="bf16"``,
+the raw q (B,Hq,Sq,D), k, v (B,Hk,Sk,D) strided views and no scales). ``out`` (B, Hq, Sq, D)
+any strides, in the input dtype; ``lse`` (B, Hq, Sq) fp32 or None.
+
+Per program: BLOCK_M query rows of one head (grid (cdiv(Sq, BLOCK_M), B * Hq); GQA maps query
+head h to kv head h // (Hq // Hk)). Main loop over BLOCK_N keys:
+
+    S   = dot(Qc, Kc^T)                  fp8 x fp8 -> fp32, int8 x int8 -> int32, fp16 (nvfp4
+                                         decoded) -> fp32; times s_q[i] * s_k[j] (s_q includes
+                                         scale * log2 e) -- raw 16-bit: times scale * log2 e
+    m'  = max(m, rowmax S); p = exp2(S - m'); alpha = exp2(m - m'); l = l * alpha + rowsum p
+    P   fp8: e4m3(p * 448)   fp16: fp16(p)   raw: the input dtype
+    acc = acc * alpha + dot(P, V)        a fresh fp32 product per key block, added in fp32
+    out = acc / l * s_v / p_scale;  lse = (m + log2 l) * ln 2 + qb
+
+Tails are masked (keys j >= Sk get -inf, rows i >= Sq are not stored); causal is top-left.
+Offsets are int64. Under the interpreter (CPU) the operands are decoded to fp32 with exact bit
+arithmetic and the dots run in fp32 (the interpreter's fp8/bf16 casts and bf16 dot are wrong);
+on a GPU the dots take the fp8/int8/fp16/bf16 operands natively.
+
+Config: starting points for the H100, unmeasured (no GPU was available): D=128: BLOCK_M 128,
+BLOCK_N 128 (fp8/int8) or 64, 8 warps, 3 stages; D=64: BLOCK_M 128, BLOCK_N 128, 4 warps.
+No TMA descriptors or warp specialization (not attempted: unverifiable here).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._cvt import (as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out,
+                   load_f32, out_kind, use_soft_cvt)
+
+LN2 = tl.constexpr(0.6931471805599453)
+FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
+# precision -> (QK kind, PV kind): QK 0 raw 16-bit, 1 fp8, 2 int8, 3 fp16 (nvfp4 decoded);
+# PV 0 raw 16-bit, 1 fp8 (P x 448), 2 fp16
+KINDS = {"bf16": (0, 0), "fp8": (1, 1), "int8": (2, 1), "int8_fp16pv": (2, 2), "nvfp4": (3, 1)}
+P_SCALE = {0: 1.0, 1: 448.0, 2: 1.0}
+
+
+@triton.jit
+def _operand(ptr, offs, mask, KIND: tl.constexpr, IS_BF16: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    if KIND == 1:  # fp8 e4m3 bytes
+        x = tl.load(ptr + offs, mask=mask, other=0)
+        if INTERPRET:
+            x = e4m3_to_f32(x, True)
+        else:
+            x = x.to(tl.float8e4nv, bitcast=True)
+    elif KIND == 2:  # int8
+        x = tl.load(ptr + offs, mask=mask, other=0)
+        if INTERPRET:
+            x = x.to(tl.float32)
+    else:  # 16-bit (raw input or fp16 codes)
+        if INTERPRET:
+            x = load_f32(ptr, offs, mask, IS_BF16)
+        else:
+            x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr, lse_ptr,
+                     Hq, GROUP, Sq, Sk, c_raw,
+                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                     sob, soh, sos, sod,
+                     QK: tl.constexpr, PV: tl.constexpr, IS_BF16: tl.constexpr,
+                     OUT_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_LSE: tl.constexpr,
+                     P_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, SOFT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Sq
+    d = tl.arange(0, D)
+    q_bits_bf16 = IS_BF16 and QK == 0
+    q = _operand(q_ptr, b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
+                 rmask[:, None], QK, q_bits_bf16, INTERPRET)
+    if QK != 0:
+        qsc = tl.load(qs_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=0.0)
+    kbase = b * skb + hk * skh
+    vbase = b * svb + hk * svh
+    bhk = b * (Hq // GROUP) + hk
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    hi = Sk
+    if CAUSAL:
+        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M)
+    cn = tl.arange(0, BLOCK_N)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + cn.to(tl.int64)
+        cmask = cols < Sk
+        kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
+                      q_bits_bf16, INTERPRET)  # [D, BLOCK_N]
+        if INTERPRET:
+            s = tl.dot(q, kt, input_precision="ieee")
+        elif QK == 2:
+            s = tl.dot(q, kt).to(tl.float32)
+        else:
+            s = tl.dot(q, kt)
+        if QK == 0:
+            s = s * c_raw
+        else:
+            ksc = tl.load(ks_ptr + bhk * Sk + cols, mask=cmask, other=0.0)
+            s = s * qsc[:, None] * ksc[None, :]
+        valid = cmask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None], PV,
+                     IS_BF16 and PV == 0, INTERPRET)  # [BLOCK_N, D]
+        if PV == 1:
+            if INTERPRET:
+                pq = e4m3_to_f32(e4m3_bits(p * P_SCALE, True), True)
+            else:
+                pq = (p * P_SCALE).to(tl.float8e4nv)
+        elif PV == 2:
+            if INTERPRET:
+                pq = p.to(tl.float16).to(tl.float32)
+            else:
+                pq = p.to(tl.float16)
+        else:
+            if INTERPRET:
+                pq = p
+            else:
+                pq = p.to(v.dtype)
+        if INTERPRET:
+            pv = tl.dot(pq, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pq, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    o = acc / l_i[:, None]
+    if PV != 0:
+        vsc = tl.load(vs_ptr + bhk * D + d)
+        o = o * (vsc / P_SCALE)[None, :]
+    tl.store(o_ptr + b * sob + h * soh + rows[:, None] * sos + d[None, :] * sod,
+             f32_to_out(o, OUT_KIND, SOFT), mask=rmask[:, None])
+    if HAS_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * LN2
+        if QK != 0:
+            lse = lse + tl.load(qb_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=0.0)
+        tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=rmask)
+
+
+def pick_config(D: int, precision: str, interpret: bool) -> dict:
+    if FORCE_CONFIG is not None:
+        return dict(FORCE_CONFIG)
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    quant = precision in ("fp8", "int8")
+    if D <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=128 if quant else 64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128 if quant else 64, num_warps=8, num_stages=3)
+
+
+def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: bool,
+                  sm_scale: float, Hq: int) -> None:
+    """q (B,Hq,Sq,D) codes or raw, k (B,Hk,Sk,D), v as a (B,Hk,Sk,D) view (for quantized
+    precisions: vt (B,Hk,D,Sk_pad) transposed, i.e. ``vt.transpose(-1, -2)[:, :, :Sk]``)."""
+    B, _, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    interp = q.device.type != "cuda"
+    soft = use_soft_cvt(out)
+    QK, PV = KINDS[precision]
+    cfg = pick_config(D, precision, interp)
+    is_bf16 = out.dtype == torch.bfloat16
+    if QK == 0:
+        qk_, kk_, vk_ = (as_kernel_input(t) if interp else t for t in (q, k, v))
+    else:
+        qk_, kk_ = q, k
+        vk_ = v
+    ok = as_kernel_output(out, soft)
+    dummy = out if QK == 0 else qs
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    _attn_fwd_kernel[grid](
+        qk_, kk_, vk_, dummy if qs is None else qs, dummy if ks is None else ks,
+        dummy if vs is None else vs, dummy if qb is None else qb, ok,
+        lse if lse is not None else dummy,
+        Hq, Hq // Hk, Sq, Sk, float(sm_scale) * 1.4426950408889634,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        QK=QK, PV=PV, IS_BF16=is_bf16, OUT_KIND=out_kind(out.dtype), CAUSAL=bool(causal),
+        HAS_LSE=lse is not None, P_SCALE=P_SCALE[PV], D=D, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], INTERPRET=interp, SOFT=soft, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
