@@ -1,0 +1,187 @@
+"""Quantized attention: ``pyops.attention`` and the SDPA-compatible ``pyops.sdpa``.
+
+Inference only (no autograd), forward, non-causal or causal (top-left, as
+``F.scaled_dot_product_attention``), any Sq and Sk (tails masked; Sq != Sk for cross attention),
+GQA/MQA (Hq a multiple of Hk), bf16/fp16 in and out, any strides (the inputs are never copied
+or mutated, except zero-padded copies for head dims other than 64/128), lse on request.
+
+Head dims: 64 and 128 run natively; others up to 128 are zero-padded to the next native size
+(a copy of Q/K/V, exact); above 128 the op runs the PyTorch reference (slow) with a warning.
+
+Quantization recipe (spec: ``pyops/reference/attention.py``; kernels:
+``triton_kernels/attention_quant.py`` pre-pass, ``triton_kernels/attention.py``)
+---------------------------------------------------------------------------------------------
+1. K smoothing: subtract the per-(batch, kv head, channel) mid-range (max + min) / 2 over all
+   tokens. Exact for softmax (a per-query constant); the lse adds ``scale * Q . shift`` back.
+   Mid-range rather than mean: one stats pass gives both the shift and |K - shift|'s channel
+   amax; measured equal to the mean in accuracy (reference, 256 tokens, D 64/128: within
+   +-0.0004 cosine on every precision).
+2. Q/K channel smoothing: t_c = sqrt(amax|K_c| / amax|Q_c|); K /= t, Q *= t (exact).
+3. A shared orthonormal Hadamard rotation of Q and K along D (exact; generated in registers).
+   Measured in the reference on outlier inputs (K with per-channel means and x20 outlier
+   channels, 3x Q with x5 channels; B1 H2 S256; cos vs fp64, D=128): INT8 QK + FP8 PV: smoothing
+   of K alone 0.9912, + channel smoothing 0.9993, + rotation 0.9990, + both 0.99955; without K
+   smoothing 0.955. FP8 QK: 0.9930 / 0.9947 / 0.9812 / 0.9976. Both transforms are on by
+   default; they cost the pre-pass one [64 x D] @ [D x D] product per 64 tokens (tf32 on GPU).
+4. Q and K: per-token symmetric scales (the finest granularity whose cost in the kernel is one
+   multiply per score; measured better than 64-token blocks: outlier INT8 0.9912 vs 0.9792).
+   fp8: e4m3 with amax/448; int8: round-to-nearest-even with amax/127; nvfp4: E2M1 codes with
+   E4M3 scales per 16 channels and an fp32 per-token second level.
+5. P: p = exp2(s - m) is in [0, 1], quantized with the fixed scale 448 to e4m3 (no per-block
+   amax needed). Measured: the scale barely matters for accuracy (without it, cos 0.99678 vs
+   0.99677 at D=64): e4m3's subnormals already hold p down to 2^-9 and smaller p contribute
+   little. It is kept because it costs nothing.
+6. V: per-channel FP8 scales over all tokens (amax/448), codes stored transposed so the PV
+   MMA's B operand is K-major; "int8_fp16pv" stores fp16 codes and fp16 P instead.
+7. PV: each key block's product is a fresh fp32 MMA result added to the fp32 accumulator
+   (promotion once per key block); the row sum l uses the unquantized p.
+
+Precisions: "int8" (default: INT8 QK, FP8 PV, the SageAttention2 recipe), "fp8" (FP8 QK, FP8
+PV), "int8_fp16pv" (accuracy first: INT8 QK, fp16 PV), "nvfp4" (Q and K in NVFP4, FP8 PV;
+EMULATED: the pre-pass decodes E2M1 x E4M3 exactly to fp16 and the kernel uses fp16 MMAs, the
+same arithmetic ``tl.dot_scaled`` performs on Hopper; the native sm_100 ``tl.dot_scaled`` path
+and an NVFP4 P are not implemented), "bf16" (no quantization: 16-bit MMAs in the input dtype).
+
+Accuracy measured in the reference/interpreter (CPU), cos / relative L1 vs fp64, B1 Hq4 Hk2
+Sq200 Sk300 D128: random: fp8 0.99873/0.050, int8 0.99936/0.036, int8_fp16pv 0.99996/0.0089,
+nvfp4 0.9904/0.136; outlier: fp8 0.99705/0.059, int8 0.99952/0.027, int8_fp16pv 0.99987/0.0106,
+nvfp4 0.967/0.181. The default is "int8" because FP8 QK misses SageAttention2's random-input
+accuracy (relL1 0.050 > 0.038) while INT8 QK meets it at the same H100 tensor-core rate.
+
+Still to be justified by a GPU measurement (none could be made: no GPU was available, and
+nothing in ``bench/RESULTS.md`` comes from this op yet): every speed claim; the block sizes and
+stage counts; the pre-pass cost (two launches, K and V read twice); whether the rotation's tf32
+product and the per-token scales cost measurable time; whether Triton folds ``acc * alpha +
+dot(P, V)`` into the FP8 MMA's accumulator (which would undo the per-block promotion); FP8 vs
+INT8 QK speed; accuracy on the GPU itself (the interpreter computes the dots in fp32).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from . import _backend
+from ._checks import check_same_device, check_tensor, eager_fast_path
+from .ops import attention as _op
+from .reference.attention import PRECISIONS
+
+LAYOUTS = ("bhsd", "bshd")
+DTYPES = (torch.bfloat16, torch.float16)
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _check(q, k, v, layout, precision, scale):
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, dtypes=DTYPES, min_ndim=4)
+        if t.dim() != 4:
+            raise ValueError(f"pyops.attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+    check_same_device(op, q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"pyops.attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
+                        f"{v.dtype})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"pyops.attention: layout must be one of {LAYOUTS}, got {layout!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyops.attention: precision must be one of {PRECISIONS}, got "
+                         f"{precision!r}")
+    qh, kh, vh = (_op.to_bhsd(t, layout) for t in (q, k, v))
+    B, Hq, Sq, D = qh.shape
+    if kh.shape[0] != B or vh.shape[0] != B:
+        raise ValueError(f"pyops.attention: batch sizes differ: q {B}, k {kh.shape[0]}, "
+                         f"v {vh.shape[0]}")
+    if kh.shape != vh.shape:
+        raise ValueError(f"pyops.attention: k and v shapes differ ({tuple(k.shape)} vs "
+                         f"{tuple(v.shape)}) in layout {layout!r}")
+    if kh.shape[-1] != D:
+        raise ValueError(f"pyops.attention: head_dim of q ({D}) and k/v ({kh.shape[-1]}) differ")
+    Hk = kh.shape[1]
+    if Hq % Hk:
+        raise ValueError(f"pyops.attention: query heads ({Hq}) must be a multiple of kv heads "
+                         f"({Hk}) in layout {layout!r}")
+    if precision == "nvfp4" and _op.padded_head_dim(D) % 16:
+        raise ValueError("pyops.attention: nvfp4 needs head_dim padded to a multiple of 16")
+    if scale is not None:
+        s = float(scale)
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"pyops.attention: scale must be finite and > 0, got {scale}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd",
+              scale: Optional[float] = None, precision: str = "int8", causal: bool = False,
+              return_lse: bool = False, backend: Optional[str] = None):
+    """Softmax attention with dynamically quantized Q, K, P, V (see the module docstring).
+
+    q (B, Hq, Sq, D), k and v (B, Hk, Sk, D) for ``layout="bhsd"`` ((B, S, H, D) for "bshd"),
+    bf16 or fp16, any strides. Returns the output (same layout as q, contiguous, q's dtype) and,
+    with ``return_lse``, the log-sum-exp of the scaled scores (B, Hq, Sq) fp32 (natural log).
+    precision: "int8" | "fp8" | "int8_fp16pv" | "nvfp4" (emulated) | "bf16".
+    backend: "triton" | "reference" | None (auto: Triton on CUDA, the reference on CPU).
+    """
+    _check(q, k, v, layout, precision, scale)
+    D = q.shape[-1]
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    b = _backend.resolve(_op.OP, q.device, backend)
+    if b == "triton" and _op.padded_head_dim(D) not in _op.NATIVE_HEAD_DIMS:
+        if backend is not None:
+            raise ValueError(f"pyops.attention: the Triton kernel supports head_dim <= 128, "
+                             f"got {D}")
+        _warn_once(f"hd{D}", f"pyops.attention: head_dim {D} > 128 is not supported by the "
+                   f"kernel; running the PyTorch reference (slow)")
+        b = "reference"
+    elif b == "triton" and D not in _op.NATIVE_HEAD_DIMS:
+        _warn_once(f"pad{D}", f"pyops.attention: head_dim {D} is zero-padded to "
+                   f"{_op.padded_head_dim(D)} (an extra copy of q, k, v)")
+    if eager_fast_path(q, k, v):
+        out, lse = _op.attention_impl(q, k, v, layout, precision, bool(causal), sc, b)
+    else:
+        out, lse = torch.ops.pyops.attention(q, k, v, layout, precision, bool(causal), sc, b)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+         enable_gqa: bool = False, *, precision: str = "int8", backend: Optional[str] = None):
+    """Drop-in for ``F.scaled_dot_product_attention`` (e.g. to patch a model's attention).
+
+    Runs ``pyops.attention`` (bhsd layout) when it can; falls back to
+    ``F.scaled_dot_product_attention`` with a one-time warning per reason for: an ``attn_mask``,
+    ``dropout_p > 0``, inputs that need gradients, inputs that are not 4-D bf16/fp16, head dims
+    above 128, differing head counts without ``enable_gqa`` (torch then raises as it would),
+    key/value head dims that differ, and CPU tensors unless ``backend`` is given.
+    """
+    import torch.nn.functional as F
+    reason = None
+    if attn_mask is not None:
+        reason = "attn_mask"
+    elif dropout_p > 0.0:
+        reason = "dropout_p > 0"
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        reason = "inputs that require grad (pyops.attention is forward only)"
+    elif any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in DTYPES
+             for t in (query, key, value)):
+        reason = "inputs other than 4-D bf16/fp16"
+    elif query.shape[-1] > 128 or value.shape[-1] != query.shape[-1]:
+        reason = "head_dim > 128 or value head_dim != query head_dim"
+    elif query.shape[1] != key.shape[1] and not enable_gqa:
+        reason = "differing head counts without enable_gqa"
+    elif query.device.type != "cuda" and backend is None:
+        reason = "CPU tensors"
+    if reason is not None:
+        _warn_once("sdpa:" + reason, f"pyops.sdpa: falling back to "
+                   f"F.scaled_dot_product_attention for {reason}")
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                              dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, **kw)
+    return attention(query, key, value, layout="bhsd", scale=scale, precision=precision,
+                     causal=is_causal, backend=backend)
