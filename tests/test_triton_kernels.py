@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 from pyops.reference import quantize_fp8 as ref8  # noqa: E402
 from pyops.reference import quantize_nvfp4 as ref4  # noqa: E402
+from pyops.triton_kernels import _amax as tka  # noqa: E402
 from pyops.triton_kernels import _cvt  # noqa: E402
 from pyops.triton_kernels import quantize_fp8 as tk8  # noqa: E402
 from pyops.triton_kernels import quantize_nvfp4 as tk4  # noqa: E402
@@ -225,7 +226,8 @@ def test_fp8_rne_ties():
 
 def test_fp8_multi_partial_and_two_pass_rows(monkeypatch):
     """Exercise the persistent partial-amax loop (more tiles than partials) and long rows."""
-    monkeypatch.setattr(tk8, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "TILE_ELEMS", 512)
     monkeypatch.setattr(tk8, "TILE_ELEMS", 512)
     monkeypatch.setattr(tk8, "ROW_SINGLE_MAX", 128)
     monkeypatch.setattr(tk8, "ROW_CHUNK", 64)
@@ -324,7 +326,8 @@ def test_nvfp4_e4m3_scale_ties():
 
 
 def test_nvfp4_multi_partial_and_tiles(monkeypatch):
-    monkeypatch.setattr(tk4, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "TILE_ELEMS", 256)
     monkeypatch.setattr(tk4, "TILE_ELEMS", 256)
     monkeypatch.setattr(tk4, "MAX_NBB", 4)
     x = make_x(130, 300, torch.bfloat16, seed=11, nonfinite=True)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._amax import pow2 as _pow2
 from ._cvt import as_kernel_input, as_kernel_output, f32_to_out, load_f32, out_kind, use_soft_cvt
 from .quantize_fp8 import _abs_mark, _fp8_codes, _fp8_group_scale
 
@@ -142,9 +143,6 @@ def _nmq_kernel(x_ptr, w_ptr, b_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr, y_ptr,
             tl.store(q_ptr + orow + cols[None, :],
                      _fp8_codes(y, scale[:, None], bad[:, None], SOFT), mask=mask)
 
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
 
 
 def norm_modulate_quant(x: torch.Tensor, weight: Optional[torch.Tensor],

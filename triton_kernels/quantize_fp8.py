@@ -13,7 +13,7 @@ Design (memory bound; one read of x, one write of q, except as noted):
 * row / block1x128 / block128x128: one launch. A program owns whole groups (BM rows x a K
   range), reduces amax in registers and quantizes the same registers. Rows longer than
   ``ROW_SINGLE_MAX`` are done in two passes over the row (the second read mostly hits L2).
-* tensor: two launches. ``_fp8_partial_amax_kernel`` (at most ``MAX_PARTIALS`` persistent
+* tensor: two launches. ``_amax.partial_amax`` (at most ``_amax.MAX_PARTIALS`` persistent
   programs) writes one partial per program: amax over finite values, or +inf if the program saw
   a non-finite value. ``_fp8_quant_kernel`` reduces all partials itself (tiny, L2-resident) and
   quantizes its tile; program 0 writes the scale.
@@ -26,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._amax import partial_amax, pow2 as _pow2, warps as _warps
 from ._cvt import (FLT_MAX, FLT_MIN, as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32,
                    f32_to_out, load_f32, out_kind, use_soft_cvt)
 
 FP8_MAX = tl.constexpr(448.0)
 NAN_BITS = tl.constexpr(0x7FC00000)  # the reference's NaN scale (torch.full_like(..., nan))
-MAX_PARTIALS = 1024
 ROW_SINGLE_MAX = 8192  # rows up to this length are kept in registers (one pass)
 ROW_CHUNK = 4096  # chunk along K for longer rows (two passes)
 TILE_ELEMS = 8192  # target elements per program
@@ -59,23 +59,6 @@ def _fp8_codes(x, scale, bad, SOFT: tl.constexpr):
     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
     bits = e4m3_bits(v, SOFT)
     return tl.where(bad, 0, bits).to(tl.uint8)
-
-
-@triton.jit
-def _fp8_partial_amax_kernel(x_ptr, part_ptr, M, K, sxm, sxk, n_tiles_k, n_tiles,
-                             IS_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    acc = tl.zeros([BM, BK], dtype=tl.float32)
-    for t in range(pid, n_tiles, nprog):
-        tm = t // n_tiles_k
-        tk = t % n_tiles_k
-        rows = tm.to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tk.to(tl.int64) * BK + tl.arange(0, BK)
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
-        x = load_f32(x_ptr, rows[:, None] * sxm + cols[None, :] * sxk, mask, IS_BF16)
-        acc = tl.maximum(acc, _abs_mark(x))
-    tl.store(part_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -157,12 +140,6 @@ def _fp8_dequant_kernel(q_ptr, s_ptr, o_ptr, M, K, sqm, som, n_tiles_k, ssm,
     tl.store(o_ptr + rows[:, None] * som + cols[None, :], f32_to_out(v, OUT_KIND, SOFT), mask=mask)
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _warps(elems: int) -> int:
-    return 8 if elems >= 4096 else 4
 
 
 def _check_2d(name, t, M, K):
@@ -203,16 +180,10 @@ def quantize_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, granular
     n_sk = triton.cdiv(K, 128)
     single, p_block, part, n_part = True, 1, scale, 1
     if g == 0:
+        part, n_part, p_block = partial_amax(xk, x, mark_nonfinite=True)
         BK = min(_pow2(K), 1024)
         BM = min(max(TILE_ELEMS // BK, 1), _pow2(M))
         n_tiles_k = triton.cdiv(K, BK)
-        n_tiles = triton.cdiv(M, BM) * n_tiles_k
-        n_part = min(n_tiles, MAX_PARTIALS)
-        part = torch.empty(n_part, dtype=torch.float32, device=x.device)
-        _fp8_partial_amax_kernel[(n_part,)](xk, part, M, K, sxm, sxk, n_tiles_k, n_tiles,
-                                            IS_BF16=is_bf16, BM=BM, BK=BK,
-                                            num_warps=_warps(BM * BK))
-        p_block = _pow2(n_part)
     elif g == 1:
         single = K <= ROW_SINGLE_MAX
         BK = _pow2(K) if single else ROW_CHUNK

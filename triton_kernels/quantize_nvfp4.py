@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._amax import partial_amax, pow2 as _pow2, warps as _warps
 from ._cvt import (FLT_MAX, FLT_MIN, as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32,
                    f32_to_out, load_f32, out_kind, use_soft_cvt)
 
@@ -33,27 +34,8 @@ FP4_MAX = tl.constexpr(6.0)
 E4M3_MAX = tl.constexpr(448.0)
 GLOBAL_DIV = tl.constexpr(2688.0)  # 6 * 448
 SCALE_NAN = tl.constexpr(0x7F)
-MAX_PARTIALS = 1024
 TILE_ELEMS = 8192  # target input elements per program
 MAX_NBB = 64  # at most 64 blocks (1024 elements) along K per tile
-
-
-@triton.jit
-def _partial_amax_kernel(x_ptr, part_ptr, M, K, sxm, sxk, n_tiles_k, n_tiles,
-                         IS_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """One partial per program: amax over the finite values of its tiles."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    acc = tl.zeros([BM, BK], dtype=tl.float32)
-    for t in range(pid, n_tiles, nprog):
-        tm = t // n_tiles_k
-        tk = t % n_tiles_k
-        rows = tm.to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tk.to(tl.int64) * BK + tl.arange(0, BK)
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
-        a = tl.abs(load_f32(x_ptr, rows[:, None] * sxm + cols[None, :] * sxk, mask, IS_BF16))
-        acc = tl.maximum(acc, tl.where(a <= FLT_MAX, a, 0.0))
-    tl.store(part_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -165,12 +147,6 @@ def _nvfp4_dequant_kernel(d_ptr, s_ptr, g_ptr, o_ptr, M, K, nb, sdm, som, n_tile
              f32_to_out(v, OUT_KIND, SOFT), mask=omask)
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _warps(elems: int) -> int:
-    return 8 if elems >= 4096 else 4
 
 
 def _tiles(M: int, nb: int):
@@ -209,16 +185,7 @@ def quantize_nvfp4(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
     sxm, sxk = x.stride()
     part, n_part, p_block = global_scale, 1, 1
     if compute_global:
-        BK = min(_pow2(K), 1024)
-        BMp = min(max(TILE_ELEMS // BK, 1), _pow2(M))
-        n_tiles_k = triton.cdiv(K, BK)
-        n_tiles = triton.cdiv(M, BMp) * n_tiles_k
-        n_part = min(n_tiles, MAX_PARTIALS)
-        part = torch.empty(n_part, dtype=torch.float32, device=x.device)
-        _partial_amax_kernel[(n_part,)](xk, part, M, K, sxm, sxk, n_tiles_k, n_tiles,
-                                        IS_BF16=is_bf16, BM=BMp, BK=BK,
-                                        num_warps=_warps(BMp * BK))
-        p_block = _pow2(n_part)
+        part, n_part, p_block = partial_amax(xk, x, mark_nonfinite=False)
     s_rows, s_cols = s_shape
     BM, NBB = _tiles(s_rows, s_cols)  # with swizzle the grid covers the padding too
     n_tiles_b = triton.cdiv(s_cols, NBB)
