@@ -124,16 +124,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    device = U.pick_device(args.device)
-    env = U.env_record(device)
-    env.update(U.measure_ceiling(device, args.quick))
-    budget = U.Budget(args.budget_s)
-    t = run(args, device, env["copy_gbps"], budget,
-            progress=lambda tb: U.write_results(args.out, NAME, [tb], env))
-    U.write_results(args.out, NAME, [t], env)
-    print(U.env_markdown(env) + "\n\n" + t.markdown())
-    return 0
+    return U.bandwidth_main(NAME, parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -504,3 +504,19 @@ def raise_compile_limits() -> None:
             dc.accumulated_cache_size_limit = max(dc.accumulated_cache_size_limit, 4096)
     except Exception:
         pass
+
+
+def bandwidth_main(name: str, parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
+    """The ``main`` of a one-table, memory-bound benchmark: parse args, record the environment,
+    measure the copy ceiling in the same run, call ``run(args, device, ceiling_gbps, budget,
+    progress=...)`` (rewriting the files after every shape), write and print the table."""
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    env = env_record(device)
+    env.update(measure_ceiling(device, args.quick))
+    budget = Budget(args.budget_s)
+    t = run(args, device, env["copy_gbps"], budget,
+            progress=lambda tb: write_results(args.out, name, [tb], env))
+    write_results(args.out, name, [t], env)
+    print(env_markdown(env) + "\n\n" + t.markdown())
+    return 0
