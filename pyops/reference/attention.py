@@ -157,7 +157,8 @@ def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
     smooth_k: True/"mid" subtracts the per-channel mid-range (max + min) / 2 over tokens (one
     pass; measured as accurate as the mean), "mean" the mean, False nothing.
     smooth_qk: t_c = sqrt(amax_c |K'| / amax_c |Q|) (Q amax over all query heads of the group);
-    K' /= t, Q *= t.   rotate: both times the orthonormal Hadamard matrix."""
+    K' /= t, Q *= t.   rotate: both times the orthonormal Hadamard matrix (D zero-padded to a power of two first:
+    Q' and K' may then be wider than D)."""
     D = q.shape[-1]
     qf, kf = q.float(), k.float()
     kmax, kmin = kf.amax(dim=-2), kf.amin(dim=-2)  # (B, Hk, D)
@@ -181,6 +182,11 @@ def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
         kf = kf / t[..., None, :]
         qf = qf * expand_kv(t[..., None, :], hq)
     if rotate:
+        if D & (D - 1):  # zero channels to the next power of two (exact; the kernel pads too)
+            Dp = 1 << (D - 1).bit_length()
+            qf = torch.nn.functional.pad(qf, (0, Dp - D))
+            kf = torch.nn.functional.pad(kf, (0, Dp - D))
+            D = Dp
         h = hadamard(D, device=q.device)
         qf, kf = qf @ h, kf @ h
     return qf, kf, shift

@@ -1,0 +1,326 @@
+"""pyops.attention: reference, recipe accuracy, pre-pass and kernel vs the simulated reference,
+shapes/layouts/strides, op registration, errors, SDPA wrapper; GPU-only graph/compile/long tests.
+
+On CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1): shapes are
+tiny and the kernel config is forced to 16x16 blocks so tails and multi-block loops are hit.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyops.attention import attention, sdpa
+from pyops.ops import attention as op_mod
+from pyops.reference import attention as R
+
+from _util import DEVICE, HAS_CUDA
+
+PRECS = ["fp8", "int8", "int8_fp16pv", "nvfp4", "bf16"]
+# (min cosine, max relative L1) vs fp64; measured values in pyops/attention.py's docstring.
+# A broken kernel (wrong scale, missing tail mask, unmasked garbage, wrong head) lands far
+# below these (typically cos < 0.99 / relL1 > 0.1; nvfp4 bounds are loose: 4-bit Q and K).
+BOUNDS = {
+    "random": {"fp8": (0.998, 0.060), "int8": (0.9992, 0.040), "int8_fp16pv": (0.9999, 0.012),
+               "nvfp4": (0.985, 0.16), "bf16": (0.99999, 0.004)},
+    "outlier": {"fp8": (0.995, 0.075), "int8": (0.999, 0.035), "int8_fp16pv": (0.9997, 0.015),
+                "nvfp4": (0.95, 0.22), "bf16": (0.99999, 0.004)},
+}
+
+
+@pytest.fixture
+def small_blocks():
+    from pyops.triton_kernels import attention as tk
+    old = tk.FORCE_CONFIG
+    if not HAS_CUDA:
+        tk.FORCE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    yield
+    tk.FORCE_CONFIG = old
+
+
+def _check_bounds(out, ref, prec, kind):
+    e = R.error_stats(out, ref)
+    cmin, lmax = BOUNDS[kind][prec]
+    assert e["cos"] >= cmin and e["rel_l1"] <= lmax, (prec, kind, e)
+    return e
+
+
+# ---- reference --------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_sdpa(causal):
+    q, k, v = R.make_inputs(2, 4, 2, 19, 27, 32, dtype=torch.float64, seed=1)
+    o, lse = R.attention(q, k, v, causal=causal, dtype=torch.float64)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(o, want, rtol=1e-10, atol=1e-10)
+    s = (q @ R.expand_kv(k, 4).transpose(-1, -2)) / math.sqrt(32)
+    if causal:
+        s = s.masked_fill(torch.ones(19, 27).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float())
+
+
+@pytest.mark.parametrize("kind", ["random", "outlier"])
+@pytest.mark.parametrize("prec", PRECS)
+def test_recipe_accuracy(prec, kind):
+    q, k, v = R.make_inputs(1, 4, 2, 200, 300, 128, kind, seed=2)
+    ref, rl = R.attention(q, k, v, dtype=torch.float64)
+    out, lse = R.simulated_attention(q, k, v, prec)
+    _check_bounds(out, ref, prec, kind)
+    tol = 1e-4 if prec == "bf16" else 5.0  # lse of the shifted scores, corrected back
+    assert (lse - rl).abs().max() < tol
+
+
+def test_recipe_mutations_break_outlier_accuracy():
+    """Each transform is load-bearing on DiT-like inputs: dropping it fails the int8 bound."""
+    q, k, v = R.make_inputs(1, 2, 2, 256, 256, 128, "outlier", seed=1)
+    ref, _ = R.attention(q, k, v, dtype=torch.float64)
+    cmin, lmax = BOUNDS["outlier"]["int8"]
+    good = R.error_stats(R.simulated_attention(q, k, v, "int8")[0], ref)
+    assert good["cos"] >= cmin and good["rel_l1"] <= lmax
+    for opts in (dict(smooth_k=False), dict(smooth_qk=False, rotate=False)):
+        e = R.error_stats(R.simulated_attention(q, k, v, "int8", **opts)[0], ref)
+        assert e["cos"] < cmin and e["rel_l1"] > lmax, (opts, e)
+    # the fixed P scale is not accuracy-critical (measured): only check it is not harmful
+    e1 = R.error_stats(R.simulated_attention(q, k, v, "int8", p_scale=1.0)[0], ref)
+    assert good["rel_l1"] <= e1["rel_l1"] * 1.05
+
+
+def test_smoothing_keeps_softmax_exact():
+    q, k, v = R.make_inputs(1, 2, 1, 33, 40, 64, "outlier", seed=4)
+    qf, kf, shift = R.qkv_transform(q.double(), k.double())
+    s0 = (q.double() @ R.expand_kv(k.double(), 2).transpose(-1, -2))
+    s1 = (qf.double() @ R.expand_kv(kf.double(), 2).transpose(-1, -2))
+    torch.testing.assert_close(torch.softmax(s0 / 8, -1), torch.softmax(s1 / 8, -1),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---- pre-pass vs reference quantizer -------------------------------------------------------------
+def _dec(c):
+    return c.view(torch.float8_e4m3fn).float() if c.dtype == torch.uint8 else c.float()
+
+
+@pytest.mark.parametrize("prec", ["fp8", "int8", "int8_fp16pv", "nvfp4"])
+def test_prepass_matches_reference(prec):
+    from pyops.triton_kernels import attention_quant as tq
+    B, Hq, Hk, Sq, Sk, D = 1, 4, 2, 37, 50, 64
+    q, k, v = R.make_inputs(B, Hq, Hk, Sq, Sk, D, "outlier", seed=3, device=DEVICE)
+    sm = 0.125
+    rotate = prec == "fp8"  # rotation via a dot: close, not bit-exact
+    out = tq.quantize_qkv(q, k, v, prec, sm, rotate=rotate, block_t=16)
+    qc, qs, kc, ks, vc, vs, qb = R.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), prec, sm,
+                                                rotate=rotate)
+    o = {n: t.cpu() for n, t in out.items() if torch.is_tensor(t)}
+    torch.testing.assert_close(o["qs"], qs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(o["ks"], ks, rtol=1e-6, atol=0)
+    torch.testing.assert_close(o["qb"], qb, rtol=1e-5, atol=1e-4)
+    assert torch.equal(o["vs"], vs)
+    assert torch.equal(_dec(o["vt"][..., :Sk]).transpose(-1, -2), vc)
+    for got, want in ((_dec(o["qc"]), qc), (_dec(o["kc"]), kc)):
+        bad = (got != want).float().mean().item()
+        assert bad <= (2e-3 if rotate or prec != "fp8" else 0.0), bad
+
+
+# ---- kernel vs the simulated reference --------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("prec", PRECS)
+def test_kernel_matches_simulated(prec, causal, small_blocks):
+    q, k, v = R.make_inputs(1, 4, 2, 37, 50, 64, "outlier", dtype=torch.float16, seed=5,
+                            device=DEVICE)
+    out, lse = attention(q, k, v, precision=prec, causal=causal, return_lse=True,
+                         backend="triton")
+    so, sl = R.simulated_attention(q.cpu(), k.cpu(), v.cpu(), prec, causal=causal,
+                                   block_n=16 if not HAS_CUDA else 64)
+    e = R.error_stats(out.cpu(), so)
+    # fp16 output rounding is ~3e-4 relative; the rest is fp32 summation order (and rare
+    # code flips where a rotated value sits on a rounding boundary)
+    assert e["rel_l1"] < (1.5e-3 if not HAS_CUDA else 1e-2), e
+    assert (lse.cpu() - sl).abs().max() < 1e-3
+    ref, _ = R.attention(q.cpu(), k.cpu(), v.cpu(), causal=causal, dtype=torch.float64)
+    _check_bounds(out.cpu(), ref, prec, "outlier")
+
+
+def _packed_qkv(B, S, H, D, dtype):
+    """q, k, v as non-contiguous bshd views of one packed (B, S, 3, H, D) projection."""
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(dtype).to(DEVICE)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@pytest.mark.parametrize("case", ["s1", "odd", "cross", "mqa", "d128_bshd", "packed_bf16",
+                                  "pad_d40"])
+def test_shapes_layouts_strides(case, small_blocks):
+    layout, prec, dtype = "bhsd", "int8", torch.bfloat16
+    if case == "s1":
+        q, k, v = R.make_inputs(1, 2, 2, 1, 1, 64, seed=1, device=DEVICE)
+    elif case == "odd":
+        q, k, v = R.make_inputs(1, 2, 2, 17, 17, 64, seed=2, device=DEVICE)
+    elif case == "cross":
+        q, k, v = R.make_inputs(2, 2, 2, 5, 40, 64, seed=3, device=DEVICE)
+    elif case == "mqa":
+        q, k, v = R.make_inputs(1, 4, 1, 18, 33, 64, seed=4, device=DEVICE)
+    elif case == "d128_bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in
+                   R.make_inputs(1, 2, 2, 20, 21, 128, seed=5, device=DEVICE))
+        layout, dtype = "bshd", torch.bfloat16
+    elif case == "packed_bf16":
+        q, k, v = _packed_qkv(1, 19, 2, 64, torch.bfloat16)
+        layout = "bshd"
+    else:
+        q, k, v = R.make_inputs(1, 2, 2, 9, 12, 40, seed=6, device=DEVICE)
+        prec = "int8_fp16pv"
+    before = [t.clone() for t in (q, k, v)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out, lse = attention(q, k, v, layout=layout, precision=prec, return_lse=True,
+                             backend="triton")
+    if case == "pad_d40":
+        assert any("zero-padded" in str(x.message) for x in w)
+    for a, b in zip(before, (q, k, v)):
+        assert torch.equal(a, b)  # inputs never mutated
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    qh, kh, vh = (op_mod.to_bhsd(t, layout).cpu() for t in (q, k, v))
+    ref, rl = R.attention(qh, kh, vh, dtype=torch.float64)
+    oh = op_mod.to_bhsd(out, layout).cpu()
+    assert torch.isfinite(oh.float()).all()
+    if case == "s1":  # one key: the output is V (through its FP8 code)
+        torch.testing.assert_close(oh.float(), ref.float(), rtol=0.07, atol=0.02)
+    else:
+        _check_bounds(oh, ref, prec, "random")
+    assert (lse.cpu() - rl).abs().max() < 0.05
+
+
+def test_poisoned_outputs_fully_written(small_blocks):
+    q, k, v = R.make_inputs(1, 2, 1, 21, 18, 64, seed=7, device=DEVICE)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)
+    lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
+    op_mod._triton(q, k, v, out, lse, "fp8", False, 0.125)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+
+
+# ---- registration ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend, small_blocks):
+    q, k, v = R.make_inputs(1, 2, 1, 9, 11, 64, seed=8, device=DEVICE)
+    torch.library.opcheck(torch.ops.pyops.attention.default,
+                          (q, k, v, "bhsd", "int8", False, 0.125, backend))
+
+
+def test_compile_fullgraph(small_blocks):
+    q, k, v = R.make_inputs(1, 2, 1, 17, 17, 64, seed=9, device=DEVICE)
+    f = torch.compile(lambda a, b, c: attention(a, b, c, causal=True, backend="triton"),
+                      fullgraph=True, backend="aot_eager")
+    want = attention(q, k, v, causal=True, backend="triton")
+    assert torch.equal(f(q, k, v), want)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def test_errors():
+    q, k, v = R.make_inputs(1, 4, 2, 8, 8, 64, seed=0)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q.float(), k.float(), v.float())
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="4 dim"):
+        attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, k[..., :32], v[..., :32])
+    with pytest.raises(ValueError, match="layout"):
+        attention(q, k, v, layout="sbhd")
+    with pytest.raises(ValueError, match="precision"):
+        attention(q, k, v, precision="int4")
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, k, v, scale=0.0)
+    with pytest.raises(ValueError, match="batch"):
+        attention(q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1))
+    big = [t.repeat(1, 1, 1, 3) for t in (q, k, v)]  # head_dim 192
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        attention(*big, backend="triton")
+    out = attention(*big)  # auto on CPU: the reference (no kernel involved)
+    assert out.shape == big[0].shape
+
+
+# ---- SDPA wrapper ------------------------------------------------------------------------------
+def test_sdpa_fallbacks_and_path(small_blocks):
+    q, k, v = R.make_inputs(1, 4, 2, 16, 16, 64, seed=12, device=DEVICE)
+    mask = torch.ones(16, 16, dtype=torch.bool, device=DEVICE).tril()
+    with pytest.warns(UserWarning, match="attn_mask"):
+        got = sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           enable_gqa=True))
+    out = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend="triton")
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                          enable_gqa=True)
+    _check_bounds(out, want.double(), "int8", "random")
+
+
+# ---- GPU only ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", ["int8", "fp8"])
+def test_gpu_cuda_graph_replay(prec):
+    mk = lambda s: R.make_inputs(2, 8, 8, 1000, 1000, 128, seed=s, device="cuda")  # noqa: E731
+    q, k, v = mk(1)
+    attention(q, k, v, precision=prec)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = attention(q, k, v, precision=prec)
+    for s in (2, 3):
+        nq, nk, nv = mk(s)
+        q.copy_(nq), k.copy_(nk), v.copy_(nv)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, attention(q, k, v, precision=prec))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    q, k, v = R.make_inputs(1, 8, 2, 777, 1001, 128, "outlier", seed=1, device="cuda")
+    f = torch.compile(lambda a, b, c: attention(a, b, c, causal=True), fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), attention(q, k, v, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", PRECS)
+@pytest.mark.parametrize("kind", ["random", "outlier"])
+def test_gpu_accuracy(prec, kind):
+    q, k, v = R.make_inputs(1, 8, 8, 4096, 4096, 128, kind, seed=3, device="cuda")
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    _check_bounds(attention(q, k, v, precision=prec), ref, prec, kind)
+
+
+def _rows_ref(q, k, v, rows, heads):
+    qs = q[:, heads][:, :, rows].float()
+    return F.scaled_dot_product_attention(qs, k[:, heads].float(), v[:, heads].float())
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_70k():
+    q, k, v = R.make_inputs(1, 2, 2, 70001, 70001, 128, seed=4, device="cuda")
+    out = attention(q, k, v)
+    rows = torch.tensor([0, 1, 65535, 65536, 70000], device="cuda")
+    want = _rows_ref(q, k, v, rows, torch.arange(2, device="cuda"))
+    _check_bounds(out[:, :, rows], want.double(), "int8", "random")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["keys", "queries"])
+def test_gpu_int64_offsets_128k(side):
+    """A head x token x D count past 2**31 on the K/V side, then the Q/output side."""
+    H, S, D = 136, 131072, 128  # 136 * 131072 * 128 > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = lambda: torch.randn(1, H, S, D, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa
+    small = lambda: torch.randn(1, H, 64, D, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa
+    if side == "keys":
+        q, k, v = small(), big(), big()
+        rows = torch.arange(64, device="cuda")
+    else:
+        q, k, v = big(), small(), small()
+        rows = torch.tensor([0, S // 2, S - 1], device="cuda")
+    out = attention(q, k, v)
+    heads = torch.tensor([0, H - 1], device="cuda")
+    want = _rows_ref(q, k, v, rows, heads)
+    _check_bounds(out[:, heads][:, :, rows], want.double(), "int8", "random")
