@@ -272,17 +272,19 @@ def make_inputs(B, Hq, Hk, Sq, Sk, D, kind="random", dtype=torch.bfloat16, devic
     """Test/bench inputs (bhsd). kind "random": N(0, 1). kind "outlier" (DiT-like): K with large
     per-channel means and a few outlier channels (x20 scale), Q with 3x the norm and its own
     outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Sq, D, generator=g)
-    k = torch.randn(B, Hk, Sk, D, generator=g)
-    v = torch.randn(B, Hk, Sk, D, generator=g)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)  # generated where they live (big shapes)
+    kw = dict(generator=g, device=dev)
+    q = torch.randn(B, Hq, Sq, D, **kw)
+    k = torch.randn(B, Hk, Sk, D, **kw)
+    v = torch.randn(B, Hk, Sk, D, **kw)
     if kind == "outlier":
-        k = k + 4.0 * torch.randn(B, Hk, 1, D, generator=g)  # per-channel means
-        idx = torch.randperm(D, generator=g)[: max(2, D // 32)]
+        k = k + 4.0 * torch.randn(B, Hk, 1, D, **kw)  # per-channel means
+        idx = torch.randperm(D, **kw)[: max(2, D // 32)]
         k[..., idx] *= 20.0
         q = 3.0 * q
-        qidx = torch.randperm(D, generator=g)[: max(2, D // 32)]
+        qidx = torch.randperm(D, **kw)[: max(2, D // 32)]
         q[..., qidx] *= 5.0
     elif kind != "random":
         raise ValueError(kind)
-    return q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)

@@ -1,0 +1,194 @@
+"""Attention forward: cuDNN / flash SDPA, SageAttention, and every pyops.attention precision.
+
+    python bench/bench_attention.py [--out bench/out] [--quick] [--device cuda] [--budget-s 900]
+
+Shapes (B, H, S, D), non-causal, bf16 in and out: (1,24,4608,128) Flux 1024², (1,40,32760,128)
+Wan 480p, (1,24,75600,128) long video, (2,16,16384,64). ``--quick``: (1,1,24,64) on the CPU
+(pyops through the Triton interpreter; a smoke test, the times mean nothing).
+
+Providers:
+* ``cuDNN SDPA`` / ``flash SDPA``: ``F.scaled_dot_product_attention`` under
+  ``torch.nn.attention.sdpa_kernel`` (CUDNN_ATTENTION / FLASH_ATTENTION), bf16.
+* ``sageattention``: ``sageattention.sageattn`` (HND layout) if importable (its own
+  quantization included, as it is called from bf16 tensors).
+* ``pyops <precision>``: ``pyops.attention`` end to end (the pre-pass counted). Next to it:
+  ``kernel ms`` (the attention kernel alone on pre-quantized buffers) and ``prepass ms``.
+* CPU (``--quick``): ``F.sdpa (CPU)`` as the baseline.
+
+Columns: ms (median, L2 flushed), TFLOPS = 4·B·H·S²·D / ms (quantization included for pyops),
+kernel TFLOPS (pyops kernel alone), x cuDNN = cuDNN ms / ms, and accuracy against fp32 math on
+two input kinds (``pyops.reference.attention.make_inputs``: "random" N(0,1); "outlier": K with
+per-channel means and x20 outlier channels, 3x Q with x5 channels): cosine and relative L1
+(sum|o - r| / sum|r|) over the first ``ACC_ROWS`` query rows of every head, the fp32 reference
+being ``F.scaled_dot_product_attention`` on fp32 copies of those rows and all keys.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import utils as U  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+NAME = "attention"
+SHAPES = [("Flux 1024²", 1, 24, 4608, 128), ("Wan 480p", 1, 40, 32760, 128),
+          ("long video", 1, 24, 75600, 128), ("D64", 2, 16, 16384, 64)]
+QUICK = [("quick", 1, 1, 24, 64)]
+PRECISIONS = ("int8", "fp8", "int8_fp16pv", "nvfp4", "bf16")
+ACC_ROWS = 1024
+COLUMNS = ["shape", "B", "H", "S", "D", "provider", "ms", "TFLOPS", "kernel ms",
+           "kernel TFLOPS", "prepass ms", "x cuDNN", "cos random", "relL1 random",
+           "cos outlier", "relL1 outlier", "note"]
+
+
+def _sdpa_provider(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    be = getattr(SDPBackend, backend_name)
+
+    def fn(q, k, v):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+def providers(device, quick):
+    import pyops.attention as PA
+    out = []
+    if device.type == "cuda":
+        out.append(("cuDNN SDPA", _sdpa_provider("CUDNN_ATTENTION"), None))
+        out.append(("flash SDPA", _sdpa_provider("FLASH_ATTENTION"), None))
+        try:
+            from sageattention import sageattn
+            out.append(("sageattention", lambda q, k, v: sageattn(q, k, v, tensor_layout="HND",
+                                                                   is_causal=False), None))
+        except Exception as e:  # not installed: a row saying so
+            out.append(("sageattention", None, f"not importable ({type(e).__name__})"))
+    else:
+        out.append(("F.sdpa (CPU)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                    None))
+    backend = "triton"
+    for p in PRECISIONS:
+        out.append((f"pyops {p}", (lambda p: lambda q, k, v: PA.attention(
+            q, k, v, precision=p, backend=backend))(p), p))
+    return out
+
+
+def accuracy(fn, B, H, S, D, device):
+    from pyops.reference.attention import error_stats, make_inputs
+    res = {}
+    rows = min(ACC_ROWS, S)
+    for kind in ("random", "outlier"):
+        q, k, v = make_inputs(B, H, H, S, S, D, kind, device=device, seed=7)
+        o = fn(q, k, v)[:, :, :rows]
+        ref = F.scaled_dot_product_attention(q[:, :, :rows].float(), k.float(), v.float())
+        e = error_stats(o, ref)
+        res[f"cos {kind}"], res[f"relL1 {kind}"] = e["cos"], e["rel_l1"]
+        del q, k, v, o, ref
+    return res
+
+
+def kernel_only(prec, q, k, v, device, args):
+    """(kernel ms, prepass ms) for a pyops precision."""
+    from pyops.triton_kernels import attention as tk
+    from pyops.triton_kernels import attention_quant as tq
+    B, H, S, D = q.shape
+    sc = D ** -0.5
+    out = torch.empty_like(q)
+    lse = None
+    if prec == "bf16":
+        run = lambda: tk.attention_fwd(q, k, v, None, None, None, None, out, lse, prec,  # noqa
+                                       False, sc, H)
+        run()
+        return U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms), 0.0
+    pre = lambda: tq.quantize_qkv(q, k, v, prec, sc)  # noqa: E731
+    bf = pre()
+    vt = bf["vt"].transpose(-1, -2)[:, :, :S]
+    run = lambda: tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"],  # noqa
+                                   bf["qb"], out, lse, prec, False, sc, H)
+    run()
+    kms = U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    pms = U.time_ms(pre, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    return kms, pms
+
+
+def run_shape(table, label, B, H, S, D, device, args, budget):
+    from pyops.reference.attention import make_inputs
+    flops = 4.0 * B * H * S * S * D
+    q, k, v = make_inputs(B, H, H, S, S, D, "random", device=device, seed=1)
+    base = dict(shape=label, B=B, H=H, S=S, D=D)
+    cudnn_ms = None
+    for name, fn, extra in providers(device, args.quick):
+        row = dict(base, provider=name)
+        if fn is None:
+            row["note"] = extra
+            table.add(**row)
+            continue
+        if budget.spent() and name not in ("cuDNN SDPA", "pyops int8"):
+            row["note"] = "skipped: time budget spent"
+            table.add(**row)
+            continue
+        try:
+            fn(q, k, v)
+            U._sync(device)
+            ms = U.time_ms(lambda: fn(q, k, v), device=device, warmup_ms=args.warmup_ms,
+                           rep_ms=args.rep_ms)
+            row.update(ms=ms, TFLOPS=U.tflops(flops, ms))
+            if name == "cuDNN SDPA":
+                cudnn_ms = ms
+            if cudnn_ms:
+                row["x cuDNN"] = cudnn_ms / ms
+            if extra in PRECISIONS:
+                kms, pms = kernel_only(extra, q, k, v, device, args)
+                row.update({"kernel ms": kms, "kernel TFLOPS": U.tflops(flops, kms),
+                            "prepass ms": pms})
+            row.update(accuracy(fn, B, H, S, D, device))
+        except Exception as e:  # a failing provider gets a row with its error
+            row["note"] = f"error: {type(e).__name__}: {str(e)[:160]}"
+        table.add(**row)
+        print(f"  {name:22s} " + " ".join(f"{c}={U._fmt(row.get(c))}" for c in
+                                          ("ms", "TFLOPS", "kernel TFLOPS", "cos random",
+                                           "relL1 random", "cos outlier", "note")
+                                          if row.get(c) is not None), flush=True)
+    del q, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = p.parse_args(argv)
+    device = U.pick_device(args.device)
+    if device.type != "cuda":
+        if not args.quick:
+            print("bench_attention: a CPU run needs --quick (interpreter, tiny shapes)")
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+    env = U.env_record(device)
+    budget = U.Budget(args.budget_s)
+    table = U.Table("attention forward (bf16 in/out, non-causal)", COLUMNS, notes=[
+        "ms: median, L2 flushed before each call; TFLOPS = 4*B*H*S^2*D / ms. pyops rows "
+        "include the quantization pre-pass; kernel ms/TFLOPS: the attention kernel alone on "
+        "pre-quantized buffers; prepass ms: the pre-pass alone.",
+        f"accuracy: cosine / relative L1 vs fp32 SDPA on the first {ACC_ROWS} query rows "
+        "of every head, random and outlier-channel inputs (same shape).",
+        "pyops nvfp4 is emulated (NVFP4-quantized Q/K decoded exactly to fp16, fp16 MMAs)."])
+    shapes = QUICK if args.quick else SHAPES
+    t0 = time.time()
+    for label, B, H, S, D in shapes:
+        print(f"{label} B={B} H={H} S={S} D={D}", flush=True)
+        run_shape(table, label, B, H, S, D, device, args, budget)
+        U.write_results(args.out, NAME, [table], env)
+    U.write_results(args.out, NAME, [table], env)
+    print(U.env_markdown(env) + "\n\n" + table.markdown())
+    print(f"total {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
