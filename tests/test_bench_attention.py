@@ -1,0 +1,30 @@
+"""CPU smoke test of bench/bench_attention.py --quick (subprocess; pyops through the Triton
+interpreter: the numbers mean nothing on a CPU; checks files, providers, accuracy columns)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_attention_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"), "--quick",
+                        "--device", "cpu", "--out", str(tmp_path), "--warmup-ms", "1",
+                        "--rep-ms", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((tmp_path / "attention.json").read_text())
+    recs = {rec["provider"]: rec for rec in data["records"]}
+    want = {"F.sdpa (CPU)", "pyops int8", "pyops fp8", "pyops int8_fp16pv", "pyops nvfp4",
+            "pyops bf16"}
+    assert want <= set(recs)
+    for name in want:
+        rec = recs[name]
+        assert "note" not in rec, rec
+        assert rec["ms"] > 0 and rec["cos random"] > 0.98 and rec["cos outlier"] > 0.95
+    assert recs["pyops int8"]["kernel ms"] > 0 and recs["pyops int8"]["prepass ms"] > 0
+    assert "smoke test only" in (tmp_path / "attention.md").read_text()
