@@ -139,6 +139,23 @@ def test_kernel_matches_simulated(prec, causal, small_blocks):
     _check_bounds(out.cpu(), ref, prec, "outlier")
 
 
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
+def test_kernel_block_shapes_causal(bm, bn):
+    """BLOCK_M != BLOCK_N: the split between unmasked and masked (diagonal/tail) key blocks."""
+    from pyops.triton_kernels import attention as tk
+    old = tk.FORCE_CONFIG
+    tk.FORCE_CONFIG = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    try:
+        q, k, v = R.make_inputs(1, 2, 1, 70, 75, 64, dtype=torch.float16, seed=13,
+                                device=DEVICE)
+        out = attention(q, k, v, precision="int8_fp16pv", causal=True, backend="triton")
+    finally:
+        tk.FORCE_CONFIG = old
+    so, _ = R.simulated_attention(q.cpu(), k.cpu(), v.cpu(), "int8_fp16pv", causal=True,
+                                  block_n=bn)
+    assert R.error_stats(out.cpu(), so)["rel_l1"] < 1.5e-3
+
+
 def _packed_qkv(B, S, H, D, dtype):
     """q, k, v as non-contiguous bshd views of one packed (B, S, 3, H, D) projection."""
     g = torch.Generator().manual_seed(11)

@@ -50,23 +50,91 @@ P_SCALE = {0: 1.0, 1: 448.0, 2: 1.0}
 
 @triton.jit
 def _operand(ptr, offs, mask, KIND: tl.constexpr, IS_BF16: tl.constexpr,
-             INTERPRET: tl.constexpr):
-    if KIND == 1:  # fp8 e4m3 bytes
-        x = tl.load(ptr + offs, mask=mask, other=0)
-        if INTERPRET:
-            x = e4m3_to_f32(x, True)
+             INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr = True):
+    """Load a dot operand. On the GPU the native type (fp8 bitcast from bytes, int8, 16-bit);
+    under the interpreter exact fp32 values. HAS_MASK=False: an unmasked (vectorizable) load on
+    the GPU (the interpreter always masks; it is not about speed there)."""
+    if INTERPRET:
+        if KIND == 1:
+            x = e4m3_to_f32(tl.load(ptr + offs, mask=mask, other=0), True)
+        elif KIND == 2:
+            x = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
         else:
-            x = x.to(tl.float8e4nv, bitcast=True)
-    elif KIND == 2:  # int8
-        x = tl.load(ptr + offs, mask=mask, other=0)
-        if INTERPRET:
-            x = x.to(tl.float32)
-    else:  # 16-bit (raw input or fp16 codes)
-        if INTERPRET:
             x = load_f32(ptr, offs, mask, IS_BF16)
+    else:
+        if HAS_MASK:
+            x = tl.load(ptr + offs, mask=mask, other=0)
         else:
-            x = tl.load(ptr + offs, mask=mask, other=0.0)
+            x = tl.load(ptr + offs)
+        if KIND == 1:
+            x = x.to(tl.float8e4nv, bitcast=True)
     return x
+
+
+@triton.jit
+def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_ptr, vbase,
+                svs, svd, ks_ptr, ksbase, c_raw, d,
+                QK: tl.constexpr, PV: tl.constexpr, IS_BF16: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, P_SCALE: tl.constexpr,
+                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """One key block of the online softmax. MASK: the block may hold keys >= Sk or (CAUSAL)
+    keys past the diagonal; unmasked blocks skip every per-score select."""
+    cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    cmask = cols < Sk
+    kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
+                  IS_BF16 and QK == 0, INTERPRET, MASK)  # [D, BLOCK_N]
+    v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None], PV,
+                 IS_BF16 and PV == 0, INTERPRET, MASK)  # [BLOCK_N, D]
+    if INTERPRET:
+        s = tl.dot(q, kt, input_precision="ieee")
+    elif QK == 2:
+        s = tl.dot(q, kt).to(tl.float32)
+    else:
+        s = tl.dot(q, kt)
+    # scores in log2 units are s * qsc[i] * ksc[j]; qsc > 0 is folded into the max and the
+    # exp2 argument (one FMA), so only ksc costs a multiply per score
+    if QK != 0:
+        if MASK:
+            ksc = tl.load(ks_ptr + ksbase + cols, mask=cmask, other=0.0)
+        else:
+            ksc = tl.load(ks_ptr + ksbase + cols)
+        s = s * ksc[None, :]
+    if MASK:
+        valid = cmask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    if QK != 0:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qsc)
+        p = tl.math.exp2(s * qsc[:, None] - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * c_raw)
+        p = tl.math.exp2(s * c_raw - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if PV == 1:
+        if INTERPRET:
+            pq = e4m3_to_f32(e4m3_bits(p * P_SCALE, True), True)
+        else:
+            pq = (p * P_SCALE).to(tl.float8e4nv)
+    elif PV == 2:
+        if INTERPRET:
+            pq = p.to(tl.float16).to(tl.float32)
+        else:
+            pq = p.to(tl.float16)
+    else:
+        if INTERPRET:
+            pq = p
+        else:
+            pq = p.to(v.dtype)
+    if INTERPRET:
+        pv = tl.dot(pq, v, input_precision="ieee")
+    else:
+        pv = tl.dot(pq, v)
+    # a fresh fp32 product per key block, added in fp32 (FP8 MMA partial sums never span
+    # more than one key block)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -86,68 +154,32 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Sq
     d = tl.arange(0, D)
-    q_bits_bf16 = IS_BF16 and QK == 0
     q = _operand(q_ptr, b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-                 rmask[:, None], QK, q_bits_bf16, INTERPRET)
+                 rmask[:, None], QK, IS_BF16 and QK == 0, INTERPRET)
     if QK != 0:
-        qsc = tl.load(qs_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=0.0)
+        qsc = tl.load(qs_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=1.0)
+    else:
+        qsc = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     kbase = b * skb + hk * skh
     vbase = b * svb + hk * svh
     bhk = b * (Hq // GROUP) + hk
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    # key blocks [0, n_full) need no mask; [n_full, hi) hold the Sk tail or the diagonal
+    n_full = (Sk // BLOCK_N) * BLOCK_N
     hi = Sk
     if CAUSAL:
+        n_full = tl.minimum(n_full, ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M)
-    cn = tl.arange(0, BLOCK_N)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + cn.to(tl.int64)
-        cmask = cols < Sk
-        kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
-                      q_bits_bf16, INTERPRET)  # [D, BLOCK_N]
-        if INTERPRET:
-            s = tl.dot(q, kt, input_precision="ieee")
-        elif QK == 2:
-            s = tl.dot(q, kt).to(tl.float32)
-        else:
-            s = tl.dot(q, kt)
-        if QK == 0:
-            s = s * c_raw
-        else:
-            ksc = tl.load(ks_ptr + bhk * Sk + cols, mask=cmask, other=0.0)
-            s = s * qsc[:, None] * ksc[None, :]
-        valid = cmask[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None], PV,
-                     IS_BF16 and PV == 0, INTERPRET)  # [BLOCK_N, D]
-        if PV == 1:
-            if INTERPRET:
-                pq = e4m3_to_f32(e4m3_bits(p * P_SCALE, True), True)
-            else:
-                pq = (p * P_SCALE).to(tl.float8e4nv)
-        elif PV == 2:
-            if INTERPRET:
-                pq = p.to(tl.float16).to(tl.float32)
-            else:
-                pq = p.to(tl.float16)
-        else:
-            if INTERPRET:
-                pq = p
-            else:
-                pq = p.to(v.dtype)
-        if INTERPRET:
-            pv = tl.dot(pq, v, input_precision="ieee")
-        else:
-            pv = tl.dot(pq, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
+                                    v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
+                                    QK, PV, IS_BF16, False, CAUSAL, P_SCALE, BLOCK_N, INTERPRET)
+    for n0 in range(n_full, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
+                                    v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
+                                    QK, PV, IS_BF16, True, CAUSAL, P_SCALE, BLOCK_N, INTERPRET)
     o = acc / l_i[:, None]
     if PV != 0:
         vsc = tl.load(vs_ptr + bhk * D + d)
