@@ -113,3 +113,300 @@ def cache_apply(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
         raise ValueError(f"pyops.cache_apply: reuse must be ({groups},) and batch divisible")
     b = _backend.resolve(op, out.device, backend)
     torch.ops.pyops.cache_apply(out, x, residual, reuse, int(groups), b)
+
+
+# ==================================================================================================
+# Policies
+# ==================================================================================================
+import contextlib  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from . import graphs as _graphs  # noqa: E402
+
+LEVELS = ("step", "block")
+
+
+@dataclass
+class CacheConfig:
+    """How to cache (modelled on diffusers' ``FirstBlockCacheConfig`` and cache-dit's DBCache).
+
+    level: ``"step"``: the residual of the first ``fn`` blocks' last block gates every block after
+        it up to the ``bn`` trailing ones, which are always computed (First-Block Cache / DBCache
+        Fn-Bn); ``"block"``: each block between them compares its own input with the input at its
+        last computed step and reuses its own residual.
+    threshold: relative L1 threshold (strict ``<``: 0 never reuses, output is then bit-identical
+        to the uncached model). Typical 0.05–0.25.
+    rule: ``"last_computed"`` (compare with the last computed step) or ``"accumulate"``
+        (TeaCache: sum the step-to-step distances until they pass the threshold).
+    warmup: first steps always computed (>= 1). last_steps: last steps always computed, needs
+        ``num_steps`` (the step counter wraps there, so graph replays need no reset).
+    max_reuse: cap on consecutive reuses (-1: none).
+    cfg_batched: the batch holds both CFG halves (first half cond): two groups with separate
+        metrics and state; the decision is their AND (one forward runs both).
+    alternate_contexts: forward calls cycle through these context names (e.g. ``("cond",
+        "uncond")`` when a pipeline runs the CFG halves as two calls); each has its own state.
+        ``CachedModel.context(name)`` sets the context explicitly instead.
+    graph: inside a CUDA-graph capture, wrap skipped regions in IF nodes (``pyops.graphs``);
+        without IF support a capture computes everything and selects on the device.
+    """
+    level: str = "step"
+    threshold: float = 0.08
+    rule: str = "last_computed"
+    warmup: int = 1
+    last_steps: int = 1
+    num_steps: int = 0
+    max_reuse: int = -1
+    fn: int = 1
+    bn: int = 0
+    cfg_batched: bool = False
+    alternate_contexts: tuple = ()
+    graph: bool = True
+    eps: float = 1e-12
+    backend: Optional[str] = None
+
+    def validate(self, n_blocks: int) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"pyops.cache: level={self.level!r}; expected one of {LEVELS}")
+        if self.rule not in RULES:
+            raise ValueError(f"pyops.cache: rule={self.rule!r}; expected one of {sorted(RULES)}")
+        if self.warmup < 1:
+            raise ValueError("pyops.cache: warmup must be >= 1 (the first step fills the cache)")
+        if self.fn < (1 if self.level == "step" else 0) or self.bn < 0:
+            raise ValueError("pyops.cache: fn must be >= 1 at step level, bn >= 0")
+        if self.fn + self.bn > n_blocks:
+            raise ValueError(f"pyops.cache: fn + bn = {self.fn + self.bn} > {n_blocks} blocks")
+        if not (self.threshold >= 0):
+            raise ValueError("pyops.cache: threshold must be >= 0")
+
+
+@dataclass
+class BlockSpec:
+    """Where a block's hidden streams are: ``inputs`` names (also the first positional
+    parameters, in order), ``outputs``: None when the block returns stream 0 alone, else the
+    position of each stream in the returned tuple. Stream 0 is the one the check looks at."""
+    inputs: tuple = ("hidden_states",)
+    outputs: Optional[tuple] = None
+
+    def streams_in(self, args, kwargs) -> list:
+        return [kwargs[n] if n in kwargs else args[i] for i, n in enumerate(self.inputs)]
+
+    def streams_out(self, out) -> list:
+        return [out] if self.outputs is None else [out[j] for j in self.outputs]
+
+    def pack(self, streams: Sequence[torch.Tensor]):
+        if self.outputs is None:
+            return streams[0]
+        res: list = [None] * len(self.outputs)
+        for s, j in zip(streams, self.outputs):
+            res[j] = s
+        return tuple(res)
+
+
+def find_blocks(model: nn.Module) -> tuple[list, list]:
+    """(blocks in execution order, their BlockSpecs) for the known models."""
+    name = type(model).__name__
+    if name == "FluxTransformer2DModel":
+        spec = BlockSpec(("hidden_states", "encoder_hidden_states"), (1, 0))
+        blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        return blocks, [spec] * len(blocks)
+    if name in ("WanTransformer3DModel", "WanVACETransformer3DModel"):
+        blocks = list(model.blocks)
+        return blocks, [BlockSpec(("hidden_states",))] * len(blocks)
+    from .models.dit import DiT
+    if isinstance(model, DiT):
+        blocks = list(model.blocks)
+        return blocks, [BlockSpec(("x",))] * len(blocks)
+    raise TypeError(f"pyops.cache: do not know the blocks of {name}; pass blocks= and specs=")
+
+
+@dataclass
+class _Region:
+    """Device state of one gated region in one context."""
+    ref: Optional[torch.Tensor] = None
+    state: Optional[torch.Tensor] = None
+    metric: Optional[torch.Tensor] = None
+    reuse: Optional[torch.Tensor] = None
+    residual: list = field(default_factory=list)
+    # transient, within one forward
+    inputs: Optional[list] = None
+    run: bool = True
+    token: Any = None
+    mode: str = "eager"
+
+
+class CachedModel:
+    """Handle returned by :func:`apply`; ``remove()`` restores the model."""
+
+    def __init__(self, model: nn.Module, config: CacheConfig, blocks=None, specs=None):
+        if blocks is None:
+            blocks, specs = find_blocks(model)
+        elif specs is None:
+            specs = [BlockSpec()] * len(blocks)
+        config.validate(len(blocks))
+        self.model, self.config, self.blocks, self.specs = model, config, list(blocks), specs
+        self._contexts: dict[str, dict[int, _Region]] = {}
+        self._ctx = "default"
+        self._calls = 0
+        self.stats = {"checks": 0}
+        n = len(self.blocks)
+        self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
+        for i, blk in enumerate(self.blocks):
+            orig = blk.forward
+            blk.forward = self._wrap(i, orig)
+            blk._pyops_cache_orig = orig
+        self._pre = None
+        if config.alternate_contexts:
+            self._pre = model.register_forward_pre_hook(self._advance)
+
+    # ---- public -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        for blk in self.blocks:
+            if hasattr(blk, "_pyops_cache_orig"):
+                del blk.forward
+                del blk._pyops_cache_orig
+        if self._pre is not None:
+            self._pre.remove()
+
+    @contextlib.contextmanager
+    def context(self, name: str):
+        """Run forwards under the state of context ``name`` (e.g. "cond" / "uncond")."""
+        prev, self._ctx = self._ctx, name
+        try:
+            yield self
+        finally:
+            self._ctx = prev
+
+    def reset(self) -> None:
+        """Start a new generation: every step counter back to 0 (device writes, no sync)."""
+        for regions in self._contexts.values():
+            for r in regions.values():
+                if r.state is not None:
+                    r.state.zero_()
+        self._calls = 0
+
+    def regions(self, context: Optional[str] = None) -> dict:
+        return self._contexts.get(context or self._ctx, {})
+
+    def reuse_flags(self, context: Optional[str] = None) -> dict:
+        """{region: reuse tensor} of the last forward (device tensors; reading them syncs)."""
+        return {k: r.reuse for k, r in self.regions(context).items() if r.reuse is not None}
+
+    # ---- internals --------------------------------------------------------------------------
+    def _advance(self, module, args):
+        names = self.config.alternate_contexts
+        self._ctx = names[self._calls % len(names)]
+        self._calls += 1
+
+    def _region(self, key: int) -> _Region:
+        return self._contexts.setdefault(self._ctx, {}).setdefault(key, _Region())
+
+    def _groups(self) -> int:
+        return 2 if self.config.cfg_batched else 1
+
+    def _check(self, key: int, feature: torch.Tensor) -> _Region:
+        c = self.config
+        r = self._region(key)
+        g = self._groups()
+        if r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype:
+            r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
+            r.state = new_state(g, feature.device)
+            r.metric = torch.zeros(g, dtype=torch.float32, device=feature.device)
+            r.reuse = torch.zeros(g, dtype=torch.int32, device=feature.device)
+            r.residual = []
+        block_similarity(feature, r.ref, r.state, threshold=c.threshold, rule=c.rule,
+                         warmup=c.warmup, max_reuse=c.max_reuse, num_steps=c.num_steps,
+                         last_steps=c.last_steps if c.num_steps > 0 else 0, groups=g,
+                         all_groups=g > 1, eps=c.eps, metric=r.metric, reuse=r.reuse,
+                         backend=c.backend)
+        self.stats["checks"] += 1
+        return r
+
+    def _begin(self, r: _Region, streams: list) -> None:
+        """Enter a gated region whose inputs are ``streams``."""
+        r.inputs = list(streams)
+        if len(r.residual) != len(streams) or any(
+                a.shape != b.shape for a, b in zip(r.residual, streams)):
+            r.residual = [torch.zeros_like(s) for s in streams]
+        cap = self.config.graph and _graphs.capturing()
+        if _graphs.capturing() and not (cap and _graphs.supported()[0]):
+            r.mode, r.run, r.token = "select", True, None  # compute, select on the device
+            return
+        r.mode = "if" if cap else "eager"
+        r.run, r.token = _graphs.begin(r.reuse, 0, run_when="zero")
+
+    def _finish(self, r: _Region, streams_out: Optional[list]) -> list:
+        """Leave the region: update the residual cache if it ran, apply it where reused."""
+        ins = r.inputs
+        g = self._groups()
+        if r.run:
+            for buf, o, i in zip(r.residual, streams_out, ins):
+                if r.mode == "select":
+                    keep = (r.reuse != 0).repeat_interleave(o.shape[0] // g)
+                    keep = keep.view(-1, *([1] * (o.dim() - 1)))
+                    buf.copy_(torch.where(keep, buf, o - i))
+                else:
+                    torch.sub(o, i, out=buf)
+        if r.token is not None:
+            _graphs.end(r.token)
+        if r.mode == "eager":
+            if not r.run:
+                streams_out = [torch.empty_like(i) for i in ins]
+                for o, i, buf in zip(streams_out, ins, r.residual):
+                    cache_apply(o, i, buf, r.reuse, groups=g, backend=self.config.backend)
+        else:  # "if" / "select": outputs hold the body's values; overwrite where reused
+            streams_out = [o.contiguous() for o in streams_out]
+            for o, i, buf in zip(streams_out, ins, r.residual):
+                cache_apply(o, i.contiguous(), buf, r.reuse, groups=g,
+                            backend=self.config.backend)
+        r.inputs, r.token = None, None
+        return streams_out
+
+    def _wrap(self, i: int, orig: Callable) -> Callable:
+        spec = self.specs[i]
+        start, stop = self.mid
+        level = self.config.level
+
+        def forward(*args, **kwargs):
+            if start >= stop:
+                return orig(*args, **kwargs)
+            if level == "block":
+                if not (start <= i < stop):
+                    return orig(*args, **kwargs)
+                ins = spec.streams_in(args, kwargs)
+                r = self._check(i, ins[0].contiguous())
+                self._begin(r, ins)
+                outs = spec.streams_out(orig(*args, **kwargs)) if r.run else None
+                return spec.pack(self._finish(r, outs))
+            # step level
+            if i == start - 1:  # the gate: its residual decides for the whole middle
+                ins = spec.streams_in(args, kwargs)
+                out = orig(*args, **kwargs)
+                feat = spec.streams_out(out)[0] - ins[0]
+                self._check(-1, feat.contiguous())
+                return out
+            if not (start <= i < stop):
+                return orig(*args, **kwargs)
+            r = self._region(-1)
+            if i == start:
+                self._begin(r, spec.streams_in(args, kwargs))
+            out = orig(*args, **kwargs) if r.run else spec.pack(spec.streams_in(args, kwargs))
+            if i == stop - 1:
+                outs = spec.streams_out(out) if r.run else None
+                return spec.pack(self._finish(r, outs))
+            return out
+
+        return forward
+
+
+def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None,
+          specs=None) -> CachedModel:
+    """Install caching on ``model`` (pyops DiT, diffusers Flux or Wan, or ``blocks=`` + ``specs=``).
+
+    Eager forwards read each decision on the host once (a device sync per gated region per
+    forward: the only one). Forwards captured in a torch CUDA graph put each gated region in a
+    CUDA IF node set by the check kernel: replays skip on the device with no sync.
+    """
+    return CachedModel(model, config or CacheConfig(), blocks, specs)

@@ -1,0 +1,312 @@
+"""pyops.cache policies on the embedded DiT and tiny diffusers Flux / Wan transformers:
+threshold 0 is bit-identical to the uncached model, decisions follow the host-side rule, reused
+steps equal the cached-residual formula, CFG contexts are independent, the device-select path
+(what a capture without IF nodes runs) equals the eager path; GPU: IF-node graphs equal eager,
+no host sync inside a captured cached forward."""
+import importlib.util
+
+import pytest
+import torch
+
+from pyops import cache as C
+from pyops import graphs as G
+from pyops.models.dit import DiT, DiTConfig
+from pyops.reference import block_similarity as R
+
+from _util import HAS_CUDA
+
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
+                                     reason="diffusers not installed")
+STEPS = 10
+
+
+def _dit(device="cpu", dtype=torch.float32):
+    m = DiT.random(DiTConfig(hidden=64, depth=5, heads=4, in_channels=8), seed=0).eval()
+    return m.to(device=device, dtype=dtype)
+
+
+def _dit_inputs(steps=STEPS, device="cpu", dtype=torch.float32, drift=None, seed=0):
+    """A slowly changing input sequence (what adjacent denoising steps look like)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, 16, 8, generator=g)
+    drift = drift or [0.02] * steps
+    xs, x = [], x0
+    for k in range(steps):
+        x = x + drift[k] * torch.randn(x0.shape, generator=g)
+        xs.append(x.to(device=device, dtype=dtype))
+    ts = torch.linspace(0.5, 0.4995, steps)
+    return [(x, t.expand(2).to(device)) for x, t in zip(xs, ts)]
+
+
+def _run(model, inputs, handle=None, record=None):
+    outs = []
+    with torch.no_grad():
+        for x, t in inputs:
+            outs.append(model(x, t))
+            if handle is not None and record is not None:
+                record.append({k: (float(r.metric[0]), int(r.reuse[0]))
+                               for k, r in handle.regions().items()})
+    return outs
+
+
+# ---- threshold 0: bit-identical --------------------------------------------------------------
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_threshold_zero_bit_exact_dit(level):
+    m = _dit()
+    inputs = _dit_inputs()
+    base = _run(m, inputs)
+    h = C.apply(m, C.CacheConfig(level=level, threshold=0.0, num_steps=STEPS, fn=1, bn=1))
+    got = _run(m, inputs)
+    h.remove()
+    for a, b in zip(got, base):
+        assert torch.equal(a, b)
+    assert torch.equal(_run(m, inputs)[-1], base[-1])  # removed cleanly
+
+
+# ---- decisions rule for rule -----------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["last_computed", "accumulate"])
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_decisions_follow_host_rule(rule, level):
+    m = _dit()
+    drift = [0.02, 0.002, 0.003, 0.002, 0.3, 0.002, 0.001, 0.002, 0.002, 0.002]
+    inputs = _dit_inputs(drift=drift)
+    kw = dict(threshold=0.05 if rule == "last_computed" else 0.08, warmup=2, max_reuse=2,
+              num_steps=STEPS, last_steps=2)
+    h = C.apply(m, C.CacheConfig(level=level, rule=rule, fn=1, bn=1, **kw))
+    rec = []
+    _run(m, inputs, h, rec)
+    h.remove()
+    keys = sorted(rec[0])
+    n_reuse = 0
+    for k in keys:
+        ms = [r[k][0] for r in rec if k in r]
+        got = [bool(r[k][1]) for r in rec if k in r]
+        if level == "step":
+            assert len(ms) == STEPS
+        assert got == R.host_rule(ms, rule=R.RULES[rule], **kw), k
+        n_reuse += sum(got)
+    assert n_reuse > 0
+
+
+def test_reused_step_equals_cached_residual_formula():
+    m = _dit()
+    inputs = _dit_inputs(steps=3)
+    h = C.apply(m, C.CacheConfig(threshold=1e9, warmup=1, fn=1, bn=1))
+    got = _run(m, inputs[:2])
+    h.remove()
+    # by hand: step 0 computed, step 1 reuses the residual of blocks 1..3 from step 0
+    with torch.no_grad():
+        def parts(x, t):
+            from pyops.models.dit import timestep_embedding
+            c = m.t_embedder(timestep_embedding(t, m.cfg.freq_dim).to(x.dtype))
+            hs = [m.x_embedder(x)]
+            for blk in m.blocks:
+                hs.append(blk(hs[-1], c))
+            return c, hs
+        _, hs0 = parts(*inputs[0])
+        c1, hs1 = parts(*inputs[1])
+        res = hs0[4] - hs0[1]
+        h4 = hs1[1] + res
+        h5 = m.blocks[4](h4, c1)
+        from pyops.models.dit import modulate
+        shift, scale = m.adaLN_out(torch.nn.functional.silu(c1)).chunk(2, dim=-1)
+        want = m.proj_out(modulate(m.norm_out(h5), shift, scale))
+    assert torch.equal(got[1], want)
+
+
+def test_cfg_contexts_independent():
+    m = _dit()
+    cond = _dit_inputs(seed=1, drift=[0.002] * STEPS)
+    uncond = _dit_inputs(seed=2, drift=[0.5] * STEPS)
+    cfg = dict(threshold=0.05, num_steps=STEPS, fn=1, bn=1)
+    h = C.apply(m, C.CacheConfig(alternate_contexts=("cond", "uncond"), **cfg))
+    with torch.no_grad():
+        flags = {"cond": [], "uncond": []}
+        for (xc, tc), (xu, tu) in zip(cond, uncond):
+            m(xc, tc)
+            flags["cond"].append(int(h.regions("cond")[-1].reuse[0]))
+            m(xu, tu)
+            flags["uncond"].append(int(h.regions("uncond")[-1].reuse[0]))
+    h.remove()
+    h = C.apply(m, C.CacheConfig(**cfg))
+    alone = []
+    with torch.no_grad():
+        for x, t in cond:
+            m(x, t)
+            alone.append(int(h.regions()[-1].reuse[0]))
+    h.remove()
+    assert flags["cond"] == alone and sum(alone) > 0
+    assert sum(flags["uncond"]) == 0
+
+
+def test_cfg_batched_groups_and():
+    m = _dit()
+    inputs = _dit_inputs(drift=[0.002] * STEPS)
+    # second half of the batch changes a lot: the AND keeps every step computed
+    noisy = [(torch.cat([x[:1], x[1:] + 0.5 * torch.randn_like(x[1:])]), t) for x, t in inputs]
+    h = C.apply(m, C.CacheConfig(threshold=0.05, num_steps=STEPS, cfg_batched=True))
+    rec = []
+    _run(m, noisy, h, rec)
+    ms = [r for r in h.regions()[-1].metric.tolist()]
+    h.remove()
+    assert sum(r[-1][1] for r in rec) == 0 and len(ms) == 2
+
+
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_device_select_path_equals_eager(level, monkeypatch):
+    """The data flow a capture runs (compute always, select on the device) equals eager."""
+    m = _dit()
+    inputs = _dit_inputs(drift=[0.02, 0.002, 0.002, 0.3, 0.002, 0.002, 0.002, 0.002, 0.1, 0.01])
+    cfg = C.CacheConfig(level=level, threshold=0.05, num_steps=STEPS, fn=1, bn=1)
+    h = C.apply(m, cfg)
+    rec_e = []
+    eager = _run(m, inputs, h, rec_e)
+    h.remove()
+    monkeypatch.setattr(G, "capturing", lambda: True)
+    monkeypatch.setattr(G, "supported", lambda: (False, "test"))
+    h = C.apply(m, cfg)
+    rec_s = []
+    sel = _run(m, inputs, h, rec_s)
+    h.remove()
+    assert rec_e == rec_s and any(v[1] for r in rec_e for v in r.values())
+    for a, b in zip(eager, sel):
+        assert torch.equal(a, b)
+
+
+def test_config_errors():
+    m = _dit()
+    with pytest.raises(ValueError, match="level"):
+        C.apply(m, C.CacheConfig(level="nope"))
+    with pytest.raises(ValueError, match="fn"):
+        C.apply(m, C.CacheConfig(fn=0))
+    with pytest.raises(ValueError, match="blocks"):
+        C.apply(m, C.CacheConfig(fn=4, bn=4))
+    with pytest.raises(TypeError, match="blocks"):
+        C.apply(torch.nn.Linear(2, 2))
+
+
+# ---- diffusers models ------------------------------------------------------------------------
+def _flux():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                               attention_head_dim=16, num_attention_heads=2,
+                               joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=(4, 4, 8)).eval()
+    T, L = 6, 16
+    cond = dict(encoder_hidden_states=torch.randn(1, T, 32), pooled_projections=torch.randn(1, 32),
+                txt_ids=torch.zeros(T, 3), img_ids=torch.stack(
+                    torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                   indexing="ij"), -1).reshape(L, 3))
+    return m, (1, L, 8), cond
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                              in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
+                              ffn_dim=32, num_layers=4, rope_max_seq_len=32).eval()
+    return m, (1, 4, 2, 8, 8), dict(encoder_hidden_states=torch.randn(1, 5, 16))
+
+
+def _run_diffusers(m, shape, cond, steps=6, drift=0.002, handle=None, reused=None):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    outs = []
+    with torch.no_grad():
+        for k in range(steps):
+            x = x + drift * torch.randn(shape, generator=g)
+            t = torch.tensor([1000.0 - 5 * k])
+            outs.append(m(hidden_states=x, timestep=t, return_dict=False, **cond)[0])
+            if handle is not None:
+                reused.append(sum(int(r.reuse[0]) for r in handle.regions().values()))
+    return outs
+
+
+@needs_diffusers
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_diffusers_models(family, level):
+    m, shape, cond = (_flux if family == "flux" else _wan)()
+    base = _run_diffusers(m, shape, cond)
+    h = C.apply(m, C.CacheConfig(level=level, threshold=0.0, num_steps=6))
+    exact = _run_diffusers(m, shape, cond)
+    h.remove()
+    for a, b in zip(exact, base):
+        assert torch.equal(a, b)
+    h = C.apply(m, C.CacheConfig(level=level, threshold=0.5, num_steps=6))
+    reused = []
+    cached = _run_diffusers(m, shape, cond, handle=h, reused=reused)
+    h.remove()
+    assert sum(reused) > 0 and reused[0] == 0 and reused[-1] == 0
+    err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(cached, base))
+    assert err < 0.5
+    assert torch.equal(cached[0], base[0]) and torch.equal(cached[-1], base[-1])
+
+
+# ---- GPU: IF nodes -------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_graph_conditional_region_equals_eager():
+    ok, why = G.supported()
+    if not ok:
+        pytest.fail(f"IF nodes unsupported on a GPU machine: {why}")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    x = torch.randn(256, 256, device="cuda")
+    w = torch.randn(256, 256, device="cuda")
+    out = torch.zeros(256, 256, device="cuda")
+
+    def body():
+        with G.conditional(flag, run_when="zero") as run:
+            if run:
+                out.copy_(torch.nn.functional.gelu(x @ w))
+    body()  # eager warm-up: runs on the side stream too
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    for f in (0, 1, 0, 1, 1, 0):
+        x.normal_()
+        flag.fill_(f)
+        before = out.clone()
+        g.replay()
+        torch.cuda.synchronize()
+        want = before if f else torch.nn.functional.gelu(x @ w)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_graphed_cached_forward_equals_eager_without_sync(level):
+    torch.manual_seed(0)
+    m = _dit("cuda", torch.bfloat16)
+    inputs = _dit_inputs(device="cuda", dtype=torch.bfloat16,
+                         drift=[0.02, 0.002, 0.002, 0.3, 0.002, 0.002, 0.002, 0.002, 0.1, 0.01])
+    cfg = C.CacheConfig(level=level, threshold=0.05, num_steps=STEPS, fn=1, bn=1)
+    h = C.apply(m, cfg)
+    eager = _run(m, inputs)
+    h.reset()
+    sx = torch.empty_like(inputs[0][0])
+    st = torch.empty_like(inputs[0][1])
+    with torch.no_grad():
+        sx.copy_(inputs[0][0])
+        st.copy_(inputs[0][1])
+        m(sx, st)  # warm-up (eager; warms the side streams)
+        h.reset()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            so = m(sx, st)
+    h.reset()
+    got = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, t in inputs:
+            sx.copy_(x)
+            st.copy_(t)
+            g.replay()
+            got.append(so.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    h.remove()
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
