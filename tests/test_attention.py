@@ -85,6 +85,16 @@ def test_recipe_mutations_break_outlier_accuracy():
     assert good["rel_l1"] <= e1["rel_l1"] * 1.05
 
 
+def test_recipe_two_level_nvfp4_p():
+    """Study path (reference only): P in NVFP4 with a per-row second level."""
+    q, k, v = R.make_inputs(1, 2, 2, 128, 160, 128, seed=3)
+    ref, _ = R.attention(q, k, v, dtype=torch.float64)
+    e = R.error_stats(R.simulated_attention(q, k, v, "nvfp4", p_nvfp4=True)[0], ref)
+    assert e["cos"] > 0.98 and e["rel_l1"] < 0.18, e
+    e8 = R.error_stats(R.simulated_attention(q, k, v, "int8", p_nvfp4=True)[0], ref)
+    assert 0.99 < e8["cos"] < 0.9992, e8  # 4-bit P costs accuracy vs FP8 P (>= 0.9992)
+
+
 def test_smoothing_keeps_softmax_exact():
     q, k, v = R.make_inputs(1, 2, 1, 33, 40, 64, "outlier", seed=4)
     qf, kf, shift = R.qkv_transform(q.double(), k.double())

@@ -193,13 +193,13 @@ def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
 
 
 def quantize_qkv(q, k, v, precision: str, scale=None, *, smooth_k=True, smooth_qk: bool = True,
-                 rotate: bool = True, group: int = 1):
+                 rotate: bool = True, group: int = 1, pv_kind=None):
     """The pre-pass in fp32: returns (qc, qs, kc, ks, vc, vs, qb); qs already times scale*log2e,
     qb (B, Hq, Sq) = scale * Q . shift, added to the lse.
 
     qc/kc/vc are the code values as fp32 (e4m3 / int8 / e2m1*e4m3 / fp16 values), shapes as the
     inputs; qs (B,Hq,Sq), ks (B,Hk,Sk), vs (B,Hk,D)."""
-    kind, pv = QK_KIND[precision], PV_KIND[precision]
+    kind, pv = QK_KIND[precision], pv_kind or PV_KIND[precision]
     D = q.shape[-1]
     c = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
     qf, kf, shift = qkv_transform(q, k, smooth_k=smooth_k, smooth_qk=smooth_qk, rotate=rotate)
@@ -213,10 +213,29 @@ def quantize_qkv(q, k, v, precision: str, scale=None, *, smooth_k=True, smooth_q
     return qc, qs * c, kc, ks, vc, vs, qb
 
 
+def _p_nvfp4(p: torch.Tensor):
+    """p (..., N) in [0, 1] -> (e2m1 * e4m3 values, per-row g): p ~= values * g."""
+    from .quantize_nvfp4 import E4M3_MAX, FP4_MAX, GLOBAL_DIV, e2m1_codes, e2m1_values
+    N = p.shape[-1]
+    pad = (-N) % 16
+    pp = torch.nn.functional.pad(p, (0, pad))
+    g = torch.clamp_min(pp.amax(dim=-1) / GLOBAL_DIV, FLT_MIN)
+    pb = pp.reshape(*pp.shape[:-1], -1, 16)
+    sb = ((pb.amax(-1) / FP4_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    sb = sb.float()
+    den = torch.where(sb > 0, sb * g[..., None], torch.ones_like(sb))
+    vals = e2m1_values(e2m1_codes((pb / den[..., None]).clamp(-FP4_MAX, FP4_MAX))) * sb[..., None]
+    return vals.reshape(pp.shape)[..., :N], g
+
+
 def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=False, *,
                         block_n: int = 64, p_scale=None, smooth_k=True,
-                        rotate: bool = True, smooth_qk: bool = True, group: int = 1):
+                        rotate: bool = True, smooth_qk: bool = True, group: int = 1,
+                        p_nvfp4: bool = False):
     """The kernel's arithmetic in fp32 (bhsd). Returns (out fp32, lse fp32).
+
+    ``p_nvfp4`` (study only, no kernel implements it): P in NVFP4 with two levels (E4M3 per 16
+    keys, fp32 per row and key block = the block's row max / 2688) and V as fp16 codes.
 
     ``precision="bf16"`` computes in fp32 from the inputs (no quantization)."""
     if precision not in PRECISIONS:
@@ -226,10 +245,13 @@ def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=Fals
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     pv = PV_KIND[precision]
+    if p_nvfp4:
+        pv, p_scale = "fp16", 1.0
     if p_scale is None:
         p_scale = P_SCALE_FP8 if pv == "fp8" else 1.0
     qc, qs, kc, ks, vc, vs, qb = quantize_qkv(q, k, v, precision, scale, smooth_k=smooth_k,
-                                          rotate=rotate, smooth_qk=smooth_qk, group=group)
+                                              rotate=rotate, smooth_qk=smooth_qk, group=group,
+                                              pv_kind=pv)
     kc, ks, vc = expand_kv(kc, Hq), expand_kv(ks, Hq), expand_kv(vc, Hq)
     vs = expand_kv(vs, Hq)
     m = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
@@ -247,12 +269,17 @@ def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=Fals
         m_new = torch.maximum(m, s.amax(dim=-1))
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(s - m_new[..., None])
-        if pv == "fp8":
-            pq = (p * p_scale).to(torch.float8_e4m3fn).float()
+        if p_nvfp4:  # two levels: fp32 per row (this block's row max / 2688), E4M3 per 16 keys
+            pq, g = _p_nvfp4(p)
+            pv_blk = (pq @ vc[:, :, j0:j1]) * g[..., None]
         else:
-            pq = (p * p_scale).to(torch.float16).float()
+            if pv == "fp8":
+                pq = (p * p_scale).to(torch.float8_e4m3fn).float()
+            else:
+                pq = (p * p_scale).to(torch.float16).float()
+            pv_blk = pq @ vc[:, :, j0:j1]
         l = l * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + pq @ vc[:, :, j0:j1]
+        acc = acc * alpha[..., None] + pv_blk
         m = m_new
     out = acc / l[..., None] * (vs[:, :, None, :] / p_scale)
     lse = (m + torch.log2(l)) * LN2 + qb
