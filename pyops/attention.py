@@ -24,7 +24,10 @@ Quantization recipe (spec: ``pyops/reference/attention.py``; kernels:
    smoothing 0.955. FP8 QK: 0.9930 / 0.9947 / 0.9812 / 0.9976. Both transforms are on by
    default; they cost the pre-pass one [64 x D] @ [D x D] product per 64 tokens (tf32 on GPU).
 4. Q and K: per-token symmetric scales (the finest granularity whose cost in the kernel is one
-   multiply per score; measured better than 64-token blocks: outlier INT8 0.9912 vs 0.9792).
+   multiply per score: Q's scale folds into the max and the exp2 FMA). Measured against
+   64-token blocks with the full recipe (B1 H2 S256 D128, INT8 QK): outlier cos 0.99956 vs
+   0.99943, relL1 0.0264 vs 0.0295; random 0.0349 vs 0.0357; with K smoothing alone the gap is
+   larger (outlier 0.9912 vs 0.9792).
    fp8: e4m3 with amax/448; int8: round-to-nearest-even with amax/127; nvfp4: E2M1 codes with
    E4M3 scales per 16 channels and an fp32 per-token second level.
 5. P: p = exp2(s - m) is in [0, 1], quantized with the fixed scale 448 to e4m3 (no per-block
@@ -41,6 +44,12 @@ PV), "int8_fp16pv" (accuracy first: INT8 QK, fp16 PV), "nvfp4" (Q and K in NVFP4
 EMULATED: the pre-pass decodes E2M1 x E4M3 exactly to fp16 and the kernel uses fp16 MMAs, the
 same arithmetic ``tl.dot_scaled`` performs on Hopper; the native sm_100 ``tl.dot_scaled`` path
 and an NVFP4 P are not implemented), "bf16" (no quantization: 16-bit MMAs in the input dtype).
+Why no ``tl.dot_scaled`` path: Triton 3.9's interpreter decodes dot_scaled scales as E8M0 only
+(``triton/runtime/interpreter.py``, ``_dot_scaled_scale_to_f32``), so an NVFP4 (E4M3-scale)
+call cannot be tested on CPU, and no Blackwell GPU was available; an untestable kernel path was
+not shipped. A two-level NVFP4 P (E4M3 per 16 keys, fp32 per row and key block) exists in the
+reference only (``simulated_attention(..., p_nvfp4=True)``): random inputs (the shape below)
+nvfp4 QK + NVFP4 P 0.98706/0.160, INT8 QK + NVFP4 P 0.99592/0.091 (vs 0.99936/0.036 with FP8 P).
 
 Accuracy measured in the reference/interpreter (CPU), cos / relative L1 vs fp64, B1 Hq4 Hk2
 Sq200 Sk300 D128: random: fp8 0.99873/0.050, int8 0.99936/0.036, int8_fp16pv 0.99996/0.0089,
