@@ -1,0 +1,100 @@
+"""Fused cache check (pyops.cache.block_similarity): GB/s against the copy bandwidth measured in
+the same run, and µs per check (the overhead a cached block pays).
+
+    python bench/bench_block_similarity.py [--out bench/out] [--quick] [--device cuda]
+
+Providers: pyops cuda / triton (one pass: Σ|a−b|, Σ|b|, decision, state update; the reference
+written only on recompute), the PyTorch reference backend (device-side, several kernels), and
+what diffusers' First-Block Cache runs per step: ``(a−b).abs().mean() / b.abs().mean()`` then a
+host read of the decision (``.item()``: a sync).
+Two cases: "reuse" (decision reuse: a and ref read, nothing written) and "recompute" (threshold
+0: a and ref read, ref written). GB/s counts exactly those bytes. Target (issue 5): >= 90% of
+copy bandwidth on >= 64 MB features.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import utils as U  # noqa: E402
+
+import pyops  # noqa: E402,F401
+from pyops import _backend  # noqa: E402
+from pyops import cache as C  # noqa: E402
+
+NAME = "block_similarity"
+COLUMNS = ["shape", "MB", "case", "provider", "ms", "µs", "GB/s", "% copy", "ms graph", "note"]
+# (label, B, N, D) bf16: Flux.1 1024² image stream, a 64 MB feature, Flux CFG batch, Wan 480p.
+SHAPES = [("Flux 1024² img", 1, 4096, 3072), ("64 MB", 1, 8192, 4096),
+          ("Flux b2", 2, 4608, 3072), ("Wan 480p", 1, 32760, 5120)]
+QUICK_SHAPES = [("quick", 2, 64, 256), ("quick odd", 1, 33, 1000)]
+GRAPH_MAX_BYTES = 64 * 2**20
+
+
+def diffusers_style(a, ref, threshold):
+    """diffusers FirstBlockCache's check: mean-abs ratio, decision read on the host."""
+    diff = (ref - a).abs().mean() / ref.abs().mean()
+    return bool(diff.item() > threshold)
+
+
+def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
+    t = U.Table("Fused block-similarity check (bf16)", COLUMNS, notes=[
+        "GB/s = (a + ref read [+ ref written when recomputing]) / time; % copy = over the "
+        "device copy measured in the same run (target >= 90% on >= 64 MB).",
+        "µs: median per check = the overhead a cached block pays for its decision.",
+        "diffusers-style: two reductions + .item() (host sync), as FirstBlockCache runs it; it "
+        "keeps a reference to the new tensor instead of copying, so its bytes are a + ref read."])
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    for label, B, N, D in (QUICK_SHAPES if args.quick else SHAPES):
+        a = torch.randn(B, N, D, device=device, dtype=dtype, generator=gen)
+        ref = (a.float() + 0.01 * torch.randn(B, N, D, device=device, generator=gen)).to(dtype)
+        size = a.numel() * a.element_size()
+        for case, thr in (("reuse", 1e9), ("recompute", 0.0)):
+            nbytes = 2 * size + (size if case == "recompute" else 0)
+            base = {"shape": f"{label} {B}x{N}x{D}", "MB": size / 2**20, "case": case}
+            ps = []
+            for b in ("cuda", "triton", "reference"):
+                if _backend.available("block_similarity", b, device)[0]:
+                    st = C.new_state(1, device)
+                    st[:, 0] = 5
+                    ps.append(U.Provider(f"pyops {b}", lambda a, r, st=st, b=b, thr=thr:
+                                         C.block_similarity(a, r, st, threshold=thr, backend=b),
+                                         slow=b == "reference"))
+            ps.append(U.Provider("diffusers-style (+ .item())",
+                                 lambda a, r, thr=thr: diffusers_style(a, r, thr), graph=False))
+            graph_inputs = None
+            if device.type == "cuda" and nbytes < GRAPH_MAX_BYTES:
+                graph_inputs = [(a.clone(), ref.clone())
+                                for _ in range(U.rotation_count(nbytes, device))]
+            U.bench_providers(t, base, ps, (a, ref), nbytes, ceiling_gbps, device, budget,
+                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+            for r in t.rows:
+                if r.get("ms") is not None and r.get("µs") is None:
+                    r["µs"] = 1000.0 * r["ms"]
+                    if r["provider"].startswith("diffusers") and r["case"] == "recompute":
+                        # diffusers keeps a reference to the tensor instead of copying it
+                        r["GB/s"] = U.gbps(2 * size, r["ms"])
+                        r["% copy"] = U.pct(r["GB/s"], ceiling_gbps)
+            if progress:
+                progress(t)
+        del a, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return t
+
+
+def parser() -> argparse.ArgumentParser:
+    return U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+
+
+def main(argv=None) -> int:
+    return U.bandwidth_main(NAME, parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
