@@ -329,7 +329,7 @@ class CachedModel:
         r.inputs = list(streams)
         if len(r.residual) != len(streams) or any(
                 a.shape != b.shape for a, b in zip(r.residual, streams)):
-            r.residual = [torch.zeros_like(s) for s in streams]
+            r.residual = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in streams]
         cap = self.config.graph and _graphs.capturing()
         if _graphs.capturing() and not (cap and _graphs.supported()[0]):
             r.mode, r.run, r.token = "select", True, None  # compute, select on the device
@@ -353,9 +353,13 @@ class CachedModel:
             _graphs.end(r.token)
         if r.mode == "eager":
             if not r.run:
-                streams_out = [torch.empty_like(i) for i in ins]
-                for o, i, buf in zip(streams_out, ins, r.residual):
-                    cache_apply(o, i, buf, r.reuse, groups=g, backend=self.config.backend)
+                streams_out = []
+                for i, buf in zip(ins, r.residual):
+                    i = i.contiguous()
+                    o = torch.empty_like(i)
+                    cache_apply(o, i, buf.contiguous(), r.reuse, groups=g,
+                                backend=self.config.backend)
+                    streams_out.append(o)
         else:  # "if" / "select": outputs hold the body's values; overwrite where reused
             streams_out = [o.contiguous() for o in streams_out]
             for o, i, buf in zip(streams_out, ins, r.residual):

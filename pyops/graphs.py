@@ -19,9 +19,10 @@ Steps while capturing (the recipe verified on an H100, see ../shared/reference.m
 0, reset at every launch) → setter kernel on the capturing stream → ``cudaGraphAddNode`` (IF, size 1)
 on the current dependencies → ``cudaStreamBeginCaptureToGraph`` of a side stream into the body graph
 → body → ``cudaStreamEndCapture`` → ``cudaStreamUpdateCaptureDependencies`` (set) of the main stream
-to the new node. Body allocations go to a ``torch.cuda.MemPool`` owned by the region (the graph's
-own pool is being recorded to); the pools live as long as this module's registry, so tensors made in
-a body stay valid across replays (a skipped body leaves them as they were: that is the cache).
+to the new node. Body allocations go to a ``torch.cuda.MemPool`` (the graph's own pool is being recorded to), one
+per enclosing capture and nesting depth, kept alive by this module: tensors made in a body keep
+their addresses across replays; after a skipped body their contents are unspecified (sibling
+bodies share the pool), so callers overwrite them (``pyops.cache`` does, with ``cache_apply``).
 Regions nest: each depth has its own side stream.
 
 Needs the compiled extension (``pyops._C``) for the setter and cuda-python (``cuda.bindings``) for
@@ -40,6 +41,7 @@ __all__ = ["conditional", "begin", "end", "capturing", "supported", "side_stream
 
 _SIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
 _POOLS: list = []          # body pools, kept alive for the graphs that use them
+_POOL_BY_KEY: dict = {}
 _DEPTH = [0]
 
 
@@ -97,15 +99,28 @@ def _ok(res):
 
 
 def _capture_info(stream_ptr: int):
-    """(graph, dependencies list) of a capturing stream, across cuda-python versions."""
+    """(capture id, graph, dependencies list) of a capturing stream, across cuda-python
+    versions."""
     rt = _cudart()
     vals = _ok(rt.cudaStreamGetCaptureInfo(stream_ptr))
     # 12.x: (status, id, graph, deps, n); 13.x: (status, id, graph, deps, edge_data, n)
-    status, graph, deps = vals[0], vals[2], vals[3]
+    status, cap_id, graph, deps = vals[0], vals[1], vals[2], vals[3]
     if status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusActive:
         raise RuntimeError("pyops.graphs: the current stream is not capturing")
-    n = vals[-1]
-    return graph, list(deps)[:n] if deps is not None else []
+    n = int(vals[-1])
+    return int(cap_id), graph, (list(deps)[:n] if deps is not None else [])
+
+
+def _body_pool(cap_id: int, depth: int):
+    """One MemPool per (enclosing capture, depth), shared by the sibling regions of that capture:
+    their bodies are ordered one after another on the capturing stream, so reusing freed blocks
+    between them is stream-ordered; outputs of a skipped body are always overwritten by the
+    caller (the cache apply), never read stale. Kept alive for the graphs that use them."""
+    key = (cap_id, depth)
+    if key not in _POOL_BY_KEY:
+        _POOL_BY_KEY[key] = torch.cuda.MemPool()
+        _POOLS.append(_POOL_BY_KEY[key])
+    return _POOL_BY_KEY[key]
 
 
 def _add_if_node(graph, deps, handle):
@@ -172,20 +187,19 @@ def begin(flag: torch.Tensor, index: int = 0, *, run_when: str = "zero"):
     rt = _cudart()
     r.eager = False
     main_ptr = r.main.cuda_stream
-    graph, _ = _capture_info(main_ptr)
+    cap_id, graph, _ = _capture_info(main_ptr)
     handle = _ok(rt.cudaGraphConditionalHandleCreate(
         graph, 0, rt.cudaGraphConditionalHandleFlags.cudaGraphCondAssignDefault))
     h = int(handle)
     if h >= 2 ** 63:
         h -= 2 ** 64
     torch.ops.pyops._graph_set_conditional(flag, int(index), h, run_when == "zero")
-    graph, deps = _capture_info(main_ptr)  # now: the setter kernel
+    _, graph, deps = _capture_info(main_ptr)  # now: the setter kernel
     r.node, body = _add_if_node(graph, deps, handle)
     r.side = side_stream(depth, flag.device)
     _ok(rt.cudaStreamBeginCaptureToGraph(r.side.cuda_stream, body, None, None, 0,
                                          rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed))
-    pool = torch.cuda.MemPool()
-    _POOLS.append(pool)
+    pool = _body_pool(cap_id, depth)
     r.pool_ctx = torch.cuda.use_mem_pool(pool, device=flag.device)
     r.pool_ctx.__enter__()
     r.stream_ctx = torch.cuda.stream(r.side)
