@@ -80,9 +80,10 @@ def _finalize(part_ptr, state_ptr, metric_ptr, reuse_ptr, groups, rows_per_group
         step = tl.load(state_ptr + cell * 4)
         consec = tl.load(state_ptr + cell * 4 + 1)
         acc = tl.load(state_ptr + cell * 4 + 2)
+        # tensor operands first: an int argument equal to 1 arrives as a constexpr
         forced = (step == 0.0) | (step < warmup)
-        forced = forced | ((num_steps > 0) & (step >= num_steps - last_steps))
-        forced = forced | ((max_reuse >= 0) & (consec >= max_reuse))
+        forced = forced | ((step >= num_steps - last_steps) & (num_steps > 0))
+        forced = forced | ((consec >= max_reuse) & (max_reuse >= 0))
         if RULE == 0:
             cand = m < threshold
         else:
@@ -113,7 +114,7 @@ def _finalize(part_ptr, state_ptr, metric_ptr, reuse_ptr, groups, rows_per_group
         else:
             new_acc = acc * 0.0
         new_step = step + 1.0
-        wrap = (num_steps > 0) & (new_step >= num_steps)
+        wrap = (new_step >= num_steps) & (num_steps > 0)
         new_step = tl.where(wrap, 0.0, new_step)
         new_consec = tl.where(wrap, 0.0, new_consec)
         new_acc = tl.where(wrap, 0.0, new_acc)

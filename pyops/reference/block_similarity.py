@@ -64,7 +64,7 @@ def decide(d: torch.Tensor, n: torch.Tensor, state: torch.Tensor, *, threshold: 
            groups: int, chunks: int, all_groups: bool):
     """Metric, decision and new state from the per-cell sums (device tensors, no host sync)."""
     f32 = torch.float32
-    m = d / torch.clamp(n, min=torch.tensor(eps, dtype=f32))
+    m = d / n.clamp_min(eps)
     step, consec, acc = state[:, 0], state[:, 1], state[:, 2]
     forced = (step == 0) | (step < warmup)
     if num_steps > 0:
