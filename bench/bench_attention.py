@@ -177,7 +177,8 @@ def main(argv=None) -> int:
         "pre-quantized buffers; prepass ms: the pre-pass alone.",
         f"accuracy: cosine / relative L1 vs fp32 SDPA on the first {ACC_ROWS} query rows "
         "of every head, random and outlier-channel inputs (same shape).",
-        "pyops nvfp4 is emulated (NVFP4-quantized Q/K decoded exactly to fp16, fp16 MMAs)."])
+        "pyops nvfp4 is emulated (NVFP4 Q/K and two-level NVFP4 P decoded exactly to fp16, "
+        "fp16 MMAs): its accuracy is the Blackwell recipe's, its speed is not."])
     shapes = QUICK if args.quick else SHAPES
     t0 = time.time()
     for label, B, H, S, D in shapes:

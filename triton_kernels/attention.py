@@ -17,6 +17,8 @@ head h to kv head h // (Hq // Hk)). Main loop over BLOCK_N keys:
                                          scale * log2 e) -- raw 16-bit: times scale * log2 e
     m'  = max(m, rowmax S); p = exp2(S - m'); alpha = exp2(m - m'); l = l * alpha + rowsum p
     P   fp8: e4m3(p * 448)   fp16: fp16(p)   raw: the input dtype
+        nvfp4 (emulated): g = rowmax(p) / 2688 per row, E4M3 per 16 keys, E2M1; decoded
+        exactly to fp16 (V's e4m3 codes too), fp16 MMA, the block's product times g
     acc = acc * alpha + dot(P, V)        a fresh fp32 product per key block, added in fp32
     out = acc / l * s_v / p_scale;  lse = (m + log2 l) * ln 2 + qb
 
@@ -37,15 +39,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_quant import _e2m1_rne_value
 from ._cvt import (as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out,
                    load_f32, out_kind, use_soft_cvt)
 
 LN2 = tl.constexpr(0.6931471805599453)
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
 # precision -> (QK kind, PV kind): QK 0 raw 16-bit, 1 fp8, 2 int8, 3 fp16 (nvfp4 decoded);
-# PV 0 raw 16-bit, 1 fp8 (P x 448), 2 fp16
-KINDS = {"bf16": (0, 0), "fp8": (1, 1), "int8": (2, 1), "int8_fp16pv": (2, 2), "nvfp4": (3, 1)}
-P_SCALE = {0: 1.0, 1: 448.0, 2: 1.0}
+# PV 0 raw 16-bit, 1 fp8 (P x 448), 2 fp16, 3 two-level NVFP4 P x fp8 V (emulated: decoded
+# exactly to fp16 operands)
+KINDS = {"bf16": (0, 0), "fp8": (1, 1), "int8": (2, 1), "int8_fp16pv": (2, 2), "nvfp4": (3, 3)}
+P_SCALE = {0: 1.0, 1: 448.0, 2: 1.0, 3: 1.0}
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -83,8 +88,10 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
     cmask = cols < Sk
     kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
                   IS_BF16 and QK == 0, INTERPRET, MASK)  # [D, BLOCK_N]
-    v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None], PV,
-                 IS_BF16 and PV == 0, INTERPRET, MASK)  # [BLOCK_N, D]
+    # V operand kind: fp8 bytes for PV 1 and 3, 16-bit for PV 0 (raw input) and 2 (fp16 codes)
+    v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None],
+                 1 if (PV == 1 or PV == 3) else 0, IS_BF16 and PV == 0, INTERPRET,
+                 MASK)  # [BLOCK_N, D]
     if INTERPRET:
         s = tl.dot(q, kt, input_precision="ieee")
     elif QK == 2:
@@ -122,6 +129,20 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
             pq = p.to(tl.float16).to(tl.float32)
         else:
             pq = p.to(tl.float16)
+    elif PV == 3:  # NVFP4 P: fp32 per row (block row max / 2688), E4M3 per 16 keys, E2M1
+        g = tl.maximum(tl.math.div_rn(tl.max(p, axis=1), 2688.0), FLT_MIN)
+        pb = tl.reshape(p, [p.shape[0], BLOCK_N // 16, 16])
+        sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(pb, axis=2), 6.0), g[:, None]),
+                        448.0)
+        sb = e4m3_to_f32(e4m3_bits(sb, INTERPRET), INTERPRET)
+        den = sb * g[:, None]
+        e = _e2m1_rne_value(tl.minimum(tl.math.div_rn(pb, tl.where(den > 0, den, 1.0)[:, :, None]),
+                                       6.0))
+        pq = tl.reshape(tl.where((sb > 0)[:, :, None], e * sb[:, :, None], 0.0),
+                        [p.shape[0], BLOCK_N])
+        if not INTERPRET:
+            pq = pq.to(tl.float16)  # e2m1 x e4m3: exact in fp16
+            v = v.to(tl.float16)  # e4m3 -> fp16: exact
     else:
         if INTERPRET:
             pq = p
@@ -131,6 +152,8 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
         pv = tl.dot(pq, v, input_precision="ieee")
     else:
         pv = tl.dot(pq, v)
+    if PV == 3:
+        pv = pv * g[:, None]
     # a fresh fp32 product per key block, added in fp32 (FP8 MMA partial sums never span
     # more than one key block)
     acc = acc * alpha[:, None] + pv

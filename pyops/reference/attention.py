@@ -22,7 +22,9 @@ computes in fp32, key block by key block, the way the kernel does. The recipe (p
                    (pyops.reference.quantize_nvfp4's rules per row)
     S      = (codes_q @ codes_k^T) * (s_q * c) * s_k          (fp32)
     online softmax per key block of ``block_n``: m = max(m, rowmax S); p = exp2(S - m)
-    P      fp8: e4m3(p * 448) (fixed scale: p is in [0, 1]);  16-bit PV: fp16(p)
+    P      fp8: e4m3(p * 448) (fixed scale: p is in [0, 1]);  16-bit PV: fp16(p);
+           nvfp4: two levels, g = rowmax_block(p) / 2688 per row, E4M3 per 16 keys, E2M1 codes;
+           the block's product is multiplied by g
     V      per channel over all tokens: s_v = max(amax/448, FLT_MIN), fp8: e4m3(v / s_v),
            16-bit PV: fp16(v / s_v)
     acc    = acc * alpha + (P_q @ V_q)   -- a fresh fp32 product per key block, then added in fp32
@@ -231,11 +233,12 @@ def _p_nvfp4(p: torch.Tensor):
 def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=False, *,
                         block_n: int = 64, p_scale=None, smooth_k=True,
                         rotate: bool = True, smooth_qk: bool = True, group: int = 1,
-                        p_nvfp4: bool = False):
+                        p_nvfp4=None):
     """The kernel's arithmetic in fp32 (bhsd). Returns (out fp32, lse fp32).
 
-    ``p_nvfp4`` (study only, no kernel implements it): P in NVFP4 with two levels (E4M3 per 16
-    keys, fp32 per row and key block = the block's row max / 2688) and V as fp16 codes.
+    ``p_nvfp4``: P in NVFP4 with two levels (E4M3 per 16 keys, fp32 per row and key block =
+    the block's row max / 2688, applied to the block's PV product); default: on for
+    ``precision="nvfp4"`` (the Blackwell recipe), off otherwise (a study option there).
 
     ``precision="bf16"`` computes in fp32 from the inputs (no quantization)."""
     if precision not in PRECISIONS:
@@ -245,8 +248,10 @@ def simulated_attention(q, k, v, precision: str = "fp8", scale=None, causal=Fals
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     pv = PV_KIND[precision]
+    if p_nvfp4 is None:
+        p_nvfp4 = precision == "nvfp4"
     if p_nvfp4:
-        pv, p_scale = "fp16", 1.0
+        p_scale = 1.0
     if p_scale is None:
         p_scale = P_SCALE_FP8 if pv == "fp8" else 1.0
     qc, qs, kc, ks, vc, vs, qb = quantize_qkv(q, k, v, precision, scale, smooth_k=smooth_k,
