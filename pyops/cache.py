@@ -126,7 +126,7 @@ from torch import nn  # noqa: E402
 
 from . import graphs as _graphs  # noqa: E402
 
-LEVELS = ("step", "block")
+LEVELS = ("step", "block", "chunk")
 
 
 @dataclass
@@ -137,6 +137,11 @@ class CacheConfig:
         it up to the ``bn`` trailing ones, which are always computed (First-Block Cache / DBCache
         Fn-Bn); ``"block"``: each block between them compares its own input with the input at its
         last computed step and reuses its own residual.
+        ``"chunk"`` (pyops DiT blocks only): each block between them splits its tokens into
+        ``chunks`` chunks and recomputes the ``budget`` chunks whose input changed most since
+        they were last computed (static shapes: the budget is fixed); recomputed queries attend
+        to the keys/values of all tokens; the other chunks reuse their cached residual. Steps
+        the host counts as warm-up / last steps run the full block. ``threshold`` is unused.
     threshold: relative L1 threshold (strict ``<``: 0 never reuses, output is then bit-identical
         to the uncached model). Typical 0.05–0.25.
     rule: ``"last_computed"`` (compare with the last computed step) or ``"accumulate"``
@@ -166,6 +171,8 @@ class CacheConfig:
     graph: bool = True
     eps: float = 1e-12
     backend: Optional[str] = None
+    chunks: int = 8
+    budget: int = 2
 
     def validate(self, n_blocks: int) -> None:
         if self.level not in LEVELS:
@@ -180,6 +187,9 @@ class CacheConfig:
             raise ValueError(f"pyops.cache: fn + bn = {self.fn + self.bn} > {n_blocks} blocks")
         if not (self.threshold >= 0):
             raise ValueError("pyops.cache: threshold must be >= 0")
+        if self.level == "chunk" and not (1 <= self.budget <= self.chunks):
+            raise ValueError(f"pyops.cache: budget must be in [1, chunks={self.chunks}], got "
+                             f"{self.budget}")
 
 
 @dataclass
@@ -253,6 +263,11 @@ class CachedModel:
         self.stats = {"checks": 0}
         n = len(self.blocks)
         self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
+        if config.level == "chunk":
+            from .models.dit import DiTBlock
+            if not all(isinstance(b, DiTBlock) for b in self.blocks):
+                raise TypeError("pyops.cache: level='chunk' needs pyops DiT blocks (it "
+                                "recomputes a token subset inside the block)")
         for i, blk in enumerate(self.blocks):
             orig = blk.forward
             blk.forward = self._wrap(i, orig)
@@ -376,6 +391,10 @@ class CachedModel:
         def forward(*args, **kwargs):
             if start >= stop:
                 return orig(*args, **kwargs)
+            if level == "chunk":
+                if not (start <= i < stop):
+                    return orig(*args, **kwargs)
+                return self._chunk_forward(i, orig, *args, **kwargs)
             if level == "block":
                 if not (start <= i < stop):
                     return orig(*args, **kwargs)
@@ -403,6 +422,62 @@ class CachedModel:
             return out
 
         return forward
+
+
+def _dit_block_rows(blk, x: torch.Tensor, c: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """DiTBlock.forward for the query tokens ``tok`` only; keys/values from all tokens of x."""
+    import torch.nn.functional as F
+    from .models.dit import modulate
+    B, N, D = x.shape
+    sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(F.silu(c)).chunk(6, dim=-1)
+    h = modulate(blk.norm1(x), sh1, sc1)
+    qkv = blk.qkv(h).view(B, N, 3, blk.heads, D // blk.heads).permute(2, 0, 3, 1, 4)
+    q = qkv[0].index_select(2, tok)
+    a = F.scaled_dot_product_attention(q, qkv[1], qkv[2]).transpose(1, 2).reshape(B, -1, D)
+    xs = x.index_select(1, tok) + g1.unsqueeze(1) * blk.proj(a)
+    h2 = modulate(blk.norm2(xs), sh2, sc2)
+    return xs + g2.unsqueeze(1) * blk.fc2(F.gelu(blk.fc1(h2), approximate="tanh"))
+
+
+def _chunk_forward(self, i: int, orig: Callable, x: torch.Tensor, c: torch.Tensor):
+    cfg = self.config
+    r = self._region(i)
+    step = getattr(r, "host_step", 0)
+    B, N, D = x.shape
+    full = (step < cfg.warmup or (cfg.num_steps > 0 and step >= cfg.num_steps - cfg.last_steps)
+            or r.ref is None or r.ref.shape != x.shape or N % cfg.chunks)
+    r.host_step = step + 1 if not (cfg.num_steps > 0 and step + 1 >= cfg.num_steps) else 0
+    if full:
+        out = orig(x, c)
+        r.ref = x.detach().clone().contiguous()
+        r.residual = [out - x]
+        g = self._groups()
+        r.state = new_state(g * cfg.chunks, x.device)
+        r.metric = torch.zeros(g * cfg.chunks, dtype=torch.float32, device=x.device)
+        r.reuse = torch.zeros(g * cfg.chunks, dtype=torch.int32, device=x.device)
+        return out
+    g = self._groups()
+    # per-chunk change since the chunk was last computed (the decision outputs are unused)
+    r.state[:, 0] = 1.0
+    block_similarity(x.contiguous(), r.ref, r.state, threshold=0.0, chunks=cfg.chunks,
+                     groups=g, write_ref="never", eps=cfg.eps, metric=r.metric, reuse=r.reuse,
+                     backend=cfg.backend)
+    self.stats["checks"] += 1
+    m = torch.nan_to_num(r.metric.view(g, cfg.chunks), nan=float("inf")).amax(dim=0)
+    idx = torch.topk(m, cfg.budget, sorted=False).indices.sort().values
+    lc = N // cfg.chunks
+    tok = (idx[:, None] * lc + torch.arange(lc, device=x.device)).reshape(-1)
+    r.last_chunks = idx
+    rows = _dit_block_rows(self.blocks[i], x, c, tok)
+    res = r.residual[0]
+    out = x + res
+    out.index_copy_(1, tok, rows)
+    res.index_copy_(1, tok, rows - x.index_select(1, tok))
+    r.ref.index_copy_(1, tok, x.index_select(1, tok).to(r.ref.dtype))
+    return out
+
+
+CachedModel._chunk_forward = _chunk_forward
 
 
 def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None,

@@ -343,3 +343,39 @@ def test_bench_quick_smoke(tmp_path):
             assert r["skipped"] == fbc[(r["steps"], r["threshold"])]
     bs = json.loads((tmp_path / "block_similarity.json").read_text())["records"]
     assert any(r["provider"] == "pyops reference" and r.get("ms") for r in bs)
+
+
+# ---- chunk level (pyops DiT) -----------------------------------------------------------------
+def test_chunk_level_full_budget_equals_uncached_and_picks_changed_chunks():
+    m = _dit()
+    inputs = _dit_inputs()
+    base = _run(m, inputs)
+    h = C.apply(m, C.CacheConfig(level="chunk", chunks=8, budget=8, num_steps=STEPS, fn=1, bn=1))
+    got = _run(m, inputs)
+    h.remove()
+    for a, b in zip(got, base):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # only the tokens of chunk 5 (of 8, 2 tokens each) change: budget 1 recomputes chunk 5
+    x, t = inputs[0]
+    x2 = x.clone()
+    x2[:, 10:12] += 1.0
+    h = C.apply(m, C.CacheConfig(level="chunk", chunks=8, budget=1, num_steps=0, fn=1, bn=1))
+    with torch.no_grad():
+        m(x, t)
+        out = m(x2, t)
+    picked = {k: r.last_chunks.tolist() for k, r in h.regions().items()}
+    h.remove()
+    assert all(v == [5] for v in picked.values()) and len(picked) == 3
+    with torch.no_grad():
+        want = m(x2, t)
+    err = float((out - want).abs().max() / want.abs().max())
+    assert err < 0.5
+
+
+def test_chunk_level_errors():
+    with pytest.raises(ValueError, match="budget"):
+        C.apply(_dit(), C.CacheConfig(level="chunk", chunks=4, budget=5))
+    m, _, _ = _wan() if importlib.util.find_spec("diffusers") else (None, None, None)
+    if m is not None:
+        with pytest.raises(TypeError, match="chunk"):
+            C.apply(m, C.CacheConfig(level="chunk"))
