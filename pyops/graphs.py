@@ -5,24 +5,26 @@
         if run:                                  # always True while capturing
             y = body(x)                          # captured into the IF node's body graph
 
-* **While a torch CUDA graph is being captured** on the current stream, the body is captured into
-  the body graph of a CUDA IF conditional node; a one-thread kernel (``pyops::_graph_set_conditional``,
-  csrc/graph_conditional.cu) reads ``flag[index]`` on the device at replay and sets the node's
-  condition, so the body runs or is skipped with no host involvement. ``run`` is True.
+* **While a torch CUDA graph is being captured** on the current stream, the body is captured
+  into the body graph of a CUDA IF conditional node; a one-thread kernel
+  (``pyops::_graph_set_conditional``, csrc/graph_conditional.cu) reads ``flag[index]`` on the
+  device at replay and sets the node's condition, so the body runs or is skipped with no host
+  involvement. ``run`` is True.
 * **Otherwise (eager)** ``run`` is the host value of the condition: reading it is a device sync
-  (``.item()``), the only one a cached forward makes per decision. The body then runs on the same
-  side stream the capture would use, which also warms that stream up (cuBLAS creates its handle and
-  workspace per stream; creating them during capture would invalidate it).
+  (``.item()``), the only one a cached forward makes per decision. The body then runs on the
+  same side stream the capture would use, which also warms that stream up (cuBLAS creates its
+  handle and workspace per stream; creating them during capture would invalidate it).
 
 Steps while capturing (the recipe verified on an H100, see ../shared/reference.md):
-``cudaStreamGetCaptureInfo`` on the capturing stream → ``cudaGraphConditionalHandleCreate`` (default
-0, reset at every launch) → setter kernel on the capturing stream → ``cudaGraphAddNode`` (IF, size 1)
-on the current dependencies → ``cudaStreamBeginCaptureToGraph`` of a side stream into the body graph
-→ body → ``cudaStreamEndCapture`` → ``cudaStreamUpdateCaptureDependencies`` (set) of the main stream
-to the new node. Body allocations go to a ``torch.cuda.MemPool`` (the graph's own pool is being recorded to), one
-per enclosing capture and nesting depth, kept alive by this module: tensors made in a body keep
-their addresses across replays; after a skipped body their contents are unspecified (sibling
-bodies share the pool), so callers overwrite them (``pyops.cache`` does, with ``cache_apply``).
+``cudaStreamGetCaptureInfo`` on the capturing stream → ``cudaGraphConditionalHandleCreate``
+(default 0, reset at every launch) → setter kernel on the capturing stream → ``cudaGraphAddNode``
+(IF, size 1) on the current dependencies → ``cudaStreamBeginCaptureToGraph`` of a side stream
+into the body graph → body → ``cudaStreamEndCapture`` → ``cudaStreamUpdateCaptureDependencies``
+(set) of the main stream to the new node. Body allocations go to a ``torch.cuda.MemPool`` (the
+graph's own pool is being recorded to), one per enclosing capture and nesting depth, kept alive
+by this module: tensors made in a body keep their addresses across replays; after a skipped body
+their contents are unspecified (sibling bodies share the pool), so callers overwrite them
+(``pyops.cache`` does, with ``cache_apply``).
 Regions nest: each depth has its own side stream.
 
 Needs the compiled extension (``pyops._C``) for the setter and cuda-python (``cuda.bindings``) for

@@ -17,7 +17,7 @@ OP = "block_similarity"
 APPLY_OP = "cache_apply"
 
 
-# ---- backends: a, ref contiguous (B, ...) ---------------------------------------------------------
+# ---- backends: a, ref contiguous (B, ...) ------------------------------------------------------
 def _reference(a, refbuf, state, metric, reuse, threshold, eps, rule, warmup, max_reuse,
                num_steps, last_steps, chunks, groups, all_groups, write_ref) -> None:
     ref.block_similarity(a, refbuf, state, metric, reuse, threshold=threshold, eps=eps, rule=rule,

@@ -6,8 +6,8 @@ halves share one forward) and each row into ``chunks`` contiguous token chunks. 
 (group, chunk) pair; cells are numbered ``g * chunks + c``. Per cell:
 
     d = Σ |a − ref|     n = Σ |ref|          (fp32 sums over the cell's elements)
-    m = d / max(n, eps)                      (relative L1 = mean|a−b| / mean|b|; 0/0 gives 0,
-                                              inf/NaN inputs give a NaN m, which never reuses)
+    m = d / max(n, eps)          (relative L1 = mean|a−b| / mean|b|; 0/0 gives 0, inf/NaN inputs
+                                  give a NaN m, which never reuses)
 
 State per cell (fp32, 4 values; integers are exact in fp32 up to 2^24):
 
@@ -18,8 +18,8 @@ Decision at step ``s = state[cell, 0]``:
     forced  = s == 0 or s < warmup
               or (num_steps > 0 and s >= num_steps − last_steps)
               or (max_reuse >= 0 and consecutive >= max_reuse)
-    rule 0 "last_computed" (First-Block Cache, DBCache): candidate = m < threshold
-    rule 1 "accumulate"    (TeaCache, EasyCache):        acc' = acc + m; candidate = acc' < threshold
+    rule 0 "last_computed" (First-Block Cache, DBCache):  candidate = m < threshold
+    rule 1 "accumulate"    (TeaCache, EasyCache):  acc' = acc + m; candidate = acc' < threshold
     reuse   = not forced and candidate        (strict '<': threshold 0 never reuses)
     all_groups: reuse of every cell with chunk c becomes AND over the groups (one forward runs
                 the whole batch, so the groups must agree; each group keeps its own metric)
