@@ -155,9 +155,6 @@ def run_shape(table, label, B, H, S, D, device, args, budget):
                                           ("ms", "TFLOPS", "kernel TFLOPS", "cos random",
                                            "relL1 random", "cos outlier", "note")
                                           if row.get(c) is not None), flush=True)
-    del q, k, v
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -184,6 +181,8 @@ def main(argv=None) -> int:
     for label, B, H, S, D in shapes:
         print(f"{label} B={B} H={H} S={S} D={D}", flush=True)
         run_shape(table, label, B, H, S, D, device, args, budget)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         U.write_results(args.out, NAME, [table], env)
     U.write_results(args.out, NAME, [table], env)
     print(U.env_markdown(env) + "\n\n" + table.markdown())

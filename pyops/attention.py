@@ -53,10 +53,10 @@ kernel path was not shipped.
 
 Accuracy measured on CPU, cosine / relative L1 vs fp64, bf16 inputs.
 Simulated reference (block_n 64), B1 Hq4 Hk2 Sq200 Sk300:
-  D128 random : fp8 0.99873/0.0500  int8 0.99936/0.0356  int8_fp16pv 0.99996/0.0089  nvfp4 0.98670/0.162
-  D128 outlier: fp8 0.99705/0.0591  int8 0.99952/0.0274  int8_fp16pv 0.99987/0.0106  nvfp4 0.96676/0.182
-  D64  random : fp8 0.99871/0.0499  int8 0.99937/0.0354  int8_fp16pv 0.99996/0.0084  nvfp4 0.98582/0.165
-  D64  outlier: fp8 0.99725/0.0477  int8 0.99958/0.0250  int8_fp16pv 0.99994/0.0049  nvfp4 0.96930/0.128
+  D128 random : fp8 .99873/.0500 int8 .99936/.0356 int8_fp16pv .99996/.0089 nvfp4 .98670/.162
+  D128 outlier: fp8 .99705/.0591 int8 .99952/.0274 int8_fp16pv .99987/.0106 nvfp4 .96676/.182
+  D64  random : fp8 .99871/.0499 int8 .99937/.0354 int8_fp16pv .99996/.0084 nvfp4 .98582/.165
+  D64  outlier: fp8 .99725/.0477 int8 .99958/.0250 int8_fp16pv .99994/.0049 nvfp4 .96930/.128
 Triton kernel in the interpreter (16x16 blocks), B1 Hq4 Hk2 Sq64 Sk80: within 0.001 cosine of
 these (e.g. D128 random int8 0.99942/0.0338, outlier int8 0.99953/0.0273; bf16 0.999999/0.0014).
 The default is "int8" because FP8 QK misses SageAttention2's random-input accuracy (relL1 0.050

@@ -214,7 +214,7 @@ def _packed_qkv(B, S, H, D, dtype):
 @pytest.mark.parametrize("case", ["s1", "odd", "cross", "mqa", "d128_bshd", "packed_bf16",
                                   "pad_d40"])
 def test_shapes_layouts_strides(case, small_blocks):
-    layout, prec, dtype = "bhsd", "int8", torch.bfloat16
+    layout, prec = "bhsd", "int8"
     if case == "s1":
         q, k, v = R.make_inputs(1, 2, 2, 1, 1, 64, seed=1, device=DEVICE)
     elif case == "odd":
@@ -226,7 +226,7 @@ def test_shapes_layouts_strides(case, small_blocks):
     elif case == "d128_bshd":
         q, k, v = (t.transpose(1, 2).contiguous() for t in
                    R.make_inputs(1, 2, 2, 20, 21, 128, seed=5, device=DEVICE))
-        layout, dtype = "bshd", torch.bfloat16
+        layout = "bshd"
     elif case == "packed_bf16":
         q, k, v = _packed_qkv(1, 19, 2, 64, torch.bfloat16)
         layout = "bshd"
@@ -377,8 +377,9 @@ def test_gpu_int64_offsets_128k(side):
     """A head x token x D count past 2**31 on the K/V side, then the Q/output side."""
     H, S, D = 136, 131072, 128  # 136 * 131072 * 128 > 2**31
     g = torch.Generator(device="cuda").manual_seed(0)
-    big = lambda: torch.randn(1, H, S, D, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa
-    small = lambda: torch.randn(1, H, 64, D, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa
+    kw = dict(device="cuda", generator=g, dtype=torch.bfloat16)
+    big = lambda: torch.randn(1, H, S, D, **kw)  # noqa: E731
+    small = lambda: torch.randn(1, H, 64, D, **kw)  # noqa: E731
     if side == "keys":
         q, k, v = small(), big(), big()
         rows = torch.arange(64, device="cuda")

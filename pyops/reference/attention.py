@@ -31,8 +31,9 @@ computes in fp32, key block by key block, the way the kernel does. The recipe (p
            (the "promotion once per key block"); l = l * alpha + rowsum(p) (unquantized p)
     O      = acc / l * s_v / p_scale;   lse = (m + log2 l) * ln 2 + scale * Q . shift
 
-Defaults: all three transforms on. Options for studying the recipe: ``smooth_k``, ``rotate`` (a shared orthonormal Hadamard
-rotation of Q and K along D: Q K^T is unchanged, outlier channels are spread over all channels),
+Defaults: all three transforms on. Options for studying the recipe: ``smooth_k``, ``rotate``
+(a shared orthonormal Hadamard rotation of Q and K along D: Q K^T is unchanged, outlier
+channels are spread over all channels),
 ``smooth_qk`` (SmoothQuant-style channel migration: K[:, c] /= t_c, Q[:, c] *= t_c with
 t_c = sqrt(amax K[:, c] / amax Q[:, c])), ``group`` (tokens per Q/K scale), ``p_scale``.
 """
@@ -152,15 +153,16 @@ def quantize_qk(x: torch.Tensor, kind: str, group: int = 1):
 
 
 def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
-    """The exact (softmax-preserving) transforms, in fp32: returns (Q', K', shift) with Q' K'^T equal
-    to Q K^T up to a per-query-row constant (removed by softmax; the lse adds back scale * Q . shift) and fp32
-    rounding; shift (B, Hk, D) is the subtracted K vector (None without smooth_k).
+    """The exact (softmax-preserving) transforms, in fp32: returns (Q', K', shift) with
+    Q' K'^T equal to Q K^T up to a per-query-row constant (removed by softmax; the lse adds back
+    scale * Q . shift) and fp32 rounding; shift (B, Hk, D) is the subtracted K vector (None
+    without smooth_k).
 
     smooth_k: True/"mid" subtracts the per-channel mid-range (max + min) / 2 over tokens (one
     pass; measured as accurate as the mean), "mean" the mean, False nothing.
     smooth_qk: t_c = sqrt(amax_c |K'| / amax_c |Q|) (Q amax over all query heads of the group);
-    K' /= t, Q *= t.   rotate: both times the orthonormal Hadamard matrix (D zero-padded to a power of two first:
-    Q' and K' may then be wider than D)."""
+    K' /= t, Q *= t.   rotate: both times the orthonormal Hadamard matrix (D zero-padded to a
+    power of two first: Q' and K' may then be wider than D)."""
     D = q.shape[-1]
     qf, kf = q.float(), k.float()
     kmax, kmin = kf.amax(dim=-2), kf.amin(dim=-2)  # (B, Hk, D)
