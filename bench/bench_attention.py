@@ -58,7 +58,7 @@ def _sdpa_provider(backend_name):
 
 
 def providers(device, quick):
-    import pyops.attention as PA
+    from pyops.attention import attention as pyops_attention
     out = []
     if device.type == "cuda":
         out.append(("cuDNN SDPA", _sdpa_provider("CUDNN_ATTENTION"), None))
@@ -74,7 +74,7 @@ def providers(device, quick):
                     None))
     backend = "triton"
     for p in PRECISIONS:
-        out.append((f"pyops {p}", (lambda p: lambda q, k, v: PA.attention(
+        out.append((f"pyops {p}", (lambda p: lambda q, k, v: pyops_attention(
             q, k, v, precision=p, backend=backend))(p), p))
     return out
 
