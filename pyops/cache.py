@@ -300,6 +300,7 @@ class CachedModel:
             for r in regions.values():
                 if r.state is not None:
                     r.state.zero_()
+                r.host_step = 0  # chunk level counts steps on the host
         self._calls = 0
 
     def regions(self, context: Optional[str] = None) -> dict:
