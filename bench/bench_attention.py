@@ -58,7 +58,7 @@ def _sdpa_provider(backend_name):
 
 
 def providers(device, quick):
-    from pyops.attention import attention as pyops_attention
+    from pyops.qattention import attention as pyops_attention
     out = []
     if device.type == "cuda":
         out.append(("cuDNN SDPA", _sdpa_provider("CUDNN_ATTENTION"), None))

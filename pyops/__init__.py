@@ -47,6 +47,7 @@ from .quantize import (  # noqa: E402
 )
 
 from . import nn  # noqa: E402
+from .qattention import attention, sdpa  # noqa: E402
 from .fused import norm_modulate_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
 from .qlinear import FP8Weight, NVFP4Weight, QuantizedWeight, linear, quantize_weight  # noqa: E402
@@ -71,7 +72,7 @@ if _backend.extension_status()[0]:
 __all__ = [
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
     "dequantize_nvfp4", "info", "__version__",
-    "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
+    "attention", "sdpa", "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
     "QuantizedWeight", "nn", "QuantLinear", "quantize_model", "QuantConfig", "QuantReport",
     "sampler", "FewStepSampler", "CapturedSampler", "Schedule", "StepCoefficients", "sample_step",
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "diffusers_model",

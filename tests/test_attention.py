@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyops.attention import attention, sdpa
+from pyops.qattention import attention, sdpa
 from pyops.ops import attention as op_mod
 from pyops.reference import attention as R
 
