@@ -142,7 +142,7 @@ def _add_if_node(graph, deps, handle):
 
 def _set_deps(stream_ptr: int, node) -> None:
     rt = _cudart()
-    flag = rt.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies
+    flag = int(rt.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies)
     try:  # CUDA 13: (stream, deps, edge_data, n, flags)
         _ok(rt.cudaStreamUpdateCaptureDependencies(stream_ptr, [node], None, 1, flag))
     except TypeError:  # CUDA 12: (stream, deps, n, flags)
@@ -191,7 +191,7 @@ def begin(flag: torch.Tensor, index: int = 0, *, run_when: str = "zero"):
     main_ptr = r.main.cuda_stream
     cap_id, graph, _ = _capture_info(main_ptr)
     handle = _ok(rt.cudaGraphConditionalHandleCreate(
-        graph, 0, rt.cudaGraphConditionalHandleFlags.cudaGraphCondAssignDefault))
+        graph, 0, int(rt.cudaGraphConditionalHandleFlags.cudaGraphCondAssignDefault)))
     h = int(handle)
     if h >= 2 ** 63:
         h -= 2 ** 64
