@@ -379,3 +379,17 @@ def test_chunk_level_errors():
     if m is not None:
         with pytest.raises(TypeError, match="chunk"):
             C.apply(m, C.CacheConfig(level="chunk"))
+
+
+def test_graphs_conditional_cpu_host_branch():
+    for v, want in ((0, True), (3, False)):
+        flag = torch.tensor([v], dtype=torch.int32)
+        with G.conditional(flag, run_when="zero") as run:
+            assert run is want
+        with G.conditional(flag, run_when="nonzero") as run:
+            assert run is (not want)
+    assert not G.capturing()
+    with pytest.raises(ValueError, match="int32"):
+        G.begin(torch.zeros(1))
+    with pytest.raises(ValueError, match="run_when"):
+        G.begin(torch.zeros(1, dtype=torch.int32), run_when="maybe")
