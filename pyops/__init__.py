@@ -46,7 +46,15 @@ from .quantize import (  # noqa: E402
     quantize_nvfp4,
 )
 
-from . import nn  # noqa: E402
+from . import cache, graphs, nn  # noqa: E402
+from .cache import (  # noqa: E402
+    BlockSpec,
+    CacheConfig,
+    CachedModel,
+    block_similarity,
+    cache_apply,
+)
+from .cache import apply as cache_model  # noqa: E402
 from .qattention import attention, sdpa  # noqa: E402
 from .fused import norm_modulate_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
@@ -72,7 +80,8 @@ if _backend.extension_status()[0]:
 __all__ = [
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
     "dequantize_nvfp4", "info", "__version__",
-    "attention", "sdpa", "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
+    "cache", "graphs", "block_similarity", "cache_apply", "CacheConfig", "CachedModel",
+    "BlockSpec", "cache_model", "attention", "sdpa", "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
     "QuantizedWeight", "nn", "QuantLinear", "quantize_model", "QuantConfig", "QuantReport",
     "sampler", "FewStepSampler", "CapturedSampler", "Schedule", "StepCoefficients", "sample_step",
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "diffusers_model",
