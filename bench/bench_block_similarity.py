@@ -32,7 +32,6 @@ COLUMNS = ["shape", "MB", "case", "provider", "ms", "µs", "GB/s", "% copy", "ms
 SHAPES = [("Flux 1024² img", 1, 4096, 3072), ("64 MB", 1, 8192, 4096),
           ("Flux b2", 2, 4608, 3072), ("Wan 480p", 1, 32760, 5120)]
 QUICK_SHAPES = [("quick", 2, 64, 256), ("quick odd", 1, 33, 1000)]
-GRAPH_MAX_BYTES = 64 * 2**20
 
 
 def diffusers_style(a, ref, threshold):
@@ -67,10 +66,7 @@ def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
                                          slow=b == "reference"))
             ps.append(U.Provider("diffusers-style (+ .item())",
                                  lambda a, r, thr=thr: diffusers_style(a, r, thr), graph=False))
-            graph_inputs = None
-            if device.type == "cuda" and nbytes < GRAPH_MAX_BYTES:
-                graph_inputs = [(a.clone(), ref.clone())
-                                for _ in range(U.rotation_count(nbytes, device))]
+            graph_inputs = U.rotating_inputs(nbytes, device, lambda: (a.clone(), ref.clone()))
             U.bench_providers(t, base, ps, (a, ref), nbytes, ceiling_gbps, device, budget,
                               graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
             for r in t.rows:

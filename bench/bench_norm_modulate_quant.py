@@ -34,7 +34,6 @@ COLUMNS = ["shape", "dtype", "provider", "ms", "GB/s", "% copy", "ms graph", "ok
 SHAPES = [("Flux 1024²", 1, 4608, 3072), ("Flux 1024² b2", 2, 4608, 3072),
           ("Wan 480p", 1, 32760, 5120), ("D 12288", 1, 4608, 12288)]
 QUICK_SHAPES = [("quick", 2, 64, 256), ("quick odd", 1, 33, 1000)]
-GRAPH_MAX_BYTES = 64 * 2**20
 
 
 def nbytes_moved(B: int, N: int, D: int, elsize: int) -> int:
@@ -80,9 +79,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "ms: median of triton.testing.do_bench, L2 flushed before each call; ms graph: "
         "CUDA-graph replay per call with rotating inputs (> 2x L2), inputs < 64 MiB.",
         "ok: q/scale equal quantize_fp8(y, 'row') of the provider's own fp32 y (pyops only)."])
-    compile_ok = device.type == "cuda" or args.compile
-    if not compile_ok:
-        t.notes.append("torch.compile not run on CPU (pass --compile to force).")
+    compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
     cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -91,10 +88,8 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         mk = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=gen)  # noqa: E731
         x, sh, sc = mk(B, N, D), mk(B, D), mk(B, D)
         nbytes = nbytes_moved(B, N, D, 2)
-        graph_inputs = None
-        if nbytes < GRAPH_MAX_BYTES and device.type == "cuda":
-            n = U.rotation_count(nbytes, device)
-            graph_inputs = [(mk(B, N, D), mk(B, D), mk(B, D)) for _ in range(n)]
+        graph_inputs = U.rotating_inputs(nbytes, device,
+                                         lambda: (mk(B, N, D), mk(B, D), mk(B, D)))
         base = {"shape": f"{label} {B}x{N}x{D}", "dtype": "bfloat16", "B": B, "N": N, "D": D}
         ps = providers(device, compile_ok, cache)
         for p in ps:

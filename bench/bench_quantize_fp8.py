@@ -32,7 +32,6 @@ SHAPES = [("act Flux 1024²", 4608, 3072), ("act Wan 480p", 32760, 5120),
           ("act 75600 tok", 75600, 3072), ("weight", 4096, 4096), ("weight", 12288, 3072)]
 QUICK_SHAPES = [("quick", 256, 384), ("quick odd", 130, 200)]
 GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
-GRAPH_MAX_BYTES = 64 * 2**20  # CUDA-graph timing for inputs smaller than this
 
 
 def nbytes_moved(M: int, K: int, elsize: int, g: str) -> int:
@@ -107,19 +106,14 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
         "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
         "exact: codes and scales bit-identical to pyops.reference on the same input."])
-    compile_ok = device.type == "cuda" or args.compile
-    if not compile_ok:
-        t.notes.append("torch.compile(reference) not run on CPU (pass --compile to force).")
+    compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
     compiled_cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(0)
     for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
-        graph_inputs = None
-        if M * K * 2 < GRAPH_MAX_BYTES and device.type == "cuda":
-            n = U.rotation_count(M * K * 2, device)
-            graph_inputs = [(torch.randn(M, K, device=device, dtype=torch.bfloat16,
-                                         generator=gen),) for _ in range(n)]
+        graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
+            torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
         for g in GRANULARITIES:
             check, rows = _checker(x, g, args.check_elems)
             base = {"op": "quantize_fp8", "shape": f"{label} {M}x{K}", "config": g,

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
-from bench_quantize_fp8 import COLUMNS, GRAPH_MAX_BYTES, QUICK_SHAPES, SHAPES  # noqa: E402
+from bench_quantize_fp8 import COLUMNS, QUICK_SHAPES, SHAPES  # noqa: E402
 
 import pyops  # noqa: E402
 from pyops import _backend  # noqa: E402
@@ -105,20 +105,15 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
         "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
         "exact: codes, scale bytes and global scale bit-identical to pyops.reference."])
-    compile_ok = device.type == "cuda" or args.compile
-    if not compile_ok:
-        t.notes.append("torch.compile(reference) not run on CPU (pass --compile to force).")
+    compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
     compiled_cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(1)
     for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
         gs = ref.global_scale_from_amax(x.abs().amax().float().reshape(1))
-        graph_inputs = None
-        if M * K * 2 < GRAPH_MAX_BYTES and device.type == "cuda":
-            n = U.rotation_count(M * K * 2, device)
-            graph_inputs = [(torch.randn(M, K, device=device, dtype=torch.bfloat16,
-                                         generator=gen),) for _ in range(n)]
+        graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
+            torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
         for static, swizzle in CONFIGS:
             check, rows = _checker(x, gs if static else None, swizzle, args.check_elems)
             base = {"op": "quantize_nvfp4", "shape": f"{label} {M}x{K}",

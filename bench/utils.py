@@ -520,3 +520,23 @@ def bandwidth_main(name: str, parser: argparse.ArgumentParser, run: Callable, ar
     write_results(args.out, name, [t], env)
     print(env_markdown(env) + "\n\n" + t.markdown())
     return 0
+
+
+GRAPH_MAX_BYTES = 64 * 2**20  # CUDA-graph replay timing only for inputs smaller than this
+
+
+def rotating_inputs(nbytes: int, device: torch.device, make: Callable[[], tuple]
+                    ) -> Optional[list]:
+    """Input sets for ``time_ms_graph`` (enough to exceed twice the L2), or None when graph
+    timing does not apply (CPU, or inputs of ``GRAPH_MAX_BYTES`` and more)."""
+    if device.type != "cuda" or nbytes >= GRAPH_MAX_BYTES:
+        return None
+    return [make() for _ in range(rotation_count(nbytes, device))]
+
+
+def compile_allowed(args, device: torch.device, table: "Table") -> bool:
+    """torch.compile providers run on CUDA, and on CPU only with ``--compile`` (noted)."""
+    ok = device.type == "cuda" or bool(getattr(args, "compile", False))
+    if not ok:
+        table.notes.append("torch.compile providers not run on CPU (pass --compile to force).")
+    return ok
