@@ -18,6 +18,8 @@
 #   results.md   stage summary + environment + every benchmark's markdown tables
 #   results.json {"stages": [...], "benches": {name: {env, tables, records}}}
 #   log.txt      everything printed, pip/ninja/pytest output included
+# GPU_CHECK_BENCH="quantize linear" runs only those benchmarks (bench_<name>.py), so the
+# 30 minutes of device time a session gets can be split over several calls.
 # Without the device tool, OUT defaults to bench/out/gpu_check. GPU_CHECK_SKIP_INSTALL=1 skips the
 # install (to try the script on a machine whose Python environment must not change).
 set -u
@@ -121,6 +123,10 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
     for f in bench/bench_*.py; do
         b=$(basename "$f")
         case " $covered " in *" $b "*) echo "bench: $b is run by another script"; continue ;; esac
+        if [ -n "${GPU_CHECK_BENCH:-}" ]; then
+            n=${b#bench_}
+            case " $GPU_CHECK_BENCH " in *" ${n%.py} "*) ;; *) continue ;; esac
+        fi
         scripts+=("$f")
     done
     n=${#scripts[@]}
