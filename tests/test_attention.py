@@ -322,6 +322,55 @@ def test_sdpa_fallbacks_and_path(small_blocks):
     _check_bounds(out, want.double(), "int8", "random")
 
 
+# ---- native NVFP4 path (tl.dot_scaled) ------------------------------------------------------------
+def _nvfp4_run(q, k, v, native, pow2, causal=False):
+    from pyops.triton_kernels import attention as tk
+    from pyops.triton_kernels import attention_quant as tq
+    sc = q.shape[-1] ** -0.5
+    bf = tq.quantize_qkv(q, k, v, "nvfp4", sc, native=native, pow2_scales=pow2)
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    vt = bf["vt"].transpose(-1, -2)[:, :, :k.shape[2]]
+    tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"], bf["qb"], o, lse,
+                     "nvfp4", causal, sc, q.shape[1], bf.get("qsb"), bf.get("ksb"))
+    return o.float(), lse, bf
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter plumbing test (CPU)")
+def test_native_nvfp4_plumbing_interpreter(small_blocks):
+    """Packing (E2M1 nibbles along D, element 2i low), scale layout and the dot_scaled call of
+    the native kernel, run in the 3.9 interpreter. Its dot_scaled decodes scales as E8M0 only,
+    so the pre-pass rounds block scales to powers of two (``pow2_scales``; then E4M3 and E8M0
+    agree) and the native kernel must equal the emulated kernel on the same codes bit for bit
+    (both compute exact products in fp32 there). Unpacked codes are checked against the
+    emulated pre-pass's decoded values too."""
+    from pyops.reference.quantize_nvfp4 import e2m1_values
+    q, k, v = R.make_inputs(1, 2, 1, 21, 37, 64, "outlier", seed=5)
+    on, ln, bn = _nvfp4_run(q, k, v, True, True, causal=True)
+    oe, le, be = _nvfp4_run(q, k, v, False, True, causal=True)
+    assert torch.equal(on, oe) and torch.equal(ln, le)
+    codes = torch.stack([bn["kc"] & 15, bn["kc"] >> 4], -1).flatten(-2).long()
+    sb = bn["ksb"].view(torch.float8_e4m3fn).float().repeat_interleave(16, -1)
+    torch.testing.assert_close(e2m1_values(codes) * sb, be["kc"].float(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "outlier"])
+def test_gpu_native_nvfp4_vs_simulated(kind):
+    """sm_100/sm_120 only: the native dot_scaled path against the simulated recipe (same
+    quantization; fp32 summation order differs) and the fp64 bounds."""
+    from pyops.triton_kernels import attention as tk
+    if not tk.native_fp4_supported("cuda"):
+        pytest.skip("native NVFP4 needs compute capability 10.x or 12.x")
+    q, k, v = R.make_inputs(1, 4, 2, 1000, 1300, 128, kind, seed=4, device="cuda")
+    on, ln, _ = _nvfp4_run(q, k, v, True, False)
+    so, sl = R.simulated_attention(q, k, v, "nvfp4")
+    e = R.error_stats(on, so)
+    assert e["cos"] > 0.9999 and e["rel_l1"] < 0.01, e
+    ref, _ = R.attention(q, k, v, dtype=torch.float64)
+    _check_bounds(attention(q, k, v, precision="nvfp4"), ref, "nvfp4", kind)
+
+
 # ---- GPU only ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("prec", ["int8", "fp8"])

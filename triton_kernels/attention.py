@@ -77,22 +77,49 @@ def _operand(ptr, offs, mask, KIND: tl.constexpr, IS_BF16: tl.constexpr,
 
 
 @triton.jit
+def _fp4_scales(ptr, offs, mask, INTERPRET: tl.constexpr):
+    """E4M3 block-scale bytes -> the dot_scaled scale operand: float8e4nv on the GPU (NVFP4,
+    group 16). Under the 3.9 interpreter, whose dot_scaled decodes scales as E8M0 only, the byte
+    of 2^round(log2(value)) -- exact only for power-of-two scales (the pow2_scales test hook);
+    zero stays byte 0 (2^-127; its codes are all zero)."""
+    b = tl.load(ptr + offs, mask=mask, other=0)
+    if INTERPRET:
+        v = e4m3_to_f32(b, True)
+        e = tl.math.floor(tl.math.log2(tl.maximum(v, 1e-30)) + 0.5) + 127.0
+        r = tl.where(v > 0, e, 0.0).to(tl.uint8)
+    else:
+        r = b.to(tl.float8e4nv, bitcast=True)
+    return r
+
+
+@triton.jit
 def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_ptr, vbase,
-                svs, svd, ks_ptr, ksbase, c_raw, d,
+                svs, svd, ks_ptr, ksbase, c_raw, d, qsb, ksb_ptr,
                 QK: tl.constexpr, PV: tl.constexpr, IS_BF16: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, P_SCALE: tl.constexpr,
-                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, NATIVE_FP4: tl.constexpr,
+                D: tl.constexpr):
     """One key block of the online softmax. MASK: the block may hold keys >= Sk or (CAUSAL)
     keys past the diagonal; unmasked blocks skip every per-score select."""
     cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     cmask = cols < Sk
-    kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
-                  IS_BF16 and QK == 0, INTERPRET, MASK)  # [D, BLOCK_N]
+    if NATIVE_FP4:  # packed E2M1 K^T [D/2, BLOCK_N] (packed along D) + E4M3 [BLOCK_N, D/16]
+        dh = tl.arange(0, D // 2)
+        ds = tl.arange(0, D // 16)
+        kt = tl.load(k_ptr + kbase + cols[None, :] * sks + dh[:, None] * skd,
+                     mask=cmask[None, :], other=0)
+        ksb = _fp4_scales(ksb_ptr, (ksbase + cols[:, None]) * (D // 16) + ds[None, :],
+                          cmask[:, None], INTERPRET)
+    else:
+        kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
+                      IS_BF16 and QK == 0, INTERPRET, MASK)  # [D, BLOCK_N]
     # V operand kind: fp8 bytes for PV 1 and 3, 16-bit for PV 0 (raw input) and 2 (fp16 codes)
     v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None],
                  1 if (PV == 1 or PV == 3) else 0, IS_BF16 and PV == 0, INTERPRET,
                  MASK)  # [BLOCK_N, D]
-    if INTERPRET:
+    if NATIVE_FP4:  # NVFP4 x NVFP4 -> fp32 (tcgen05 / mma.sync kind::mxf4nvf4, block 16)
+        s = tl.dot_scaled(q, qsb, "e2m1", kt, ksb, "e2m1")
+    elif INTERPRET:
         s = tl.dot(q, kt, input_precision="ieee")
     elif QK == 2:
         s = tl.dot(q, kt).to(tl.float32)
@@ -162,13 +189,15 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
 
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr, lse_ptr,
+                     qsb_ptr, ksb_ptr,
                      Hq, GROUP, Sq, Sk, c_raw,
                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      sob, soh, sos, sod,
                      QK: tl.constexpr, PV: tl.constexpr, IS_BF16: tl.constexpr,
                      OUT_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_LSE: tl.constexpr,
                      P_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, SOFT: tl.constexpr):
+                     BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, SOFT: tl.constexpr,
+                     NATIVE_FP4: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -177,8 +206,17 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Sq
     d = tl.arange(0, D)
-    q = _operand(q_ptr, b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-                 rmask[:, None], QK, IS_BF16 and QK == 0, INTERPRET)
+    if NATIVE_FP4:  # packed E2M1 Q [BLOCK_M, D/2] + E4M3 block scales [BLOCK_M, D/16]
+        dh = tl.arange(0, D // 2)
+        ds = tl.arange(0, D // 16)
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + dh[None, :] * sqd,
+                    mask=rmask[:, None], other=0)
+        qsb = _fp4_scales(qsb_ptr, (bh.to(tl.int64) * Sq + rows[:, None]) * (D // 16)
+                          + ds[None, :], rmask[:, None], INTERPRET)
+    else:
+        q = _operand(q_ptr, b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
+                     rmask[:, None], QK, IS_BF16 and QK == 0, INTERPRET)
+        qsb = rmask  # unused
     if QK != 0:
         qsc = tl.load(qs_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=1.0)
     else:
@@ -198,11 +236,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
     for n0 in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
                                     v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
-                                    QK, PV, IS_BF16, False, CAUSAL, P_SCALE, BLOCK_N, INTERPRET)
+                                    qsb, ksb_ptr, QK, PV, IS_BF16, False, CAUSAL, P_SCALE,
+                                    BLOCK_N, INTERPRET, NATIVE_FP4, D)
     for n0 in range(n_full, hi, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
                                     v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
-                                    QK, PV, IS_BF16, True, CAUSAL, P_SCALE, BLOCK_N, INTERPRET)
+                                    qsb, ksb_ptr, QK, PV, IS_BF16, True, CAUSAL, P_SCALE,
+                                    BLOCK_N, INTERPRET, NATIVE_FP4, D)
     o = acc / l_i[:, None]
     if PV != 0:
         vsc = tl.load(vs_ptr + bhk * D + d)
@@ -227,11 +267,32 @@ def pick_config(D: int, precision: str, interpret: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128 if quant else 64, num_warps=8, num_stages=3)
 
 
+def native_fp4_supported(device) -> bool:
+    """The native NVFP4 (``tl.dot_scaled`` e2m1 x e2m1, E4M3 scales per 16) path: CUDA devices
+    of compute capability 10.x (sm_100/103: tcgen05.mma kind::mxf4nvf4 block16) and 12.x
+    (sm_120/121: mma.sync m16n8k64 kind::mxf4nvf4 scale_vec::4X ue4m3) -- the instructions the
+    3.9 compiler emits ahead of time (tests/test_attention_build.py). Elsewhere (Hopper, the
+    interpreter) nvfp4 runs emulated. ``PYOPS_NVFP4_NATIVE=0`` forces emulation."""
+    import os
+    if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
+        return False
+    dev = torch.device(device)
+    if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(dev)[0] in (10, 12)
+
+
 def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: bool,
-                  sm_scale: float, Hq: int) -> None:
+                  sm_scale: float, Hq: int, qsb=None, ksb=None) -> None:
     """q (B,Hq,Sq,D) codes or raw, k (B,Hk,Sk,D), v as a (B,Hk,Sk,D) view (for quantized
-    precisions: vt (B,Hk,D,Sk_pad) transposed, i.e. ``vt.transpose(-1, -2)[:, :, :Sk]``)."""
+    precisions: vt (B,Hk,D,Sk_pad) transposed, i.e. ``vt.transpose(-1, -2)[:, :, :Sk]``).
+    nvfp4 native (``qsb``/``ksb`` given: ``quantize_qkv(..., native=True)``): q/k are packed
+    E2M1 codes (..., D/2) uint8 and qsb/ksb the E4M3 block-scale bytes (..., D/16); QK^T runs
+    through ``tl.dot_scaled``."""
+    native = qsb is not None
     B, _, Sq, D = q.shape
+    if native:
+        D = 2 * D
     Hk, Sk = k.shape[1], k.shape[2]
     interp = q.device.type != "cuda"
     soft = use_soft_cvt(out)
@@ -250,9 +311,10 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
         qk_, kk_, vk_, dummy if qs is None else qs, dummy if ks is None else ks,
         dummy if vs is None else vs, dummy if qb is None else qb, ok,
         lse if lse is not None else dummy,
+        qsb if native else dummy, ksb if native else dummy,
         Hq, Hq // Hk, Sq, Sk, float(sm_scale) * 1.4426950408889634,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         QK=QK, PV=PV, IS_BF16=is_bf16, OUT_KIND=out_kind(out.dtype), CAUSAL=bool(causal),
         HAS_LSE=lse is not None, P_SCALE=P_SCALE[PV], D=D, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], INTERPRET=interp, SOFT=soft, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_N=cfg["BLOCK_N"], INTERPRET=interp, SOFT=soft, NATIVE_FP4=native,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

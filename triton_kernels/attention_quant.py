@@ -111,7 +111,50 @@ def _e2m1_rne_value(v):
 
 
 @triton.jit
-def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+def _e2m1_rne_code(v):
+    """|v| <= 6 -> the E2M1 code (bits 0-2 magnitude index of {0, .5, 1, 1.5, 2, 3, 4, 6}, bit 3
+    sign), round to nearest even: the same thresholds as ``_e2m1_rne_value``."""
+    m = tl.abs(v)
+    c = tl.where(m <= 0.25, 0, tl.where(m < 0.75, 1, tl.where(m <= 1.25, 2, tl.where(
+        m < 1.75, 3, tl.where(m <= 2.5, 4, tl.where(m < 3.5, 5, tl.where(m <= 5.0, 6, 7)))))))
+    return tl.where(v < 0, c | 8, c)
+
+
+@triton.jit
+def _nvfp4_parts(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
+                 POW2: tl.constexpr):
+    """x (BT, D) fp32 -> (s (BT,) fp32 per-token second level, E4M3 block-scale bytes
+    (BT, D/16) uint8, their fp32 values, E2M1 values v (BT, D/16, 16) in [-6, 6] before
+    rounding). POW2 (test hook): block scales rounded up to powers of two (the interpreter's
+    dot_scaled decodes scales as E8M0 only)."""
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 2688.0), FLT_MIN)
+    xb = tl.reshape(x, [BT, D // 16, 16])
+    bam = tl.max(tl.abs(xb), axis=2)
+    sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(bam, 6.0), s[:, None]), FP8_MAX)
+    if POW2:
+        sb = tl.where(sb > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
+            tl.maximum(sb, 0.001953125)))), 256.0), 0.0)
+    sbits = e4m3_bits(sb, SOFT)
+    sb = e4m3_to_f32(sbits, SOFT)
+    den = sb * s[:, None]
+    v = tl.math.div_rn(xb, tl.where(den > 0, den, 1.0)[:, :, None])
+    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    v = tl.where((sb > 0)[:, :, None], v, 0.0)
+    return s, sbits, sb, v
+
+
+@triton.jit
+def _pack_e2m1(v, R: tl.constexpr, C: tl.constexpr):
+    """E2M1 values v (any shape with R * C elements) -> (R, C/2) uint8 codes, element 2i in the
+    low nibble (the NVFP4 / tl.dot_scaled packing along the reduction dim)."""
+    c = tl.reshape(_e2m1_rne_code(v), [R, C // 2, 2])
+    lo, hi = tl.split(c)
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
+                  POW2: tl.constexpr = False):
     """x (BT, D) fp32 -> (codes to store, per-token scale (BT,))."""
     amax = tl.max(tl.abs(x), axis=1)
     if KIND == 1:
@@ -124,31 +167,24 @@ def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D
         v = tl.math.div_rn(x, s[:, None])
         v = (v + RNE_MAGIC) - RNE_MAGIC
         c = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX).to(tl.int8)
-    else:  # nvfp4: per-token fp32 g, E4M3 per 16 channels, E2M1 codes; stored decoded (fp16)
-        s = tl.maximum(tl.math.div_rn(amax, 2688.0), FLT_MIN)
-        xb = tl.reshape(x, [BT, D // 16, 16])
-        bam = tl.max(tl.abs(xb), axis=2)
-        sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(bam, 6.0), s[:, None]), FP8_MAX)
-        sb = e4m3_to_f32(e4m3_bits(sb, SOFT), SOFT)
-        den = sb * s[:, None]
-        v = tl.math.div_rn(xb, tl.where(den > 0, den, 1.0)[:, :, None])
-        v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    else:  # nvfp4 emulated: per-token fp32 s, E4M3 per 16 channels, E2M1; stored decoded (fp16)
+        s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
         val = _e2m1_rne_value(v) * sb[:, :, None]
-        val = tl.where((sb > 0)[:, :, None], val, 0.0)
         c = tl.reshape(val, [BT, D]).to(tl.float16)
     return c, s
 
 
 @triton.jit
 def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
-                      qc_ptr, qs_ptr, qb_ptr, kc_ptr, ks_ptr, vt_ptr, vs_ptr,
+                      qc_ptr, qs_ptr, qb_ptr, kc_ptr, ks_ptr, vt_ptr, vs_ptr, qsb_ptr, ksb_ptr,
                       n_qprog, nqt, nkt, Hq, Hk, GROUP, Sq, Sk, Sk_pad, NCH, c_log2,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                       QK_KIND: tl.constexpr, PV_KIND: tl.constexpr, SMOOTH_K: tl.constexpr,
                       SMOOTH_QK: tl.constexpr, ROTATE: tl.constexpr, IS_BF16: tl.constexpr,
                       SOFT: tl.constexpr, INTERPRET: tl.constexpr, D: tl.constexpr,
                       LOG_D: tl.constexpr, RSQRT_D: tl.constexpr, BT: tl.constexpr,
-                      NCH_P: tl.constexpr):
+                      NCH_P: tl.constexpr, NATIVE: tl.constexpr = False,
+                      POW2: tl.constexpr = False):
     pid = tl.program_id(0)
     d = tl.arange(0, D)
     tt = tl.arange(0, BT)
@@ -193,9 +229,18 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if ROTATE:
             x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
                        else "tf32")
-        c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D)
         obh = bh.to(tl.int64)
-        tl.store(qc_ptr + (obh * Sq + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
+        if NATIVE:  # packed E2M1 codes (Sq, D/2) + E4M3 scale bytes (Sq, D/16)
+            s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
+            dh = tl.arange(0, D // 2)
+            ds = tl.arange(0, D // 16)
+            tl.store(qc_ptr + (obh * Sq + rows[:, None]) * (D // 2) + dh[None, :],
+                     _pack_e2m1(v, BT, D), mask=rm[:, None])
+            tl.store(qsb_ptr + (obh * Sq + rows[:, None]) * (D // 16) + ds[None, :], sbits,
+                     mask=rm[:, None])
+        else:
+            c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
+            tl.store(qc_ptr + (obh * Sq + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
         tl.store(qs_ptr + obh * Sq + rows, s * c_log2, mask=rm)
         tl.store(qb_ptr + obh * Sq + rows, qb, mask=rm)
     else:
@@ -210,8 +255,17 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if ROTATE:
             x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
                        else "tf32")
-        c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D)
-        tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
+        if NATIVE:
+            s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
+            dh = tl.arange(0, D // 2)
+            ds = tl.arange(0, D // 16)
+            tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * (D // 2) + dh[None, :],
+                     _pack_e2m1(v, BT, D), mask=rm[:, None])
+            tl.store(ksb_ptr + (bhk * Sk + rows[:, None]) * (D // 16) + ds[None, :], sbits,
+                     mask=rm[:, None])
+        else:
+            c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
+            tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
         tl.store(ks_ptr + bhk * Sk + rows, s, mask=rm)
         # V: per-channel scale over all tokens, codes written transposed (B, Hk, D, Sk_pad)
         va = tl.max(tl.load(va_ptr + sofs, mask=cm, other=0.0), axis=0)
@@ -229,31 +283,46 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
             tl.store(vs_ptr + bhk * D + d, vs)
 
 
-def prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, device):
-    """Allocate the pre-pass outputs (shapes only)."""
+def prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, device, native: bool = False):
+    """Allocate the pre-pass outputs (shapes only). ``native`` (nvfp4 only): qc/kc hold packed
+    E2M1 codes (..., D/2) uint8 and qsb/ksb the E4M3 block-scale bytes (..., D/16)."""
     qk, pv = QK_KIND[precision], PV_KIND[precision]
     cdt = {1: torch.uint8, 2: torch.int8, 3: torch.float16}[qk]
     vdt = {1: torch.uint8, 2: torch.float16}[pv]
     sk_pad = triton.cdiv(Sk, 16) * 16
     f32 = dict(dtype=torch.float32, device=device)
+    u8 = dict(dtype=torch.uint8, device=device)
+    if native:
+        if qk != 3:
+            raise ValueError(f"native packed codes exist for nvfp4 only, not {precision!r}")
+        extra = dict(qsb=torch.empty((B, Hq, Sq, D // 16), **u8),
+                     ksb=torch.empty((B, Hk, Sk, D // 16), **u8))
+        dq, cdt = D // 2, torch.uint8
+    else:
+        extra, dq = {}, D
     return dict(
-        qc=torch.empty((B, Hq, Sq, D), dtype=cdt, device=device),
+        qc=torch.empty((B, Hq, Sq, dq), dtype=cdt, device=device),
         qs=torch.empty((B, Hq, Sq), **f32), qb=torch.empty((B, Hq, Sq), **f32),
-        kc=torch.empty((B, Hk, Sk, D), dtype=cdt, device=device),
+        kc=torch.empty((B, Hk, Sk, dq), dtype=cdt, device=device), **extra,
         ks=torch.empty((B, Hk, Sk), **f32),
         vt=torch.empty((B, Hk, D, sk_pad), dtype=vdt, device=device),
         vs=torch.empty((B, Hk, D), **f32), sk_pad=sk_pad)
 
 
 def quantize_qkv(q, k, v, precision: str, sm_scale: float, *, smooth_k: bool = True,
-                 smooth_qk: bool = True, rotate: bool = True, block_t: int = 64) -> dict:
-    """q (B, Hq, Sq, D), k/v (B, Hk, Sk, D) as strided views (bf16/fp16/fp32) -> buffers dict."""
+                 smooth_qk: bool = True, rotate: bool = True, block_t: int = 64,
+                 native: bool = False, pow2_scales: bool = False) -> dict:
+    """q (B, Hq, Sq, D), k/v (B, Hk, Sk, D) as strided views (bf16/fp16/fp32) -> buffers dict.
+
+    ``native`` (nvfp4): packed E2M1 codes + E4M3 scale bytes for the ``tl.dot_scaled`` kernel
+    (see ``prepass_buffers``). ``pow2_scales`` (test hook, nvfp4): block scales rounded up to
+    powers of two, the only E4M3 scales the 3.9 interpreter's E8M0-only dot_scaled decodes."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     dev = q.device
     interp = dev.type != "cuda"
     soft = use_soft_cvt(q)
-    out = prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, dev)
+    out = prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, dev, native)
     S = max(Sq, Sk)
     nch = max(1, min(MAX_CHUNKS, triton.cdiv(S, 4 * block_t)))
     chq = triton.cdiv(triton.cdiv(Sq, nch), block_t) * block_t
@@ -276,10 +345,12 @@ def quantize_qkv(q, k, v, precision: str, sm_scale: float, *, smooth_k: bool = T
     _qkv_quant_kernel[(n_q + B * Hk * nkt,)](
         qk_, kk_, vk_, qa, kmx, kmn, va,
         out["qc"], out["qs"], out["qb"], out["kc"], out["ks"], out["vt"], out["vs"],
+        out.get("qsb", out["qs"]), out.get("ksb", out["ks"]),
         n_q, nqt, nkt, Hq, Hk, Hq // Hk, Sq, Sk, out["sk_pad"], nch, c_log2, *strides,
         QK_KIND=QK_KIND[precision], PV_KIND=PV_KIND[precision], SMOOTH_K=bool(smooth_k),
         SMOOTH_QK=bool(smooth_qk), ROTATE=bool(rotate), IS_BF16=is_bf16, SOFT=soft,
         INTERPRET=interp, D=D, LOG_D=int(math.log2(D)),
         RSQRT_D=float(torch.tensor(1.0 / math.sqrt(D), dtype=torch.float32)), BT=block_t,
-        NCH_P=triton.next_power_of_2(nch), num_warps=nw)
+        NCH_P=triton.next_power_of_2(nch), NATIVE=bool(native), POW2=bool(pow2_scales),
+        num_warps=nw)
     return out

@@ -58,10 +58,11 @@ def _triton(qh, kh, vh, out_h, lse, precision, causal, scale) -> None:
         tk.attention_fwd(qh, kh, vh, None, None, None, None, o_k, lse, precision, causal, scale,
                          Hq)
     else:
-        bf = tq.quantize_qkv(qh, kh, vh, precision, scale)
+        native = precision == "nvfp4" and tk.native_fp4_supported(qh.device)
+        bf = tq.quantize_qkv(qh, kh, vh, precision, scale, native=native)
         vt = bf["vt"].transpose(-1, -2)[:, :, :Sk]
         tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"], bf["qb"], o_k,
-                         lse, precision, causal, scale, Hq)
+                         lse, precision, causal, scale, Hq, bf.get("qsb"), bf.get("ksb"))
     if Dp != D:
         out_h.copy_(o_k[..., :D])
 
