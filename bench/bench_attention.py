@@ -44,7 +44,7 @@ PRECISIONS = ("int8", "fp8", "int8_fp16pv", "nvfp4", "bf16")
 ACC_ROWS = 1024
 COLUMNS = ["shape", "B", "H", "S", "D", "provider", "ms", "TFLOPS", "kernel ms",
            "kernel TFLOPS", "prepass ms", "x cuDNN", "cos random", "relL1 random",
-           "cos outlier", "relL1 outlier", "note"]
+           "cos outlier", "relL1 outlier", "path", "note"]
 
 
 def _sdpa_provider(backend_name):
@@ -107,10 +107,13 @@ def kernel_only(prec, q, k, v, device, args):
         run()
         return U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms), 0.0
     pre = lambda: tq.quantize_qkv(q, k, v, prec, sc)  # noqa: E731
+    if prec == "nvfp4" and tk.native_fp4_supported(device):
+        pre = lambda: tq.quantize_qkv(q, k, v, prec, sc, native=True)  # noqa: E731
     bf = pre()
     vt = bf["vt"].transpose(-1, -2)[:, :, :S]
     run = lambda: tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"],  # noqa
-                                   bf["qb"], out, lse, prec, False, sc, H)
+                                   bf["qb"], out, lse, prec, False, sc, H, bf.get("qsb"),
+                                   bf.get("ksb"))
     run()
     kms = U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     pms = U.time_ms(pre, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
@@ -133,6 +136,10 @@ def run_shape(table, label, B, H, S, D, device, args, budget):
             row["note"] = "skipped: time budget spent"
             table.add(**row)
             continue
+        if extra == "nvfp4":
+            from pyops.triton_kernels.attention import native_fp4_supported
+            row["path"] = ("native dot_scaled QK^T, emulated PV"
+                           if native_fp4_supported(device) else "emulated")
         try:
             fn(q, k, v)
             U._sync(device)
@@ -174,8 +181,11 @@ def main(argv=None) -> int:
         "pre-quantized buffers; prepass ms: the pre-pass alone.",
         f"accuracy: cosine / relative L1 vs fp32 SDPA on the first {ACC_ROWS} query rows "
         "of every head, random and outlier-channel inputs (same shape).",
-        "pyops nvfp4 is emulated (NVFP4 Q/K and two-level NVFP4 P decoded exactly to fp16, "
-        "fp16 MMAs): its accuracy is the Blackwell recipe's, its speed is not."])
+        "pyops nvfp4: the path column says which kernel ran. emulated (Hopper): NVFP4 Q/K and "
+        "two-level NVFP4 "
+        "P decoded exactly to fp16, fp16 MMAs -- its accuracy is the Blackwell recipe's, its "
+        "speed is not; native (sm_100/sm_120): QK^T through tl.dot_scaled e2m1 x e2m1 with "
+        "E4M3 scales per 16, PV still emulated."])
     shapes = QUICK if args.quick else SHAPES
     t0 = time.time()
     for label, B, H, S, D in shapes:

@@ -40,16 +40,55 @@ Quantization recipe (spec: ``pyops/reference/attention.py``; kernels:
    (promotion once per key block); the row sum l uses the unquantized p.
 
 Precisions: "int8" (default: INT8 QK, FP8 PV, the SageAttention2 recipe), "fp8" (FP8 QK, FP8
-PV), "int8_fp16pv" (accuracy first: INT8 QK, fp16 PV), "nvfp4" (the Blackwell recipe, EMULATED:
-Q and K in NVFP4 (E2M1, E4M3 per 16 channels, fp32 per token), P in two levels (E2M1, E4M3 per
-16 keys, fp32 per row and key block = the block's row max / 2688), V in FP8; the pre-pass and
-the kernel decode the NVFP4 values exactly to fp16 and run fp16 MMAs -- the arithmetic
-``tl.dot_scaled`` performs on Hopper -- so it measures the recipe's accuracy, not FP4 speed),
-"bf16" (no quantization: 16-bit MMAs in the input dtype).
-Why no native ``tl.dot_scaled`` path: Triton 3.9's interpreter decodes dot_scaled scales as
-E8M0 only (``triton/runtime/interpreter.py``, ``_dot_scaled_scale_to_f32``), so an NVFP4
-(E4M3-scale) call cannot be tested on CPU, and no Blackwell GPU was available; an untestable
-kernel path was not shipped.
+PV), "int8_fp16pv" (accuracy first: INT8 QK, fp16 PV), "nvfp4" (the Blackwell recipe: Q and K
+in NVFP4 (E2M1, E4M3 per 16 channels, fp32 per token), P in two levels (E2M1, E4M3 per 16 keys,
+fp32 per row and key block = the block's row max / 2688), V in FP8), "bf16" (no quantization:
+16-bit MMAs in the input dtype).
+
+nvfp4 has two kernel paths, chosen per call by ``triton_kernels.attention.native_fp4_supported``
+(compute capability 10.x or 12.x, not the interpreter; ``PYOPS_NVFP4_NATIVE=0`` forces emulation):
+* NATIVE (sm_100/103, sm_120/121; UNVERIFIED: no Blackwell GPU was available): the pre-pass
+  writes packed E2M1 codes (two per byte along D, element 2i in the low nibble) and E4M3 block
+  scale bytes; QK^T is ``tl.dot_scaled(q, q_sb, "e2m1", k^T, k_sb, "e2m1")`` with float8e4nv
+  scales (group 16 deduced from the scale shape), times the fp32 per-token levels as before.
+  PV stays emulated (P decoded exactly to fp16, V's e4m3 to fp16, fp16 MMA): the hardware has
+  no NVFP4 x FP8 instruction (``kind::mxf4nvf4`` needs both operands E2M1; ``kind::mxf8f6f4``
+  takes UE8M0 scales in blocks of 32). A ``dot_scaled(P, P_sb, "e2m1", V, None, "e4m3")``
+  compiles with Triton 3.9 to ``tcgen05.mma kind::f16`` on sm_100 and bf16 ``mma.sync`` on
+  sm_120 (the decomposition), i.e. the same arithmetic as our explicit decode; a native PV
+  needs V in NVFP4 too (SageAttention3 does that), a recipe change not measured here.
+* EMULATED (Hopper, the interpreter, anything else): the pre-pass and the kernel decode the
+  NVFP4 values exactly to fp16 and run fp16 MMAs -- the arithmetic ``tl.dot_scaled`` performs
+  on Hopper -- so it measures the recipe's accuracy, not FP4 speed. Both paths quantize
+  identically (``_nvfp4_parts``); they differ only in how QK^T is multiplied.
+
+``tl.dot_scaled`` facts (found 2026, sources below):
+* Signature (3.9 ``triton/language/core.py``): ``dot_scaled(lhs, lhs_scale, lhs_format, rhs,
+  rhs_scale, rhs_format, acc=None, fast_math=False, lhs_k_pack=True, rhs_k_pack=True,
+  out_dtype=float32)``; formats e2m1, e4m3, e5m2, bf16, fp16 (``semantic.dot_scaled``); e2m1 is
+  two codes per uint8, first element in the low bits, packed along K unless k_pack=False;
+  scale shape [M, K/group] for lhs and [N, K/group] for rhs (not transposed); the group size
+  is deduced from the shapes (``ir.deduce_scale_factor``): 32 for uint8 E8M0 scales, 16 for
+  float8e4nv (E4M3) scales = NVFP4. The docstring still only mentions E8M0. ``fast_math``
+  skips the NaN/inf handling of the software upcast. Only fp32 accumulation.
+* What it lowers to, checked here by compiling ahead of time with Triton 3.9 and its ptxas
+  (``tests/test_attention_build.py``; no GPU): e2m1 x e2m1 with E4M3 scales per 16 ->
+  sm_100 ``tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16``, sm_120
+  ``mma.sync.aligned.m16n8k64...kind::mxf4nvf4.block_scale.scale_vec::4X...e2m1.e2m1.f32.ue4m3``,
+  sm_90 bf16 ``wgmma`` (decomposed: values upcast to bf16, scales multiplied in).
+* Interpreter (3.9 ``runtime/interpreter.py``, ``_dot_scaled_scale_to_f32``): scales are
+  decoded as E8M0 whatever their dtype, so an E4M3-scaled call is only right for power-of-two
+  scales; the CPU test uses a pre-pass hook that rounds block scales to powers of two and
+  feeds the E8M0 byte of the same value (``_fp4_scales``), then requires the native kernel to
+  equal the emulated one bit for bit (it catches e.g. a swapped nibble order).
+* Triton 3.6 (the H100 target): NOT verified (no 3.6 here). History from the Triton repo:
+  NVFP4 with float8e4nv scales crashed on sm_120 with 3.4 (triton-lang/triton#7549, 2025-07);
+  native MXFP4/NVFP4 on sm_120 was proposed in #8430 (2025-10); sm_121 was only added to the
+  native path by #10010 (2026-04, "falls through to DecomposeScaledBlocked ... bf16"); the
+  Hopper/software decomposition learned E4M3 scales with group 16 only in #9772 (2026-03-18,
+  "current decomposition expects block = 32"). So on 3.6 an NVFP4 dot_scaled on Hopper may
+  be rejected or wrong -- another reason Hopper keeps the explicit fp16 emulation -- and the
+  native Blackwell path should be run with Triton >= 3.9 (what was compiled here).
 
 Accuracy measured on CPU, cosine / relative L1 vs fp64, bf16 inputs.
 Simulated reference (block_n 64), B1 Hq4 Hk2 Sq200 Sk300:
@@ -62,7 +101,11 @@ these (e.g. D128 random int8 0.99942/0.0338, outlier int8 0.99953/0.0273; bf16 0
 The default is "int8" because FP8 QK misses SageAttention2's random-input accuracy (relL1 0.050
 > 0.038) while INT8 QK meets it at the same H100 tensor-core rate. Targets of the issue met in
 the reference: random cos >= 0.9993 and relL1 <= 0.038 (int8), outlier cos >= 0.995 (int8, fp8,
-int8_fp16pv), accuracy-first relL1 <= 0.015 (int8_fp16pv). nvfp4 meets none of them.
+int8_fp16pv), accuracy-first relL1 <= 0.015 (int8_fp16pv). nvfp4 meets none of them: next to int8 (random cos .99936 / relL1 .0356) and fp8
+(.99873 / .0500) it loses about 0.013 cosine and triples the relative L1 (.98670 / .162) on
+random inputs, and on outlier inputs falls to .967 / .182 against int8's .99952 / .0274 --
+4-bit Q, K and P cost about 4x fp8's error with the same transforms. The native path quantizes
+identically, so its accuracy should match these up to fp32 summation order (unmeasured).
 
 Still to be justified by a GPU measurement (none could be made: no GPU was available, and
 nothing in ``bench/RESULTS.md`` comes from this op yet): every speed claim; the block sizes and
@@ -140,7 +183,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     q (B, Hq, Sq, D), k and v (B, Hk, Sk, D) for ``layout="bhsd"`` ((B, S, H, D) for "bshd"),
     bf16 or fp16, any strides. Returns the output (same layout as q, contiguous, q's dtype) and,
     with ``return_lse``, the log-sum-exp of the scaled scores (B, Hq, Sq) fp32 (natural log).
-    precision: "int8" | "fp8" | "int8_fp16pv" | "nvfp4" (emulated) | "bf16".
+    precision: "int8" | "fp8" | "int8_fp16pv" | "nvfp4" (native dot_scaled QK^T on sm_100 /
+    sm_120, emulated elsewhere) | "bf16".
     backend: "triton" | "reference" | None (auto: Triton on CUDA, the reference on CPU).
     """
     _check(q, k, v, layout, precision, scale)
