@@ -18,6 +18,8 @@ Providers (all bf16 in, bf16 out, bias on):
   ``bf16 layernorm+modulate+nn.Linear`` (eager PyTorch). Only if ``pyops.norm_modulate_quant`` exists.
 * ``pyops nvfp4 (auto|fused|dequant)``: W4A16; fused = dequantize in the GEMM main loop,
   dequant = Triton dequantize to bf16 + cuBLAS.
+* ``pyops nvfp4 w4a4``: only on sm_100/103/120/121 (native NVFP4): per-call NVFP4 activation
+  quantization + block-scaled ``torch._scaled_mm`` + global-scale/bias epilogue (unverified).
 
 Columns: ms (do_bench median, L2 flushed), TFLOPS = 2·M·N·K / time, x bf16 = bf16 ms / ms,
 weight MB (the stored weight and its scales), accuracy vs fp32 math on the original (unquantized)
@@ -146,12 +148,17 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
         providers.append(("pyops norm_modulate_quant + fp8", lambda: linear(
             nmq(h, shift, scale), qw8, b), qw8.nbytes, False, "fused norm+modulate+quant"))
     providers.append(("pyops nvfp4 auto", lambda: linear(x, qw4, b), qw4.nbytes, False,
-                      f"variant {_nv4.pick_variant(M, N, K)}"))
+                      f"variant {_nv4.pick_variant(M, N, K, device)}"))
     if device.type == "cuda":
         d4, s4, g4 = qw4.data, qw4.scales.view(torch.uint8), qw4.global_scale
         for var in ("fused", "dequant"):
             providers.append((f"pyops nvfp4 {var}", lambda var=var: _nv4.nvfp4_linear_impl(
                 x, d4, s4, g4, K, b, "triton", var), qw4.nbytes, False, None))
+        if _nv4.native_fp4_supported(device)[0]:
+            s4sw = qw4.swizzled_scales().view(torch.uint8)
+            providers.append(("pyops nvfp4 w4a4", lambda: _nv4.nvfp4_linear_impl(
+                x, d4, s4sw, g4, K, b, "triton", "w4a4"), qw4.nbytes, False,
+                "incl. NVFP4 activation quantization"))
 
     bf16_ms = ln_ms = None
     for name, fn, wbytes, slow, note in providers:

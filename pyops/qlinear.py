@@ -9,6 +9,9 @@
   GEMM: ``torch._scaled_mm`` row-wise or the Triton kernel (policy in ``pyops/ops/fp8_linear.py``).
 * ``"nvfp4"``: W4A16. Weight E2M1 + E4M3 per 16 + fp32 global (``quantize_nvfp4``), activations
   stay bf16/fp16; the weight is dequantized exactly inside the GEMM (Hopper has no FP4 MMA).
+  On sm_100/103/120/121 the ``"w4a4"`` variant is chosen instead (UNVERIFIED ON HARDWARE):
+  activations quantized to NVFP4 per call, native block-scaled FP4 GEMM (``torch._scaled_mm``)
+  with the weight's 128x4-swizzled scales (``NVFP4Weight.swizzled_scales()``, built once, cached).
 
 Quantized weights hold plain tensors plus small metadata: ``state_dict()`` /
 ``from_state_dict()`` and ``pyops.nn.QuantLinear`` buffers save and load with ``torch.save``.
@@ -16,10 +19,11 @@ Quantized weights hold plain tensors plus small metadata: ``state_dict()`` /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._checks import check_same_device, check_tensor, eager_fast_path
 from .ops import fp8_linear as _fp8
@@ -126,7 +130,26 @@ class NVFP4Weight(QuantizedWeight):
     global_scale: torch.Tensor
     K: int
     dtype: torch.dtype = torch.bfloat16
+    # 128x4-swizzled, padded copy of ``scales`` for the W4A4 GEMM (not saved: derived data)
+    _scales_swizzled: Optional[torch.Tensor] = field(default=None, compare=False)
     format = "nvfp4"
+
+    def swizzled_scales(self) -> torch.Tensor:
+        """``scales`` in the Blackwell block-scaled-GEMM layout: e4m3 (roundup(N,128),
+        roundup(ceil(K/16),4)), 128x4 tiles (``pyops.reference.quantize_nvfp4.swizzle_scales``).
+        Built once and cached on this object, and per ``scales`` tensor across NVFP4Weight
+        objects that share it (``QuantLinear.qweight`` builds a new one per forward)."""
+        if self._scales_swizzled is not None:
+            return self._scales_swizzled
+        s = self.scales
+        if torch.compiler.is_compiling():  # traced: no Python-side cache
+            return _swizzle_scales(s)
+        hit = _SWIZZLED.get(s)
+        if hit is None or hit[0] != s._version:
+            hit = (s._version, _swizzle_scales(s))
+            _SWIZZLED[s] = hit
+        self._scales_swizzled = hit[1]
+        return hit[1]
 
     @property
     def shape(self) -> torch.Size:
@@ -148,14 +171,26 @@ class NVFP4Weight(QuantizedWeight):
                    int(metadata["shape"][1]), _dtype_from_name(metadata["dtype"]))
 
 
+_SWIZZLED = WeakTensorKeyDictionary()  # scales tensor -> (its _version, swizzled copy)
+
+
+def _swizzle_scales(s: torch.Tensor) -> torch.Tensor:
+    from .reference.quantize_nvfp4 import swizzle_scales
+    return swizzle_scales(s.view(torch.float8_e4m3fn)).contiguous()
+
+
 def weight_from_state_dict(tensors: dict, metadata: dict) -> QuantizedWeight:
     fmt = canonical_format(metadata["format"])
     return (FP8Weight if fmt == "fp8" else NVFP4Weight).from_state_dict(tensors, metadata)
 
 
-def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[str] = None
-                    ) -> QuantizedWeight:
-    """Pack a (out_features, in_features) weight as ``"fp8"`` or ``"nvfp4"`` (see module doc)."""
+def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[str] = None,
+                    swizzle_scales: Optional[bool] = None) -> QuantizedWeight:
+    """Pack a (out_features, in_features) weight as ``"fp8"`` or ``"nvfp4"`` (see module doc).
+
+    swizzle_scales (nvfp4): also build the 128x4-swizzled scales the W4A4 GEMM reads, now
+    (True), never here (False: lazily at the first W4A4 call) or when ``w``'s device has native
+    NVFP4 (None)."""
     fmt = canonical_format(format)
     if isinstance(w, torch.nn.Parameter):
         w = w.detach()
@@ -167,8 +202,13 @@ def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[s
         t = quantize_fp8(w, "row", backend=backend)
         return FP8Weight(t.data.contiguous(), t.scale.reshape(-1, 1).contiguous(), w.dtype)
     t = quantize_nvfp4(w, backend=backend)
-    return NVFP4Weight(t.data.contiguous(), t.scales.contiguous(), t.global_scale,
-                       w.shape[1], w.dtype)
+    qw = NVFP4Weight(t.data.contiguous(), t.scales.contiguous(), t.global_scale,
+                     w.shape[1], w.dtype)
+    if swizzle_scales is None:
+        swizzle_scales = _nv4.native_fp4_supported(w.device)[0]
+    if swizzle_scales:
+        qw.swizzled_scales()
+    return qw
 
 
 # ---- linear -------------------------------------------------------------------------------------
@@ -255,8 +295,9 @@ def _linear_nvfp4(x, qw: NVFP4Weight, bias, backend, N: int, K: int) -> torch.Te
     _check_bias(bias, N, x)
     b = _nv4.resolve(x.device, backend, x.dtype)
     x2 = x.reshape(M, K)
-    variant = _nv4.pick_variant(M, N, K)
-    scales = qw.scales.view(torch.uint8)
+    variant = _nv4.pick_variant(M, N, K, x.device)
+    # the "w4a4" variant takes the swizzled scales (its contract; see pyops/ops/nvfp4_linear.py)
+    scales = (qw.swizzled_scales() if variant == "w4a4" else qw.scales).view(torch.uint8)
     if eager_fast_path(x2, qw.data, scales, qw.global_scale, bias):
         y = _nv4.nvfp4_linear_impl(x2, qw.data, scales, qw.global_scale, K, bias, b, variant)
     else:

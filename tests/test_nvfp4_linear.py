@@ -14,7 +14,7 @@ from pyops.qlinear import NVFP4Weight, linear, quantize_weight
 from pyops.ops import nvfp4_linear as op
 from pyops.triton_kernels import nvfp4_linear as tk
 
-from _util import HAS_CUDA, make_input, non_contiguous
+from _util import HAS_CUDA, assert_bits_equal, make_input, non_contiguous
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
@@ -213,3 +213,272 @@ def test_gpu_compile_and_cuda_graph(M):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, linear(new, qw, b))
+
+
+# ---- W4A4 (Blackwell native NVFP4; the GEMM itself is unverified on hardware) -------------------
+# CPU: the reference's accuracy, the exact _scaled_mm argument preparation, and the whole variant
+# with torch._scaled_mm replaced by an emulation of its documented math (CPU _scaled_mm rejects
+# float4). GPU (sm_100/103/120/121 only): the real call against the reference.
+from pyops.reference import nvfp4_linear as ref_lin  # noqa: E402
+from pyops.reference.quantize_nvfp4 import swizzle_scales  # noqa: E402
+
+NATIVE = HAS_CUDA and tuple(torch.cuda.get_device_capability()) in op.NATIVE_FP4_CAPABILITIES
+
+
+def sqnr_db(y, want):
+    return float(20 * torch.log10(want.norm() / (y - want).norm()))
+
+
+def w4a4_operands(M, N, K, kind="randn", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    if kind == "outlier":
+        x[:, : max(1, K // 64)] *= 30.0
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    return x, w, quantize_weight(w, "nvfp4"), b
+
+
+def _spec_unswizzle(sw: torch.Tensor, rows: int, nb: int) -> torch.Tensor:
+    """Independent of the quantizer: scale (r, c) sits in 128x4 tile (r // 128, c // 4), tiles
+    row-block-major with the K-block fastest, at (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4."""
+    flat = sw.contiguous().view(torch.uint8).reshape(-1)
+    tiles_k = sw.shape[1] // 4
+    out = torch.empty(rows, nb, dtype=torch.uint8)
+    for r in range(rows):
+        for c in range(nb):
+            t = (r // 128) * tiles_k + c // 4
+            out[r, c] = flat[t * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4]
+    return out.view(torch.float8_e4m3fn)
+
+
+def _spec_decode_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (R, C) -> fp32 (R, 2C): element 2i in the low nibble; bit 3 the sign."""
+    lut = torch.tensor(E2M1 + [-v for v in E2M1])
+    lo, hi = (packed & 0xF).long(), (packed >> 4).long()
+    return torch.stack((lut[lo], lut[hi]), dim=-1).reshape(packed.shape[0], -1)
+
+
+def emulated_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+                       use_fast_accum=False):
+    """torch._scaled_mm's NVFP4 math, with its argument checks (pytorch ScaledBlas.cpp)."""
+    f4 = torch.float4_e2m1fn_x2
+    assert a.dtype == f4 and b.dtype == f4
+    assert scale_a.dtype == torch.float8_e4m3fn and scale_b.dtype == torch.float8_e4m3fn
+    assert scale_a.is_contiguous() and scale_b.is_contiguous()
+    assert bias is None and scale_result is None and not use_fast_accum
+    M, kb = a.shape
+    kb2, N = b.shape
+    assert kb == kb2 and kb % 16 == 0 and N % 16 == 0 and a.stride(1) == 1 and b.stride(0) == 1
+    nb = kb * 2 // 16
+    rup = lambda v, m: (v + m - 1) // m * m  # noqa: E731
+    assert scale_a.numel() == rup(M, 128) * rup(nb, 4)
+    assert scale_b.numel() == rup(N, 128) * rup(nb, 4)
+    sa = _spec_unswizzle(scale_a, M, nb).float().repeat_interleave(16, dim=1)
+    sb = _spec_unswizzle(scale_b, N, nb).float().repeat_interleave(16, dim=1)
+    av = _spec_decode_fp4(a.view(torch.uint8)) * sa
+    bv = _spec_decode_fp4(b.t().contiguous().view(torch.uint8)) * sb
+    return (av.double() @ bv.double().t()).to(out_dtype or torch.bfloat16)
+
+
+def test_w4a4_reference_accuracy_vs_fp32():
+    """NVFP4 activations cost ~3 dB against W4A16: ~17.5 dB SQNR, cos ~0.991 on normal data.
+    A global scale applied twice or dropped, or scales read through the wrong layout, fail."""
+    for kind, (M, N, K) in [("randn", (64, 96, 256)), ("outlier", (130, 48, 200))]:
+        x, w, qw, b = w4a4_operands(M, N, K, kind)
+        want = x @ w.t() + b
+        y = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, qw.global_scale, K, b, torch.float32)
+        y16 = ref_lin.nvfp4_linear(x, qw.data, qw.scales, qw.global_scale, K, b, torch.float32)
+        cos = float(torch.nn.functional.cosine_similarity(y.flatten(), want.flatten(), dim=0))
+        s, s16 = sqnr_db(y, want), sqnr_db(y16, want)
+        assert 16.0 < s < s16 - 1.0, (kind, s, s16)  # activations visibly quantized, not worse
+        assert 0.985 < cos < 0.998, (kind, cos)
+        # the thresholds catch the classic mistakes
+        g2 = qw.global_scale * qw.global_scale
+        bad_g = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, g2, K, b, torch.float32)
+        assert sqnr_db(bad_g, want) < 5.0
+        sw = qw.swizzled_scales()
+        wrong = ref_lin.nvfp4_linear_w4a4(x, qw.data, sw[:N, : qw.scales.shape[1]].contiguous(),
+                                          qw.global_scale, K, b, torch.float32)
+        assert sqnr_db(wrong, want) < 16.0  # fails the bound above
+        # the swizzled-scale entry is the same function
+        again = ref_lin.nvfp4_linear_w4a4(x, qw.data, sw, qw.global_scale, K, b, torch.float32,
+                                          scales_swizzled=True)
+        assert torch.equal(again, y)
+
+
+@pytest.mark.parametrize("M,N,K", [(5, 48, 64), (130, 40, 200), (1, 16, 32), (129, 130, 520)])
+def test_w4a4_prepare_args_exact(M, N, K):
+    x, _, qw, _ = w4a4_operands(M, N, K)
+    nb = (K + 15) // 16
+    xt = pyops.quantize_nvfp4(x, swizzle=True, backend="reference")
+    args = op.prepare_w4a4_args(xt.data, xt.scales, xt.global_scale, qw.data,
+                                qw.swizzled_scales(), qw.global_scale, K)
+    # the activation, as the reference quantizer gives it unswizzled
+    from pyops.reference import quantize_nvfp4 as rq
+    d, s, g = rq.quantize_nvfp4(x)
+    kb = (nb + 1) // 2 * 16
+    n16 = (N + 15) // 16 * 16
+    f4 = torch.float4_e2m1fn_x2
+    a, b = args["a"], args["b"]
+    assert a.dtype == f4 and b.dtype == f4 and args["N"] == N
+    assert a.shape == (M, kb) and a.is_contiguous()
+    assert b.shape == (kb, n16) and b.stride() == (1, kb)  # column-major view of weight rows
+    au, bu = a.view(torch.uint8), b.t().contiguous().view(torch.uint8)
+    assert torch.equal(au[:, : nb * 8], d) and not au[:, nb * 8:].any()
+    assert torch.equal(bu[:N, : nb * 8], qw.data) and not bu[:N, nb * 8:].any()
+    assert not bu[N:].any()
+    assert_bits_equal(args["scale_a"], swizzle_scales(s), "scale_a")
+    assert_bits_equal(args["scale_b"], swizzle_scales(qw.scales), "scale_b")
+    assert_bits_equal(args["scale_a"], swizzle_scales(_spec_unswizzle(args["scale_a"], M, nb)))
+    assert args["scale_a"].is_contiguous() and args["scale_b"].is_contiguous()
+    assert args["alpha"].dtype == torch.float32 and args["alpha"].dim() == 0
+    assert_bits_equal(args["alpha"].reshape(1), (g * qw.global_scale).reshape(1), "alpha")
+    # torch._scaled_mm's element-count rule (ScaledBlas.cpp) with K = 2 * a.shape[1]
+    rup = lambda v, m: (v + m - 1) // m * m  # noqa: E731
+    assert args["scale_a"].numel() == rup(M, 128) * rup(a.shape[1] * 2 // 16, 4)
+    assert args["scale_b"].numel() == rup(b.shape[1], 128) * rup(b.shape[0] * 2 // 16, 4)
+    with pytest.raises(ValueError, match="swizzled"):
+        op.prepare_w4a4_args(xt.data, xt.scales, xt.global_scale, qw.data, qw.scales,
+                             qw.global_scale, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_w4a4_variant_emulated_end_to_end(monkeypatch, dtype, bias):
+    """The whole "w4a4" variant on CPU: per-call activation quantization (Triton interpreter),
+    argument preparation, torch._scaled_mm replaced by its emulation, the Triton epilogue."""
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
+    monkeypatch.setattr(op, "native_fp4_supported", lambda device: (True, "pretend sm_100"))
+    monkeypatch.setattr(torch, "_scaled_mm", emulated_scaled_mm)
+    M, N, K = 37, 40, 200
+    x, _, qw, b = w4a4_operands(M, N, K, "outlier", seed=3)
+    x, b = x.to(dtype), (b.to(dtype) if bias else None)
+    y = linear(x, qw, b, backend="triton")
+    assert y.shape == (M, N) and y.dtype == dtype
+    want = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, qw.global_scale, K, b, torch.float64)
+    # acc rounded to the GEMM's output dtype (bf16 for bf16, fp32 for fp16), then y once more;
+    # fp32 summation order (the reference's) relative to sum |xq_k wq_k|
+    xq = pyops.quantize_nvfp4(x, backend="reference").dequantize(torch.float32).double()
+    sabs = xq.abs() @ qw.dequantize(torch.float32).double().abs().t()
+    babs = b.double().abs() if bias else 0.0
+    eps = EPS[dtype] / 2
+    tol = eps * want.abs() + (eps if dtype == torch.bfloat16 else 0.0) * (want.abs() + babs) \
+        + 2.0**-16 * sabs
+    assert ((y.double() - want).abs() <= tol).all()
+    y_ref = linear(x, qw, b, backend="reference")  # same variant, reference backend
+    assert ((y_ref.double() - want).abs() <= eps * want.abs() + 2.0**-16 * sabs).all()
+
+
+def test_w4a4_epilogue_exact():
+    g = torch.Generator().manual_seed(1)
+    acc = torch.randn(9, 48, generator=g).to(torch.bfloat16)
+    alpha = torch.tensor(3.0e-5 * (1 + 2.0**-20))  # not representable in bf16
+    bias = torch.randn(40, generator=g).to(torch.bfloat16)
+    for bb in (bias, None):
+        out = torch.empty(9, 40, dtype=torch.bfloat16)
+        op.w4a4_epilogue(acc, alpha, bb, out)
+        want = acc[:, :40].float() * alpha
+        if bb is not None:
+            want = want + bb.float()
+        assert_bits_equal(out, want.to(torch.bfloat16), "epilogue")
+
+
+def test_w4a4_variant_selection(monkeypatch):
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    assert op.pick_variant(4608, 3072, 3072, torch.device("cpu")) == "dequant"
+    assert op.pick_variant(8, 3072, 3072) == "fused"
+    cuda = torch.device("cuda")
+    for cap, want in [((9, 0), False), ((8, 9), False), ((10, 0), True), ((10, 3), True),
+                      ((12, 0), True), ((12, 1), True), ((11, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert op.native_fp4_supported(cuda)[0] is want, cap
+        for M in (1, 4608):
+            assert (op.pick_variant(M, 3072, 3072, cuda) == "w4a4") is want, (cap, M)
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fused")  # the override wins
+    assert op.pick_variant(4608, 3072, 3072, cuda) == "fused"
+
+
+def test_w4a4_forced_without_native_fp4(monkeypatch):
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
+    x, _, qw, b = w4a4_operands(4, 32, 64)
+    with pytest.raises(RuntimeError, match="sm_100"):
+        linear(x.to(torch.bfloat16), qw, b.to(torch.bfloat16), backend="triton")
+    y = linear(x, qw, b, backend="reference")  # the reference of the forced variant
+    want = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, qw.global_scale, 64, b,
+                                     torch.float32)
+    assert torch.equal(y, want)
+
+
+def test_w4a4_swizzled_scales_cached():
+    _, _, qw, _ = w4a4_operands(3, 40, 72)
+    sw = qw.swizzled_scales()
+    assert sw is qw.swizzled_scales() and sw.dtype == torch.float8_e4m3fn
+    assert_bits_equal(sw, swizzle_scales(qw.scales))
+    other = NVFP4Weight(qw.data, qw.scales, qw.global_scale, qw.K)  # as QuantLinear.qweight
+    assert other.swizzled_scales() is sw
+    qw.scales.view(torch.uint8)[0, 0] ^= 1  # in-place update: version bump -> rebuilt
+    fresh = NVFP4Weight(qw.data, qw.scales, qw.global_scale, qw.K).swizzled_scales()
+    assert fresh is not sw and torch.equal(fresh.view(torch.uint8),
+                                           swizzle_scales(qw.scales).view(torch.uint8))
+    assert quantize_weight(torch.randn(16, 32), "nvfp4", swizzle_scales=True)._scales_swizzled \
+        is not None
+    assert quantize_weight(torch.randn(16, 32), "nvfp4")._scales_swizzled is None  # CPU
+
+
+def test_w4a4_opcheck():
+    x, _, qw, b = w4a4_operands(5, 16, 48)
+    x, b = x.to(torch.bfloat16), b.to(torch.bfloat16)
+    for bias in (b, None):
+        torch.library.opcheck(
+            torch.ops.pyops.nvfp4_linear.default,
+            (x, qw.data, qw.swizzled_scales().view(torch.uint8), qw.global_scale, 48, bias,
+             "reference", "w4a4"),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                        "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not NATIVE, reason="needs native NVFP4 (sm_100/103/120/121)")
+@pytest.mark.parametrize("M,N,K", [(1, 3072, 3072), (333, 3072, 3088), (4608, 3072, 3072),
+                                   (64, 40, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_w4a4_vs_reference(monkeypatch, M, N, K, dtype):
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    assert op.pick_variant(M, N, K, torch.device("cuda")) == "w4a4"
+    x, _, qw, b = w4a4_operands(M, N, K, "outlier")
+    x, b = x.to(dtype).cuda(), b.to(dtype).cuda()
+    qw = quantize_weight(qw.dequantize(torch.float32).cuda(), "nvfp4")
+    assert qw._scales_swizzled is not None  # built at quantize time on a native device
+    y = linear(x, qw, b)
+    want = ref_lin.nvfp4_linear_w4a4(x.cpu(), qw.data.cpu(), qw.scales.cpu(),
+                                     qw.global_scale.cpu(), K, b.cpu(), torch.float64)
+    xq = pyops.quantize_nvfp4(x.cpu(), backend="reference").dequantize(torch.float32).double()
+    scale = xq.abs() @ qw.dequantize(torch.float32).cpu().double().abs().t() \
+        + b.cpu().double().abs()
+    err = (y.cpu().double() - want).abs()
+    assert (err <= 2.0**-7 * want.abs() + 2.0**-12 * scale).all(), float(err.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not NATIVE, reason="needs native NVFP4 (sm_100/103/120/121)")
+def test_gpu_w4a4_compile_and_cuda_graph():
+    x, _, qw, b = w4a4_operands(256, 1024, 1024)
+    x, b = x.to(torch.bfloat16).cuda(), b.to(torch.bfloat16).cuda()
+    qw = quantize_weight(qw.dequantize(torch.float32).cuda(), "nvfp4")
+    f = torch.compile(lambda x: linear(x, qw, b), fullgraph=True)
+    assert torch.equal(f(x), linear(x, qw, b))
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        linear(static_x, qw, b)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = linear(static_x, qw, b)
+    new = torch.randn_like(x)
+    static_x.copy_(new)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, linear(new, qw, b))

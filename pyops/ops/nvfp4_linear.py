@@ -7,9 +7,28 @@ Backends (destination-passing: ``impl(x, data, scales, global_scale, K, bias, ou
 * ``triton`` with variant ``"dequant"``: a Triton pass writes the weight in x's dtype (each weight
   rounded once), then cuBLAS via ``torch.nn.functional.linear``: a transient (N, K) buffer, for
   large M where a dense GEMM's speed matters more than the extra weight pass.
-* ``reference``: ``pyops/reference/nvfp4_linear.py``.
+* ``triton`` with variant ``"w4a4"`` (Blackwell: sm_100/103/120/121 only; UNVERIFIED ON
+  HARDWARE): the activations are quantized to NVFP4 per call (``quantize_nvfp4(x, swizzle=True)``,
+  global scale computed on the device, no host sync), then cuBLASLt's block-scaled FP4 GEMM via
+  ``torch._scaled_mm`` (see ``prepare_w4a4_args`` / ``w4a4_gemm``). For this variant ``scales``
+  is the weight's 128x4-SWIZZLED padded scale tensor (``NVFP4Weight.swizzled_scales()``, cached),
+  not the (N, ceil(K/16)) one: the variant defines the layout (the two shapes coincide when
+  N % 128 == 0 and ceil(K/16) % 4 == 0, so it cannot be inferred).
+* ``reference``: ``pyops/reference/nvfp4_linear.py`` (``nvfp4_linear_w4a4`` for ``"w4a4"``).
 
-No native W4A4 (Blackwell ``tl.dot_scaled`` / block-scaled ``torch._scaled_mm``) path yet.
+torch API facts the ``"w4a4"`` path relies on (checked 2026 against torch 2.13's schema and
+pytorch's ``aten/src/ATen/native/cuda/ScaledBlas.cpp``; the CUDA side is unverified here):
+``aten::_scaled_mm(self, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+use_fast_accum=False)`` has no ``alpha``; ``scale_result`` is applied only for FP8 outputs.
+For ``float4_e2m1fn_x2`` operands with ``float8_e4m3fn`` scales it runs the NVFP4 1x16
+block-scaled cuBLASLt GEMM; each scale tensor must be contiguous with
+roundup(rows, 128) * roundup(ceil(K/16), 4) elements in the 32_4_4 (128x4 tile) swizzle;
+``mat_a`` (M, K/2) row-major, ``mat_b`` (K/2, N) column-major with K/2 % 16 == 0 and N % 16 == 0;
+``use_fast_accum`` is rejected for FP4. The per-tensor global scales therefore go in our
+epilogue: ``y = acc * (g_x * g_w) (+ bias)``, one elementwise pass with fp32 math. (The newer
+``torch.nn.functional.scaled_mm`` takes two-level NVFP4 scales ``[blockwise e4m3, tensorwise
+fp32]`` and passes ``g_a * g_b`` to cuBLASLt as alpha, which would remove that pass; not used yet
+because it is not known to exist in torch 2.11.)
 """
 from __future__ import annotations
 
@@ -20,17 +39,130 @@ import torch
 
 from .. import _backend
 from ..reference import nvfp4_linear as ref
+from ..reference import quantize_nvfp4 as ref_q
 
 OP = "nvfp4_linear"
-VARIANTS = ("fused", "dequant")
+VARIANTS = ("fused", "dequant", "w4a4")
+# compute capabilities with native NVFP4 (E2M1 x E4M3/16) MMA: B200/GB200, B300, RTX 50, DGX Spark
+NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
+BLOCK = ref_q.BLOCK
 
 
 def _reference(x, data, scales, g, K: int, bias, out, variant: str) -> None:
+    if variant == "w4a4":
+        out.copy_(ref.nvfp4_linear_w4a4(x, data, scales, g, K, bias, out.dtype,
+                                        scales_swizzled=True))
+        return
     out.copy_(ref.nvfp4_linear(x, data, scales, g, K, bias, out.dtype))
+
+
+def native_fp4_supported(device) -> tuple[bool, str]:
+    """Whether ``device`` has native NVFP4 MMA and this torch has the float4 dtype."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"W4A4 needs a CUDA device with native NVFP4 (sm_100/103/120/121), " \
+                      f"got {device.type}"
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        return False, f"torch {torch.__version__} has no float4_e2m1fn_x2"
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) not in NATIVE_FP4_CAPABILITIES:
+        return False, f"sm_{cap[0]}{cap[1]} has no native NVFP4 MMA (needs sm_100/103/120/121)"
+    return True, f"sm_{cap[0]}{cap[1]}"
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    if t.shape[1] == cols:
+        return t
+    return torch.nn.functional.pad(t, (0, cols - t.shape[1]))
+
+
+def prepare_w4a4_args(a_data: torch.Tensor, a_scales: torch.Tensor, a_global: torch.Tensor,
+                      w_data: torch.Tensor, w_scales: torch.Tensor, w_global: torch.Tensor,
+                      K: int) -> dict:
+    """The ``torch._scaled_mm`` arguments of the W4A4 GEMM, from already-quantized operands.
+
+    a_*: the activation from ``quantize_nvfp4(x, swizzle=True)``: data uint8 (M, nb*8), scales
+    e4m3 swizzled (roundup(M,128), roundup(nb,4)), global fp32 (1,). w_*: the weight's data
+    uint8 (N, nb*8), swizzled scales (roundup(N,128), roundup(nb,4)), global fp32 (1,).
+
+    Returns ``a`` float4_e2m1fn_x2 (M, Kb), ``b`` float4_e2m1fn_x2 (Kb, Np) (a transposed view of
+    the weight rows: column-major, as cuBLASLt wants), ``scale_a`` / ``scale_b`` e4m3 (the
+    swizzled tensors, contiguous), ``alpha`` fp32 0-dim = g_a * g_w (on the device, no sync) and
+    ``N``. Kb = roundup(nb, 2) * 8 bytes (_scaled_mm wants K/2 % 16 == 0) and Np = roundup(N, 16);
+    the padding is zero codes, which add nothing (the padded scale columns/rows are zeros too).
+    Padding copies the operand, so it only happens for odd ceil(K/16) or N % 16 != 0 (never for
+    DiT shapes).
+    """
+    M, N = a_data.shape[0], w_data.shape[0]
+    nb = (K + BLOCK - 1) // BLOCK
+    kb = ((nb + 1) // 2) * 16
+    sw = ref_q.swizzled_shape(M, nb)
+    if tuple(a_scales.shape) != sw:
+        raise ValueError(f"pyops W4A4: activation scales have shape {tuple(a_scales.shape)}, "
+                         f"expected the swizzled {sw}")
+    sw = ref_q.swizzled_shape(N, nb)
+    if tuple(w_scales.shape) != sw:
+        raise ValueError(f"pyops W4A4: weight scales have shape {tuple(w_scales.shape)}, "
+                         f"expected the swizzled {sw} (NVFP4Weight.swizzled_scales())")
+    a = _pad_cols(a_data, kb)
+    b = _pad_cols(w_data, kb)
+    n16 = (N + 15) // 16 * 16
+    if n16 != N:
+        b = torch.nn.functional.pad(b, (0, 0, 0, n16 - N))
+    f4 = torch.float4_e2m1fn_x2
+    return {
+        "a": a.contiguous().view(f4),
+        "b": b.contiguous().view(f4).t(),
+        "scale_a": a_scales.view(torch.float8_e4m3fn).contiguous(),
+        "scale_b": w_scales.view(torch.float8_e4m3fn).contiguous(),
+        "alpha": (a_global.float().reshape(()) * w_global.float().reshape(())),
+        "N": N,
+    }
+
+
+def w4a4_epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
+                  out: torch.Tensor) -> None:
+    """out = acc[:, :N] * alpha (+ bias) with fp32 math, rounded once to out's dtype.
+
+    One Triton pass where Triton can run (the GPU, or the interpreter); PyTorch fp32 otherwise
+    (alpha is never rounded to 16 bits: a 0-dim fp32 tensor in a bf16 PyTorch op would be)."""
+    dev = out.device
+    if _backend.available(OP, "triton", dev)[0]:
+        from ..triton_kernels import nvfp4_w4a4 as tk4
+        tk4.w4a4_epilogue(acc, alpha, bias, out)
+        return
+    y = acc[:, :out.shape[1]].float() * alpha.float().reshape(())
+    if bias is not None:
+        y = y + bias.float()
+    out.copy_(y)
+
+
+def w4a4_gemm(args: dict, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """torch._scaled_mm on prepared args, then the global-scale/bias epilogue into ``out``.
+
+    The GEMM output is bf16 for a bf16 ``out`` (|acc| <= K * 2688**2 fits bf16; rounded twice:
+    acc to bf16, then acc * alpha) and fp32 otherwise (an fp16 acc would overflow)."""
+    acc_dtype = torch.bfloat16 if out.dtype == torch.bfloat16 else torch.float32
+    acc = torch._scaled_mm(args["a"], args["b"], args["scale_a"], args["scale_b"],
+                           out_dtype=acc_dtype)
+    w4a4_epilogue(acc, args["alpha"], bias, out)
+
+
+def _w4a4(x, data, scales, g, K: int, bias, out) -> None:
+    ok, why = native_fp4_supported(x.device)
+    if not ok:
+        raise RuntimeError(f"pyops: nvfp4_linear variant 'w4a4' cannot run: {why}")
+    from . import quantize_nvfp4 as qop
+    qb = _backend.resolve(qop.OP, x.device)
+    ad, asc, ag = qop.quantize_nvfp4_impl(x, None, True, qb)
+    w4a4_gemm(prepare_w4a4_args(ad, asc, ag, data, scales, g, K), bias, out)
 
 
 def _triton(x, data, scales, g, K: int, bias, out, variant: str) -> None:
     from ..triton_kernels import nvfp4_linear as tk
+    if variant == "w4a4":
+        _w4a4(x, data, scales, g, K, bias, out)
+        return
     if variant == "dequant":
         w = torch.empty((data.shape[0], K), dtype=x.dtype, device=x.device)
         tk.dequantize_weight(data, scales, g, K, w)
@@ -47,17 +179,23 @@ _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton)
 
 
-def pick_variant(M: int, N: int, K: int) -> str:
-    """Per-shape choice between the fused W4A16 kernel and dequantize + cuBLAS.
+def pick_variant(M: int, N: int, K: int, device=None) -> str:
+    """Per-shape choice between the fused W4A16 kernel and dequantize + cuBLAS; ``"w4a4"``
+    (native NVFP4 GEMM, activations quantized per call) whenever ``device`` is a CUDA device
+    with native NVFP4 (sm_100/103/120/121; never Hopper). W4A4 is chosen by capability only: it
+    is unmeasured and unverified on hardware; force another variant with the env if it loses.
 
     TO BE SET BY MEASUREMENT ON THE GPU (bench/bench_linear.py); unmeasured. Default: fused for
     M < 1024 (weight bytes dominate; the fused kernel reads 4.5 bits a weight), dequantize +
     cuBLAS bf16 above (the extra pass writes 2 bytes a weight, a few % of a large-M GEMM, and the
-    GEMM runs at cuBLAS speed). ``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant`` forces one.
+    GEMM runs at cuBLAS speed). ``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces one
+    (a forced ``w4a4`` on a device without native NVFP4 raises when the Triton backend runs).
     """
     forced = os.environ.get("PYOPS_NVFP4_LINEAR_VARIANT", "")
     if forced in VARIANTS:
         return forced
+    if device is not None and native_fp4_supported(device)[0]:
+        return "w4a4"
     return "fused" if M < 1024 else "dequant"
 
 
