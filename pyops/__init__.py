@@ -78,11 +78,19 @@ if _backend.extension_status()[0]:
     ops.quantize_nvfp4._register_cuda_fakes()
 
 __all__ = [
+    "__version__", "info",
+    # quantization formats
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
-    "dequantize_nvfp4", "info", "__version__",
-    "cache", "graphs", "block_similarity", "cache_apply", "CacheConfig", "CachedModel",
-    "BlockSpec", "cache_model", "attention", "sdpa", "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
+    "dequantize_nvfp4",
+    # quantized linear layers and the fused norm + modulate + quant
+    "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
     "QuantizedWeight", "nn", "QuantLinear", "quantize_model", "QuantConfig", "QuantReport",
+    # attention
+    "attention", "sdpa",
+    # caching
+    "cache", "graphs", "block_similarity", "cache_apply", "CacheConfig", "CachedModel",
+    "BlockSpec", "cache_model",
+    # few-step sampling
     "sampler", "FewStepSampler", "CapturedSampler", "Schedule", "StepCoefficients", "sample_step",
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "diffusers_model",
 ]
