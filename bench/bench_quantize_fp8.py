@@ -129,8 +129,9 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
     return t
 
 
-def parser() -> argparse.ArgumentParser:
-    p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """The quantizer benchmarks' options (shared with bench_quantize_nvfp4 / bench_quantize)."""
+    p = U.add_common_args(argparse.ArgumentParser(description=description))
     p.add_argument("--compile", action="store_true", help="run torch.compile on CPU too")
     p.add_argument("--check-elems", type=int, default=2**28,
                    help="bit-exact check on the first rows holding at most this many elements")

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
-from bench_quantize_fp8 import COLUMNS, QUICK_SHAPES, SHAPES  # noqa: E402
+from bench_quantize_fp8 import COLUMNS, QUICK_SHAPES, SHAPES
+from bench_quantize_fp8 import parser as fp8_parser  # noqa: E402
 
 import pyops  # noqa: E402
 from pyops import _backend  # noqa: E402
@@ -133,11 +134,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
 
 
 def parser() -> argparse.ArgumentParser:
-    p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--compile", action="store_true", help="run torch.compile on CPU too")
-    p.add_argument("--check-elems", type=int, default=2**28,
-                   help="bit-exact check on the first rows holding at most this many elements")
-    return p
+    return fp8_parser(__doc__.splitlines()[0])
 
 
 def main(argv=None) -> int:

@@ -74,3 +74,17 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
         n = int((ba != bb).sum())
         idx = (ba != bb).nonzero()[:5].tolist()
         raise AssertionError(f"{what}: {n} of {ba.numel()} elements differ, first at {idx}")
+
+
+def capture_graph(fn, *static_inputs):
+    """Warm ``fn`` up on a side stream (JIT, cuBLAS handles, allocator), then capture it into a
+    CUDA graph reading ``static_inputs``. Returns (graph, static outputs)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(*static_inputs)
+    return g, out

@@ -6,7 +6,7 @@ import torch
 from pyops import cache as C
 from pyops.reference import block_similarity as R
 
-from _util import BACKENDS, DEVICE, HAS_CUDA, need_backend
+from _util import BACKENDS, DEVICE, HAS_CUDA, capture_graph, need_backend
 
 ALL = [pytest.param("reference", id="reference")] + BACKENDS
 
@@ -183,14 +183,7 @@ def test_cuda_graph_capture_replay(backend):
     metric = torch.empty(1, device="cuda")
     reuse = torch.empty(1, dtype=torch.int32, device="cuda")
     kw = dict(threshold=0.05, warmup=1, metric=metric, reuse=reuse, backend=backend)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        C.block_similarity(a, ref, st, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        C.block_similarity(a, ref, st, **kw)
+    g, _ = capture_graph(lambda: C.block_similarity(a, ref, st, **kw))
     seq = []
     for d in (0.01, 0.5, 0.01):
         a.copy_(ref + d * torch.randn_like(ref))

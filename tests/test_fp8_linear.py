@@ -15,7 +15,7 @@ from pyops.ops import fp8_linear as op
 from pyops.reference import fp8_linear as ref
 from pyops.triton_kernels import fp8_linear as tk
 
-from _util import DEVICE, HAS_CUDA, make_input, non_contiguous
+from _util import DEVICE, HAS_CUDA, capture_graph, make_input, non_contiguous
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
@@ -242,14 +242,7 @@ def test_gpu_compile_and_cuda_graph(backend):
     f = torch.compile(lambda x: linear(x, qw, b, backend=backend), fullgraph=True)
     torch.testing.assert_close(f(x), linear(x, qw, b, backend=backend), rtol=0, atol=0)
     static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        linear(static_x, qw, b, backend=backend)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = linear(static_x, qw, b, backend=backend)
+    g, static_y = capture_graph(lambda xx: linear(xx, qw, b, backend=backend), static_x)
     for _ in range(2):
         new = make_input(x.shape, torch.bfloat16)
         static_x.copy_(new)

@@ -14,7 +14,7 @@ from pyops.qlinear import NVFP4Weight, linear, quantize_weight
 from pyops.ops import nvfp4_linear as op
 from pyops.triton_kernels import nvfp4_linear as tk
 
-from _util import HAS_CUDA, assert_bits_equal, make_input, non_contiguous
+from _util import HAS_CUDA, assert_bits_equal, capture_graph, make_input, non_contiguous
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
@@ -199,14 +199,7 @@ def test_gpu_compile_and_cuda_graph(M):
     f = torch.compile(lambda x: linear(x, qw, b), fullgraph=True)
     assert torch.equal(f(x), linear(x, qw, b))
     static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        linear(static_x, qw, b)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = linear(static_x, qw, b)
+    g, static_y = capture_graph(lambda xx: linear(xx, qw, b), static_x)
     for _ in range(2):
         new = make_input(x.shape, torch.bfloat16)
         static_x.copy_(new)
@@ -469,14 +462,7 @@ def test_gpu_w4a4_compile_and_cuda_graph():
     f = torch.compile(lambda x: linear(x, qw, b), fullgraph=True)
     assert torch.equal(f(x), linear(x, qw, b))
     static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        linear(static_x, qw, b)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = linear(static_x, qw, b)
+    g, static_y = capture_graph(lambda xx: linear(xx, qw, b), static_x)
     new = torch.randn_like(x)
     static_x.copy_(new)
     g.replay()
