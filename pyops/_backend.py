@@ -19,12 +19,27 @@ import torch
 
 BACKENDS = ("cuda", "triton", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
+_MIN_CAPABILITY: dict[tuple[str, str], tuple[int, int]] = {}
+_AVAILABILITY: dict[tuple[str, str], Callable] = {}
+# NVFP4 block-scaled MMA: sm_100/103 (tcgen05 kind::mxf4nvf4) and sm_120/121 (mma.sync mxf4nvf4)
+NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
+def register(op: str, backend: str, fn: Callable,
+             min_capability: Optional[tuple[int, int]] = None) -> None:
+    """Register ``fn`` as ``op``'s ``backend`` implementation. ``min_capability``: the lowest
+    CUDA compute capability it compiles for (e.g. (8, 9) for kernels with fp8 operands)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = fn
+    if min_capability is not None:
+        _MIN_CAPABILITY[(op, backend)] = tuple(min_capability)
+
+
+def register_availability(op: str, backend: str, fn: Callable) -> None:
+    """For a backend that is not pyops' own kernel (e.g. fp8_linear's "cuda" = torch._scaled_mm):
+    ``fn(device) -> (ok, why)`` replaces the generic availability check."""
+    _AVAILABILITY[(op, backend)] = fn
 
 
 def impl(op: str, backend: str) -> Callable:
@@ -37,6 +52,17 @@ def ops() -> list[str]:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def native_fp4(device) -> bool:
+    """Whether ``device`` has native NVFP4 MMA (and this torch the float4 dtype). Never in the
+    Triton interpreter; ``PYOPS_NVFP4_NATIVE=0`` turns every native NVFP4 path off."""
+    device = torch.device(device)
+    if device.type != "cuda" or triton_interpret() or not hasattr(torch, "float4_e2m1fn_x2"):
+        return False
+    if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
+        return False
+    return tuple(torch.cuda.get_device_capability(device)) in NATIVE_FP4_CAPABILITIES
 
 
 @functools.lru_cache(None)
@@ -73,17 +99,21 @@ def extension_archs() -> list[str]:
         return []
 
 
-def _cuda_backend_ok(device: torch.device) -> tuple[bool, str]:
+def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
     ok, why = extension_status()
     if not ok:
         return False, why
     if device.type != "cuda":
         return False, "the CUDA backend needs CUDA tensors"
+    if not hasattr(torch.ops.pyops, f"_{op}_cuda"):
+        return False, f"pyops._C has no _{op}_cuda (built from older sources?)"
     major, minor = torch.cuda.get_device_capability(device)
     archs = extension_archs()
+    if not archs:
+        return False, "pyops._C does not report the archs it was built for"
     # sm_XYa code runs only on exactly sm_XY; plain sm_XY code (no 'a') runs on newer minors too.
     have = {a.rstrip("af") for a in archs}
-    if archs and f"{major}{minor}" not in have:
+    if f"{major}{minor}" not in have:
         return False, f"pyops._C built for sm_{','.join(archs)}, device is sm_{major}{minor}"
     return True, why
 
@@ -93,14 +123,22 @@ def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
         return False, f"no {backend} implementation of {op}"
     if backend == "reference":
         return True, "PyTorch reference"
+    if (op, backend) in _AVAILABILITY:
+        return _AVAILABILITY[(op, backend)](device)
     if backend == "triton":
         ok, why = triton_status()
         if not ok:
             return ok, why
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
-            return True, why + (" (interpreter)" if device.type == "cpu" else "")
-        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
-    return _cuda_backend_ok(device)
+        if device.type == "cpu" and triton_interpret():
+            return True, why + " (interpreter)"
+        if device.type != "cuda":
+            return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+        need = _MIN_CAPABILITY.get((op, "triton"))
+        if need is not None and tuple(torch.cuda.get_device_capability(device)) < need:
+            return False, (f"the Triton {op} kernel needs sm_{need[0]}{need[1]}+ (fp8 operands), "
+                           f"device is sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}")
+        return True, why
+    return _cuda_backend_ok(op, device)
 
 
 def requested(op: str, backend: Optional[str]) -> Optional[str]:

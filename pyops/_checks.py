@@ -36,6 +36,20 @@ def check_finite(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"pyops.{op}: input holds inf or NaN (check_finite=True)")
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges of a and b intersect (conservative: spans, not elements)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        hi = lo + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
+        return lo, hi
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     """(…, K) -> (M, K), a view whenever strides allow (kernels take any 2-D strides)."""
     if x.dim() == 2:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, overlaps
 from .ops import block_similarity as _op
 from .reference import block_similarity as _ref
 
@@ -60,8 +60,8 @@ def block_similarity(a: torch.Tensor, ref: torch.Tensor, state: torch.Tensor, *,
                          f"a {tuple(a.shape)} {a.dtype}")
     if not ref.is_contiguous():
         raise ValueError("pyops.block_similarity: ref must be contiguous (it is written in place)")
-    if not torch.compiler.is_compiling() and ref.data_ptr() == a.data_ptr():
-        raise ValueError("pyops.block_similarity: ref must not alias a")
+    if not torch.compiler.is_compiling() and overlaps(ref, a):
+        raise ValueError("pyops.block_similarity: ref must not overlap a in memory")
     groups, chunks = int(groups), int(chunks)
     B = a.shape[0]
     if groups < 1 or B % groups:
@@ -109,7 +109,8 @@ def cache_apply(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
             raise ValueError(f"pyops.cache_apply: {n} must be contiguous with out's shape")
     check_tensor(op, "reuse", reuse, (torch.int32,))
     check_same_device(op, out, x=x, residual=residual, reuse=reuse)
-    if out.shape[0] % groups or reuse.shape != (groups,):
+    groups = int(groups)
+    if groups < 1 or out.shape[0] % groups or reuse.shape != (groups,):
         raise ValueError(f"pyops.cache_apply: reuse must be ({groups},) and batch divisible")
     b = _backend.resolve(op, out.device, backend)
     torch.ops.pyops.cache_apply(out, x, residual, reuse, int(groups), b)
@@ -442,6 +443,9 @@ def _dit_block_rows(blk, x: torch.Tensor, c: torch.Tensor, tok: torch.Tensor) ->
 
 def _chunk_forward(self, i: int, orig: Callable, x: torch.Tensor, c: torch.Tensor):
     cfg = self.config
+    if _graphs.capturing():
+        raise RuntimeError("pyops.cache: level='chunk' picks full vs partial steps on the host; "
+                           "it runs eagerly only (use level='step' or 'block' in CUDA graphs)")
     r = self._region(i)
     step = getattr(r, "host_step", 0)
     B, N, D = x.shape

@@ -192,7 +192,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     b = _backend.resolve(_op.OP, q.device, backend)
     if b == "triton" and _op.padded_head_dim(D) not in _op.NATIVE_HEAD_DIMS:
-        if backend is not None:
+        if _backend.requested(_op.OP, backend) is not None:
             raise ValueError(f"pyops.attention: the Triton kernel supports head_dim <= 128, "
                              f"got {D}")
         _warn_once(f"hd{D}", f"pyops.attention: head_dim {D} > 128 is not supported by the "

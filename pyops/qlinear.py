@@ -277,6 +277,8 @@ def _linear_fp8(x, qw: FP8Weight, bias, backend, N: int, K: int) -> torch.Tensor
     _check_bias(bias, N, qw.data)
     b = _fp8.resolve(dev, backend, M, N, K, out_dtype)
     if xq is None:
+        # The GEMM backend names ("cuda" = torch._scaled_mm) are not the quantizer's, so the
+        # quantizer picks its own (all give identical bits); the reference GEMM gets the reference.
         t = quantize_fp8(x, "row", backend="reference" if b == "reference" else None)
         xq, xs = t.data.reshape(M, K), t.scale.reshape(M)
     ws = qw.scale.reshape(N)
@@ -295,7 +297,8 @@ def _linear_nvfp4(x, qw: NVFP4Weight, bias, backend, N: int, K: int) -> torch.Te
     _check_bias(bias, N, x)
     b = _nv4.resolve(x.device, backend, x.dtype)
     x2 = x.reshape(M, K)
-    variant = _nv4.pick_variant(M, N, K, x.device)
+    # native W4A4 only where the Triton backend runs on an NVFP4 device (never for the reference)
+    variant = _nv4.pick_variant(M, N, K, x.device if b == "triton" else None)
     # the "w4a4" variant takes the swizzled scales (its contract; see pyops/ops/nvfp4_linear.py)
     scales = (qw.swizzled_scales() if variant == "w4a4" else qw.scales).view(torch.uint8)
     if eager_fast_path(x2, qw.data, scales, qw.global_scale, bias):

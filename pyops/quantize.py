@@ -121,9 +121,12 @@ def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, granularity: str = "
     K = data.shape[-1]
     M = data.numel() // K
     want = _fp8._scale_shape(M, K, g)
-    if scale.numel() != math.prod(want):
-        raise ValueError(f"pyops.dequantize_fp8: scale has {scale.numel()} elements, "
-                         f"granularity {g!r} on {tuple(data.shape)} needs shape {want}")
+    lead = tuple(data.shape[:-1])
+    public = {"tensor": (1,), "row": (*lead, 1), "block1x128": (*lead, want[-1]),
+              "block128x128": want}[g]
+    if tuple(scale.shape) not in (tuple(want), public):
+        raise ValueError(f"pyops.dequantize_fp8: scale has shape {tuple(scale.shape)}; "
+                         f"granularity {g!r} on {tuple(data.shape)} needs {public}")
     scale = scale.reshape(want).contiguous()
     b = _backend.resolve(_fp8.DEQ_OP, data.device, backend)
     if eager_fast_path(data, scale):
@@ -153,13 +156,16 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: Union[None, float, torch.Tenso
     """NVFP4 quantization (E2M1 + E4M3 per 16 + fp32 global) along the last dim.
 
     global_scale: None computes ``amax / 2688`` on the device (no host sync); a float or a
-    1-element tensor is used as is (static calibration; a tensor must hold a finite value > 0).
+    1-element tensor is used as is (static calibration; a tensor must hold a finite value > 0,
+    checked only with check_finite=True, which syncs).
     swizzle: emit the scales in the 128x4-tiled layout Blackwell block-scaled GEMMs take.
     """
     check_tensor("quantize_nvfp4", "x", x)
     gs = _global_scale_tensor(global_scale, x)
     if check_finite:
         _check_finite("quantize_nvfp4", x)
+        if isinstance(gs, torch.Tensor) and not bool((torch.isfinite(gs) & (gs > 0)).all()):
+            raise ValueError("pyops.quantize_nvfp4: global_scale must be finite and > 0")
     b = _backend.resolve(_nvfp4.OP, x.device, backend)
     if eager_fast_path(x, gs):
         d, s, g = _nvfp4.quantize_nvfp4_impl(x, gs, bool(swizzle), b)
@@ -175,7 +181,7 @@ def dequantize_nvfp4(data: torch.Tensor, scales: torch.Tensor, global_scale: tor
     op = "dequantize_nvfp4"
     check_tensor(op, "data", data, dtypes=(torch.uint8,))
     check_tensor(op, "scales", scales, dtypes=(torch.float8_e4m3fn, torch.uint8))
-    check_tensor(op, "global_scale", global_scale, dtypes=(torch.float32,))
+    check_tensor(op, "global_scale", global_scale, dtypes=(torch.float32,), min_ndim=0)
     check_same_device(op, data, scales=scales, global_scale=global_scale)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"pyops.{op}: dtype must be one of {FLOAT_DTYPES}")

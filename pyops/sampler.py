@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path, overlaps
 from .ops import sample_step as _op
 from .reference import sample_step as _ref
 from .reference.sample_step import PATHS, PREDICTIONS, RULES, StepCoefficients
@@ -61,8 +61,8 @@ def sample_step(state: torch.Tensor, cond: torch.Tensor, coefficients: StepCoeff
         raise ValueError(f"pyops.{op}: state and x_out are written in place and must be "
                          f"contiguous")
     if x_out is not None and (x_out is state or (not torch.compiler.is_compiling()
-                                                 and x_out.data_ptr() == state.data_ptr())):
-        raise ValueError(f"pyops.{op}: x_out must not alias state")
+                                                 and overlaps(x_out, state))):
+        raise ValueError(f"pyops.{op}: x_out must not overlap state in memory")
     if not isinstance(coefficients, StepCoefficients):
         raise TypeError(f"pyops.{op}: coefficients must be a StepCoefficients, got "
                         f"{type(coefficients).__name__}")

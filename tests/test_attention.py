@@ -304,6 +304,10 @@ def test_errors():
     big = [t.repeat(1, 1, 1, 3) for t in (q, k, v)]  # head_dim 192
     with pytest.raises(ValueError, match="head_dim <= 128"):
         attention(*big, backend="triton")
+    with pytest.MonkeyPatch.context() as mp:  # an explicit request through the env counts too
+        mp.setenv("PYOPS_BACKEND_ATTENTION", "triton")
+        with pytest.raises(ValueError, match="head_dim <= 128"):
+            attention(*big)
     out = attention(*big)  # auto on CPU: the reference (no kernel involved)
     assert out.shape == big[0].shape
 

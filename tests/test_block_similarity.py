@@ -133,7 +133,12 @@ def test_errors_before_launch():
         C.block_similarity(a, torch.zeros_like(a), C.new_state(3), threshold=0.1, chunks=3)
     with pytest.raises(ValueError, match="state"):
         C.block_similarity(a, torch.zeros_like(a), C.new_state(2), threshold=0.1)
-    with pytest.raises(ValueError, match="alias"):
+    buf = torch.randn(3, 8, 4)  # ref overlaps a without sharing its start
+    with pytest.raises(ValueError, match="overlap"):
+        C.block_similarity(buf[:2], buf[1:], st, threshold=0.1)
+    with pytest.raises(ValueError, match="reuse must be"):
+        C.cache_apply(a.clone(), a, a.clone(), torch.zeros(1, dtype=torch.int32), groups=0)
+    with pytest.raises(ValueError, match="overlap"):
         C.block_similarity(a, a, st, threshold=0.1)
     with pytest.raises(ValueError, match="rule"):
         C.block_similarity(a, torch.zeros_like(a), st, threshold=0.1, rule="nope")

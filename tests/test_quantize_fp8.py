@@ -291,3 +291,22 @@ def test_cuda_graph_and_compile(backend):
         cf = torch.compile(lambda y: pyops.quantize_fp8(y, gran, backend=backend).data,
                            fullgraph=True)
         assert_bits_equal(cf(x), pyops.quantize_fp8(x, gran, backend=backend).data)
+
+
+def test_dequantize_rejects_a_wrongly_shaped_scale():
+    t = pyops.quantize_fp8(torch.randn(300, 256), "block1x128")
+    with pytest.raises(ValueError, match="scale has shape"):  # same count, transposed
+        pyops.dequantize_fp8(t.data, t.scale.t().contiguous(), "block1x128")
+    assert pyops.dequantize_fp8(t.data, t.scale, "block1x128").shape == (300, 256)
+
+
+def test_triton_min_capability(monkeypatch):
+    """A Triton kernel with fp8 operands is not offered below sm_89 (auto falls back)."""
+    from pyops import _backend
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    ok, why = _backend.available("fp8_linear", "triton", dev)
+    assert not ok and "sm_89" in why
+    assert _backend.available("quantize_fp8", "triton", dev)[0]  # uint8 views: any arch
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert _backend.available("fp8_linear", "triton", dev)[0]

@@ -282,3 +282,12 @@ def test_cuda_graph(backend):
             assert_bits_equal(t.data, want.data)
             assert_bits_equal(t.scales, want.scales)
             assert_bits_equal(t.global_scale, want.global_scale)
+
+
+def test_tensor_global_scale_checked_with_check_finite():
+    x = torch.randn(4, 32)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            q(x, global_scale=torch.tensor([bad]), check_finite=True)
+    t = q(x, global_scale=torch.tensor(0.01))
+    assert pyops.dequantize_nvfp4(t.data, t.scales, torch.tensor(0.01), 32).shape == (4, 32)

@@ -174,7 +174,7 @@ def test_bad_inputs_raise_before_launch():
         S.sample_step(x, torch.zeros(8), co, guidance=3.0)
     with pytest.raises(ValueError, match="contiguous"):
         S.sample_step(torch.zeros(8, 2).t(), torch.zeros(2, 8), co)
-    with pytest.raises(ValueError, match="alias"):
+    with pytest.raises(ValueError, match="overlap"):
         S.sample_step(x, torch.zeros(8), co, x_out=x)
     with pytest.raises(ValueError, match="non-finite"):
         S.sample_step(x, torch.zeros(8), StepCoefficients(float("nan"), 0.0, 0.0))

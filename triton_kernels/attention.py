@@ -268,18 +268,13 @@ def pick_config(D: int, precision: str, interpret: bool) -> dict:
 
 
 def native_fp4_supported(device) -> bool:
-    """The native NVFP4 (``tl.dot_scaled`` e2m1 x e2m1, E4M3 scales per 16) path: CUDA devices
-    of compute capability 10.x (sm_100/103: tcgen05.mma kind::mxf4nvf4 block16) and 12.x
-    (sm_120/121: mma.sync m16n8k64 kind::mxf4nvf4 scale_vec::4X ue4m3) -- the instructions the
-    3.9 compiler emits ahead of time (tests/test_attention_build.py). Elsewhere (Hopper, the
-    interpreter) nvfp4 runs emulated. ``PYOPS_NVFP4_NATIVE=0`` forces emulation."""
-    import os
-    if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
-        return False
-    dev = torch.device(device)
-    if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return torch.cuda.get_device_capability(dev)[0] in (10, 12)
+    """The native NVFP4 (``tl.dot_scaled`` e2m1 x e2m1, E4M3 scales per 16) path: sm_100/103
+    (tcgen05.mma kind::mxf4nvf4 block16) and sm_120/121 (mma.sync m16n8k64 kind::mxf4nvf4
+    scale_vec::4X ue4m3) -- the instructions the 3.9 compiler emits ahead of time
+    (tests/test_attention_build.py). Elsewhere (Hopper, the interpreter) nvfp4 runs emulated.
+    ``PYOPS_NVFP4_NATIVE=0`` forces emulation. One definition: ``pyops._backend.native_fp4``."""
+    from pyops._backend import native_fp4
+    return native_fp4(device)
 
 
 def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: bool,

@@ -68,7 +68,7 @@ def _triton(qh, kh, vh, out_h, lse, precision, causal, scale) -> None:
 
 
 _backend.register(OP, "reference", _reference)
-_backend.register(OP, "triton", _triton)
+_backend.register(OP, "triton", _triton, min_capability=(8, 9))  # fp8/int8 MMAs, fp8 casts
 
 
 def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -5,6 +5,8 @@ Backends (destination-passing: ``impl(xq, x_scale, wq, w_scale, bias, out)``):
 * ``cuda``: ``torch._scaled_mm`` row-wise (scale_a (M,1), scale_b (1,N) fp32, bias, bf16 out):
   cuBLASLt/CUTLASS inside torch, not pyops' own extension, so its availability is decided here
   (CUDA device with sm_90+, K and N multiples of 16, bf16 output) and not by ``pyops._C``.
+  It takes the bias in the output dtype, so an fp32 bias is rounded to bf16 first (the spec and
+  the Triton kernel add it in fp32): a documented difference of at most one bf16 rounding.
 * ``triton``: ``triton_kernels/fp8_linear.py`` (any shape, bf16/fp16/fp32 output).
 * ``reference``: ``pyops/reference/fp8_linear.py``.
 """
@@ -45,7 +47,7 @@ def _cuda(xq, xs, wq, ws, bias, out) -> None:
 
 
 _backend.register(OP, "reference", _reference)
-_backend.register(OP, "triton", _triton)
+_backend.register(OP, "triton", _triton, min_capability=(8, 9))  # fp8 operands: sm_89+
 _backend.register(OP, "cuda", _cuda)
 
 
@@ -64,6 +66,10 @@ def scaled_mm_available(device: torch.device, N: int, K: int, out_dtype: torch.d
     if out_dtype != torch.bfloat16:
         return False, f"row-wise torch._scaled_mm writes bf16 only (asked {out_dtype})"
     return True, "torch._scaled_mm row-wise"
+
+
+_backend.register_availability(  # shape-independent part, for pyops.info() and explicit requests
+    OP, "cuda", lambda device: scaled_mm_available(torch.device(device), 16, 16, torch.bfloat16))
 
 
 def prefer_scaled_mm(M: int, N: int, K: int) -> bool:

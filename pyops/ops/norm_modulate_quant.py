@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._checks import as_2d
 from ..reference import norm_modulate_quant as ref
 
 OP = "norm_modulate_quant"
@@ -54,7 +55,7 @@ def norm_modulate_quant_impl(x: torch.Tensor, shift: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], norm: str, eps: float,
                              y_dtype: Optional[torch.dtype], backend: str) -> list[torch.Tensor]:
     D = x.shape[-1]
-    x2 = x.reshape(-1, D) if x.dim() != 2 else x
+    x2 = as_2d(x)
     M = x2.shape[0]
     q = torch.empty((M, D), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)

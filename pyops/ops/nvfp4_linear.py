@@ -44,7 +44,7 @@ from ..reference import quantize_nvfp4 as ref_q
 OP = "nvfp4_linear"
 VARIANTS = ("fused", "dequant", "w4a4")
 # compute capabilities with native NVFP4 (E2M1 x E4M3/16) MMA: B200/GB200, B300, RTX 50, DGX Spark
-NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
+NATIVE_FP4_CAPABILITIES = _backend.NATIVE_FP4_CAPABILITIES
 BLOCK = ref_q.BLOCK
 
 

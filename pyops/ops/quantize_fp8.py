@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from .._checks import as_2d
 from ..reference import quantize_fp8 as ref
 
 OP = "quantize_fp8"
@@ -53,7 +54,7 @@ _backend.register(DEQ_OP, "triton", _deq_triton)
 # ---- the ops ------------------------------------------------------------------------------------
 def quantize_fp8_impl(x: torch.Tensor, granularity: str, backend: str):
     K = x.shape[-1]
-    x2 = x.reshape(-1, K) if x.dim() != 2 else x
+    x2 = as_2d(x)
     M = x2.shape[0]
     q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(_scale_shape(M, K, granularity), dtype=torch.float32, device=x.device)
@@ -78,8 +79,7 @@ def _(x, granularity, backend):
 
 def dequantize_fp8_impl(q: torch.Tensor, scale: torch.Tensor, granularity: str,
                         out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    K = q.shape[-1]
-    q2 = q.reshape(-1, K) if q.dim() != 2 else q
+    q2 = as_2d(q)
     out = torch.empty(q2.shape, dtype=out_dtype, device=q.device)
     if q2.numel() > 0:
         _backend.impl(DEQ_OP, backend)(q2, scale, granularity, out)

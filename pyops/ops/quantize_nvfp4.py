@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._checks import as_2d
 from ..reference import quantize_nvfp4 as ref
 
 OP = "quantize_nvfp4"
@@ -65,7 +66,7 @@ _backend.register(DEQ_OP, "triton", _deq_triton)
 def quantize_nvfp4_impl(x: torch.Tensor, global_scale: Optional[torch.Tensor], swizzle: bool,
                         backend: str):
     K = x.shape[-1]
-    x2 = x.reshape(-1, K) if x.dim() != 2 else x
+    x2 = as_2d(x)
     M = x2.shape[0]
     nb = _nb(K)
     data = torch.empty((M, nb * 8), dtype=torch.uint8, device=x.device)
@@ -95,7 +96,7 @@ def _(x, global_scale, swizzle, backend):
 
 def dequantize_nvfp4_impl(data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
                           K: int, swizzled: bool, out_dtype: torch.dtype, backend: str):
-    d2 = data.reshape(-1, data.shape[-1]) if data.dim() != 2 else data
+    d2 = as_2d(data)
     out = torch.empty((d2.shape[0], K), dtype=out_dtype, device=data.device)
     _backend.impl(DEQ_OP, backend)(d2, scales.view(torch.uint8), global_scale, K, swizzled, out)
     return out.view(*data.shape[:-1], K)
