@@ -31,9 +31,26 @@ def register(op: str, backend: str, fn: Callable,
     CUDA compute capability it compiles for (e.g. (8, 9) for kernels with fp8 operands)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
+    if backend == "triton":
+        fn = _on_tensor_device(fn)
     _IMPLS.setdefault(op, {})[backend] = fn
     if min_capability is not None:
         _MIN_CAPABILITY[(op, backend)] = tuple(min_capability)
+
+
+def _on_tensor_device(fn: Callable) -> Callable:
+    """Triton launches on the *current* device; make that the first tensor argument's device (the
+    C++ bindings do the same with a CUDAGuard)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+    return run
 
 
 def register_availability(op: str, backend: str, fn: Callable) -> None:

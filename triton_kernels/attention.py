@@ -301,6 +301,9 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
         vk_ = v
     ok = as_kernel_output(out, soft)
     dummy = out if QK == 0 else qs
+    if B * Hq > 65535:  # CUDA's grid-y limit
+        raise ValueError(f"pyops.attention: batch * heads = {B * Hq} exceeds 65535; split the "
+                         f"batch")
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
     _attn_fwd_kernel[grid](
         qk_, kk_, vk_, dummy if qs is None else qs, dummy if ks is None else ks,

@@ -26,6 +26,7 @@ BLOCK = 1024
 SPLIT = 16 * BLOCK  # elements per stage-1 program
 FIN_BLOCK = 128
 
+GRID_Y_MAX = 65535  # CUDA's limit on grid y
 
 @triton.jit
 def _partials(a_ptr, b_ptr, part_ptr, L, Lc, chunks, splits,
@@ -126,18 +127,20 @@ def _finalize(part_ptr, state_ptr, metric_ptr, reuse_ptr, groups, rows_per_group
 
 
 @triton.jit
-def _write_ref(a_ptr, b_ptr, reuse_ptr, L, Lc, chunks, rows_per_group, BLOCK: tl.constexpr):
+def _write_ref(a_ptr, b_ptr, reuse_ptr, L, Lc, chunks, rows_per_group, n_blk,
+               BLOCK: tl.constexpr):
     rc = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1).to(tl.int64)
     row = rc // chunks
     c = rc % chunks
     cell = (row // rows_per_group) * chunks + c
     flag = tl.load(reuse_ptr + cell)
-    idx = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = (idx < Lc) & ((idx * 0 + flag) == 0)
-    off = row * L + c * Lc + idx
-    raw = tl.load(a_ptr + off, mask=mask)
-    tl.store(b_ptr + off, raw, mask=mask)
+    # grid y is capped at 65535: loop over the remaining blocks of very long rows
+    for b in range(tl.program_id(1).to(tl.int64), n_blk, tl.num_programs(1)):
+        idx = b * BLOCK + tl.arange(0, BLOCK)
+        mask = (idx < Lc) & ((idx * 0 + flag) == 0)
+        off = row * L + c * Lc + idx
+        raw = tl.load(a_ptr + off, mask=mask)
+        tl.store(b_ptr + off, raw, mask=mask)
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:
@@ -163,30 +166,33 @@ def block_similarity(a, ref, state, metric, reuse, *, threshold, eps, rule, warm
                          ALL_GROUPS=bool(all_groups) and groups > 1, FIN_BLOCK=FIN_BLOCK,
                          num_warps=4)
     if write_ref == 1:
-        _write_ref[(B * chunks, triton.cdiv(Lc, BLOCK))](_raw(a), _raw(ref), reuse, L, Lc, chunks,
-                                                         B // groups, BLOCK=BLOCK, num_warps=4)
+        n_blk = triton.cdiv(Lc, BLOCK)
+        _write_ref[(B * chunks, min(n_blk, GRID_Y_MAX))](_raw(a), _raw(ref), reuse, L, Lc, chunks,
+                                                         B // groups, n_blk, BLOCK=BLOCK,
+                                                         num_warps=4)
 
 
 @triton.jit
 def _cache_apply(out_ptr, x_ptr, res_ptr, reuse_ptr, L, rows_per_group,
                  X_BF16: tl.constexpr, R_BF16: tl.constexpr, OUT_KIND: tl.constexpr,
-                 SOFT: tl.constexpr, BLOCK: tl.constexpr):
+                 SOFT: tl.constexpr, BLOCK: tl.constexpr, n_blk):
     row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1).to(tl.int64)
     flag = tl.load(reuse_ptr + row // rows_per_group)
-    idx = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = (idx < L) & ((idx * 0 + flag) != 0)
-    off = row * L + idx
-    x = load_f32(x_ptr, off, mask, X_BF16)
-    r = load_f32(res_ptr, off, mask, R_BF16)
-    tl.store(out_ptr + off, f32_to_out(x + r, OUT_KIND, SOFT), mask=mask)
+    for b in range(tl.program_id(1).to(tl.int64), n_blk, tl.num_programs(1)):  # grid y <= 65535
+        idx = b * BLOCK + tl.arange(0, BLOCK)
+        mask = (idx < L) & ((idx * 0 + flag) != 0)
+        off = row * L + idx
+        x = load_f32(x_ptr, off, mask, X_BF16)
+        r = load_f32(res_ptr, off, mask, R_BF16)
+        tl.store(out_ptr + off, f32_to_out(x + r, OUT_KIND, SOFT), mask=mask)
 
 
 def cache_apply(out, x, residual, reuse, groups: int) -> None:
     B = out.shape[0]
     L = out.numel() // B
     soft = use_soft_cvt(out)
-    _cache_apply[(B, triton.cdiv(L, BLOCK))](
+    n_blk = triton.cdiv(L, BLOCK)
+    _cache_apply[(B, min(n_blk, GRID_Y_MAX))](
         as_kernel_output(out, soft), as_kernel_input(x), as_kernel_input(residual), reuse, L,
         B // groups, X_BF16=x.dtype == torch.bfloat16, R_BF16=residual.dtype == torch.bfloat16,
-        OUT_KIND=out_kind(out.dtype), SOFT=soft, BLOCK=BLOCK, num_warps=4)
+        OUT_KIND=out_kind(out.dtype), SOFT=soft, BLOCK=BLOCK, n_blk=n_blk, num_warps=4)

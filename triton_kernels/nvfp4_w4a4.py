@@ -49,4 +49,5 @@ def w4a4_epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.T
                            acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
                            HAS_BIAS=bias is not None, ACC_BF16=acc.dtype == torch.bfloat16,
                            BIAS_BF16=b.dtype == torch.bfloat16, OUT_KIND=out_kind(out.dtype),
-                           SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+                           SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+                           enable_fp_fusion=False)  # a*alpha then +bias: two roundings

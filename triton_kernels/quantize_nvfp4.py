@@ -95,12 +95,15 @@ def _nvfp4_quant_kernel(x_ptr, d_ptr, s_ptr, g_ptr, part_ptr, n_part, M, K, nb, 
     a = tl.abs(x)
     bamax = tl.max(tl.where(a <= FLT_MAX, a, float("inf")), axis=2)  # [BM, NBB]; inf = bad
     bad = bamax > FLT_MAX
-    s = tl.minimum(tl.math.div_rn(tl.math.div_rn(bamax, FP4_MAX), g), E4M3_MAX)
+    # NaN must survive the clamps as in torch.clamp (GPU min/max drop NaN by default)
+    s = tl.minimum(tl.math.div_rn(tl.math.div_rn(bamax, FP4_MAX), g), E4M3_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     sbits = e4m3_bits(s, SOFT)
     sf = e4m3_to_f32(sbits, SOFT)
     denom = sf * g
     v = tl.math.div_rn(x, denom[:, :, None])
-    v = tl.minimum(tl.maximum(v, -FP4_MAX), FP4_MAX)
+    v = tl.minimum(tl.maximum(v, -FP4_MAX, propagate_nan=tl.PropagateNan.ALL), FP4_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     codes = _e2m1_codes(v)
     codes = tl.where((bad | (sf == 0))[:, :, None], 0, codes)
     lo, hi = tl.split(tl.reshape(codes, [BM, NBB, 8, 2]))
