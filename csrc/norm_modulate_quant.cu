@@ -44,10 +44,10 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 __device__ __forceinline__ float nmq_scale(uint32_t mx) {
   if (mx >= kInfBits) return __uint_as_float(kNanBits);
-  return fmaxf(__fdiv_rn(__uint_as_float(mx), kNmqFp8Max), kFltMin);
+  return fmaxf(div_rn(__uint_as_float(mx), kNmqFp8Max), kFltMin);
 }
 
-__device__ __forceinline__ float rsqrt_rn(float v) { return __fdiv_rn(1.0f, __fsqrt_rn(v)); }
+__device__ __forceinline__ float rsqrt_rn(float v) { return div_rn(1.0f, sqrt_rn(v)); }
 
 // V parameter elements d = k0 .. k0+V-1 of the row at `base + off` as fp32 (0 past D).
 template <typename P, int V>
@@ -93,27 +93,27 @@ __device__ __forceinline__ void norm_modulate(float (&v)[V], const NmqArgs& a, i
   const pyops_norm_modulate_quant_params& p = a.p;
   const bool rms = p.norm == PYOPS_NORM_RMS;
 #pragma unroll
-  for (int j = 0; j < V; ++j) v[j] = __fmul_rn(rms ? v[j] : __fsub_rn(v[j], mean), rstd);
+  for (int j = 0; j < V; ++j) v[j] = mul_rn(rms ? v[j] : sub_rn(v[j], mean), rstd);
   float t[V];
   if (p.weight != nullptr) {
     load_params<P, V>(p.weight, 0, k0, p.D, a.pvec, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = __fmul_rn(v[j], t[j]);
+    for (int j = 0; j < V; ++j) v[j] = mul_rn(v[j], t[j]);
   }
   if (p.bias != nullptr) {
     load_params<P, V>(p.bias, 0, k0, p.D, a.pvec, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = __fadd_rn(v[j], t[j]);
+    for (int j = 0; j < V; ++j) v[j] = add_rn(v[j], t[j]);
   }
   if (p.scale != nullptr) {
     load_params<P, V>(p.scale, mr * p.scale_stride, k0, p.D, a.pvec, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = __fmul_rn(v[j], __fadd_rn(1.0f, t[j]));
+    for (int j = 0; j < V; ++j) v[j] = mul_rn(v[j], add_rn(1.0f, t[j]));
   }
   if (p.shift != nullptr) {
     load_params<P, V>(p.shift, mr * p.shift_stride, k0, p.D, a.pvec, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = __fadd_rn(v[j], t[j]);
+    for (int j = 0; j < V; ++j) v[j] = add_rn(v[j], t[j]);
   }
 }
 
@@ -138,10 +138,10 @@ __device__ __forceinline__ void store_chunk(const NmqArgs& a, int64_t m, int64_t
 #pragma unroll
   for (int i = 0; i < V / 4; ++i) {
     const float* f = v + 4 * i;
-    const uint32_t lo = e4m3x2(clamp_nan(__fdiv_rn(f[0], sc), -kNmqFp8Max, kNmqFp8Max),
-                               clamp_nan(__fdiv_rn(f[1], sc), -kNmqFp8Max, kNmqFp8Max));
-    const uint32_t hi = e4m3x2(clamp_nan(__fdiv_rn(f[2], sc), -kNmqFp8Max, kNmqFp8Max),
-                               clamp_nan(__fdiv_rn(f[3], sc), -kNmqFp8Max, kNmqFp8Max));
+    const uint32_t lo = e4m3x2(clamp_nan(div_rn(f[0], sc), -kNmqFp8Max, kNmqFp8Max),
+                               clamp_nan(div_rn(f[1], sc), -kNmqFp8Max, kNmqFp8Max));
+    const uint32_t hi = e4m3x2(clamp_nan(div_rn(f[2], sc), -kNmqFp8Max, kNmqFp8Max),
+                               clamp_nan(div_rn(f[3], sc), -kNmqFp8Max, kNmqFp8Max));
     w[i] = bad ? 0u : (lo | (hi << 16));
   }
   const int64_t off = m * D + k0;
@@ -223,27 +223,27 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
 #pragma unroll
     for (int i = 0; i < kR; ++i)
 #pragma unroll
-      for (int j = 0; j < V; ++j) s = __fadd_rn(s, rms ? __fmul_rn(v[i][j], v[i][j]) : v[i][j]);
+      for (int j = 0; j < V; ++j) s = add_rn(s, rms ? mul_rn(v[i][j], v[i][j]) : v[i][j]);
     for (int64_t kc = tail0; kc < nc; kc += T) {
       float f[V];
       chunk_to_float<E>(load_chunk<E, VEC>(in, m, kc * V), f);
 #pragma unroll
-      for (int j = 0; j < V; ++j) s = __fadd_rn(s, rms ? __fmul_rn(f[j], f[j]) : f[j]);
+      for (int j = 0; j < V; ++j) s = add_rn(s, rms ? mul_rn(f[j], f[j]) : f[j]);
     }
     s = block_sum(s, fred);
     float mean = 0.0f, rstd;
     if (rms) {
-      rstd = rsqrt_rn(__fadd_rn(__fdiv_rn(s, d_f), p.eps));
+      rstd = rsqrt_rn(add_rn(div_rn(s, d_f), p.eps));
     } else {
-      mean = __fdiv_rn(s, d_f);
+      mean = div_rn(s, d_f);
       float s2 = 0.0f;
 #pragma unroll
       for (int i = 0; i < kR; ++i) {
         const int64_t k0 = (threadIdx.x + static_cast<int64_t>(i) * T) * V;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float d = k0 + j < D ? __fsub_rn(v[i][j], mean) : 0.0f;
-          s2 = __fadd_rn(s2, __fmul_rn(d, d));
+          const float d = k0 + j < D ? sub_rn(v[i][j], mean) : 0.0f;
+          s2 = add_rn(s2, mul_rn(d, d));
         }
       }
       for (int64_t kc = tail0; kc < nc; kc += T) {
@@ -251,12 +251,12 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
         chunk_to_float<E>(load_chunk<E, VEC>(in, m, kc * V), f);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float d = kc * V + j < D ? __fsub_rn(f[j], mean) : 0.0f;
-          s2 = __fadd_rn(s2, __fmul_rn(d, d));
+          const float d = kc * V + j < D ? sub_rn(f[j], mean) : 0.0f;
+          s2 = add_rn(s2, mul_rn(d, d));
         }
       }
       s2 = block_sum(s2, fred);
-      rstd = rsqrt_rn(__fadd_rn(__fdiv_rn(s2, d_f), p.eps));
+      rstd = rsqrt_rn(add_rn(div_rn(s2, d_f), p.eps));
     }
     // pass 2: y and its amax
     const int64_t mr = m / p.rows_per_mod;
