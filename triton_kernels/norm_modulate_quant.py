@@ -53,6 +53,25 @@ def _affine_modulate(n, cols, cmask, mrow, mask, w_ptr, b_ptr, sh_ptr, sc_ptr, s
 
 
 @triton.jit
+def _chunk_y(k0, D, rmask, x_ptr, xrow, sxd, mean, rstd, mrow, w_ptr, b_ptr, sh_ptr, sc_ptr, ssh,
+             ssc, RMS: tl.constexpr, IS_BF16: tl.constexpr, HAS_W: tl.constexpr,
+             HAS_B: tl.constexpr, HAS_SH: tl.constexpr, HAS_SC: tl.constexpr,
+             P_BF16: tl.constexpr, BD: tl.constexpr):
+    """y of columns [k0, k0 + BD) of a long row (the chunked path reads the row twice)."""
+    cols = k0 + tl.arange(0, BD).to(tl.int64)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    x = load_f32(x_ptr, xrow + cols[None, :] * sxd, mask, IS_BF16)
+    if RMS:
+        n = x * rstd[:, None]
+    else:
+        n = (x - mean[:, None]) * rstd[:, None]
+    y = _affine_modulate(n, cols, cmask, mrow, mask, w_ptr, b_ptr, sh_ptr, sc_ptr, ssh, ssc,
+                         HAS_W, HAS_B, HAS_SH, HAS_SC, P_BF16)
+    return cols, mask, y
+
+
+@triton.jit
 def _nmq_kernel(x_ptr, w_ptr, b_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr, y_ptr,
                 M, D, d_f, sxm, sxd, ssh, ssc, rows_per_mod, eps,
                 RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -114,32 +133,18 @@ def _nmq_kernel(x_ptr, w_ptr, b_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr, y_ptr,
             rstd = _rsqrt_rn(tl.math.div_rn(acc2, d_f) + eps)
         amax = tl.zeros([BM], dtype=tl.float32)
         for k0 in range(0, D, BD):
-            cols = k0 + tl.arange(0, BD).to(tl.int64)
-            cmask = cols < D
-            mask = rmask[:, None] & cmask[None, :]
-            x = load_f32(x_ptr, xrow + cols[None, :] * sxd, mask, IS_BF16)
-            if RMS:
-                n = x * rstd[:, None]
-            else:
-                n = (x - mean[:, None]) * rstd[:, None]
-            y = _affine_modulate(n, cols, cmask, mrow, mask, w_ptr, b_ptr, sh_ptr, sc_ptr,
-                                 ssh, ssc, HAS_W, HAS_B, HAS_SH, HAS_SC, P_BF16)
+            cols, mask, y = _chunk_y(k0, D, rmask, x_ptr, xrow, sxd, mean, rstd, mrow, w_ptr,
+                                     b_ptr, sh_ptr, sc_ptr, ssh, ssc, RMS, IS_BF16, HAS_W, HAS_B,
+                                     HAS_SH, HAS_SC, P_BF16, BD)
             amax = tl.maximum(amax, tl.max(tl.where(mask, _abs_mark(y), 0.0), axis=1))
             if WRITE_Y:
                 tl.store(y_ptr + orow + cols[None, :], f32_to_out(y, Y_KIND, SOFT), mask=mask)
         scale, bad = _fp8_group_scale(amax)
         tl.store(s_ptr + rows, scale, mask=rmask)
         for k0 in range(0, D, BD):  # recompute y (same operations, same values) and quantize
-            cols = k0 + tl.arange(0, BD).to(tl.int64)
-            cmask = cols < D
-            mask = rmask[:, None] & cmask[None, :]
-            x = load_f32(x_ptr, xrow + cols[None, :] * sxd, mask, IS_BF16)
-            if RMS:
-                n = x * rstd[:, None]
-            else:
-                n = (x - mean[:, None]) * rstd[:, None]
-            y = _affine_modulate(n, cols, cmask, mrow, mask, w_ptr, b_ptr, sh_ptr, sc_ptr,
-                                 ssh, ssc, HAS_W, HAS_B, HAS_SH, HAS_SC, P_BF16)
+            cols, mask, y = _chunk_y(k0, D, rmask, x_ptr, xrow, sxd, mean, rstd, mrow, w_ptr,
+                                     b_ptr, sh_ptr, sc_ptr, ssh, ssc, RMS, IS_BF16, HAS_W, HAS_B,
+                                     HAS_SH, HAS_SC, P_BF16, BD)
             tl.store(q_ptr + orow + cols[None, :],
                      _fp8_codes(y, scale[:, None], bad[:, None], SOFT), mask=mask)
 
