@@ -164,10 +164,52 @@ def run_shape(table, label, B, H, S, D, device, args, budget):
                                           if row.get(c) is not None), flush=True)
 
 
+RECIPE_SHAPE = (1, 4, 2, 200, 300)  # B, Hq, Hk, Sq, Sk: small enough for the CPU
+RECIPE_COLS = ["D", "inputs", "precision", "variant", "cos", "rel L1"]
+# (name, simulated_attention kwargs): the outlier transforms, added one at a time
+RECIPE_ABLATIONS = [
+    ("no transforms", dict(smooth_k=False, smooth_qk=False, rotate=False)),
+    ("K smoothing", dict(smooth_k=True, smooth_qk=False, rotate=False)),
+    ("+ Q/K channel smoothing", dict(smooth_k=True, smooth_qk=True, rotate=False)),
+    ("+ Hadamard rotation (default)", dict(smooth_k=True, smooth_qk=True, rotate=True)),
+]
+
+
+def recipe(args, device) -> U.Table:
+    """Accuracy of the quantization recipe itself: the kernel's arithmetic simulated in fp32
+    (pyops.reference.attention.simulated_attention) against fp64 attention, on random and
+    outlier-channel inputs; every precision with the default transforms, and the transforms
+    added one at a time for int8. Device-independent arithmetic, so it runs on the CPU."""
+    from pyops.reference import attention as ref
+    B, Hq, Hk, Sq, Sk = RECIPE_SHAPE
+    t = U.Table(f"attention recipe accuracy vs fp64 (simulated kernel arithmetic, B{B} Hq{Hq} "
+                f"Hk{Hk} Sq{Sq} Sk{Sk}, bf16 inputs)", RECIPE_COLS)
+    for D in (64, 128):
+        for kind in ("random", "outlier"):
+            q, k, v = ref.make_inputs(B, Hq, Hk, Sq, Sk, D, kind, device=device, seed=0)
+            exact, _ = ref.attention(q, k, v, dtype=torch.float64)
+            runs = [(p, "default", {}) for p in ("fp8", "int8", "int8_fp16pv", "nvfp4")]
+            runs += [("int8", name, kw) for name, kw in RECIPE_ABLATIONS[:-1]]
+            for prec, variant, kw in runs:
+                out, _ = ref.simulated_attention(q, k, v, prec, **kw)
+                e = ref.error_stats(out, exact)
+                t.add(D=D, inputs=kind, precision=prec, variant=variant,
+                      cos=f"{e['cos']:.5f}", **{"rel L1": f"{e['rel_l1']:.4f}"})
+    return t
+
+
 def main(argv=None) -> int:
     p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--recipe", action="store_true",
+                   help="only the recipe accuracy study (simulated arithmetic; CPU is fine)")
     args = p.parse_args(argv)
     device = U.pick_device(args.device)
+    if args.recipe:
+        env = U.env_record(device)
+        t = recipe(args, device)
+        U.write_results(args.out, NAME + "_recipe", [t], env)
+        print(U.env_markdown(env) + "\n\n" + t.markdown())
+        return 0
     if device.type != "cuda":
         if not args.quick:
             print("bench_attention: a CPU run needs --quick (interpreter, tiny shapes)")

@@ -28,3 +28,24 @@ def test_bench_attention_quick(tmp_path):
         assert rec["ms"] > 0 and rec["cos random"] > 0.98 and rec["cos outlier"] > 0.95
     assert recs["pyops int8"]["kernel ms"] > 0 and recs["pyops int8"]["prepass ms"] > 0
     assert "smoke test only" in (tmp_path / "attention.md").read_text()
+
+
+def test_bench_attention_recipe(tmp_path):
+    """The recipe study behind the defaults (bench/RESULTS.md): int8 meets SageAttention2's
+    random-input accuracy, fp8 does not, and each outlier transform helps at D=128."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"), "--recipe",
+                        "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = json.loads((tmp_path / "attention_recipe.json").read_text())["records"]
+    get = {(x["D"], x["inputs"], x["precision"], x["variant"]): x for x in recs}
+    for D in (64, 128):
+        assert float(get[(D, "random", "int8", "default")]["rel L1"]) <= 0.038
+        assert float(get[(D, "random", "fp8", "default")]["rel L1"]) > 0.038
+        assert float(get[(D, "random", "int8_fp16pv", "default")]["rel L1"]) <= 0.015
+        assert float(get[(D, "outlier", "int8", "default")]["cos"]) >= 0.995
+    steps = ["no transforms", "K smoothing", "+ Q/K channel smoothing", "default"]
+    cos = [float(get[(128, "outlier", "int8", s)]["cos"]) for s in steps]
+    assert cos == sorted(cos) and cos[0] < 0.99 < cos[-1]
