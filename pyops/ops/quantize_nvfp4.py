@@ -70,7 +70,10 @@ def quantize_nvfp4_impl(x: torch.Tensor, global_scale: Optional[torch.Tensor], s
     M = x2.shape[0]
     nb = _nb(K)
     data = torch.empty((M, nb * 8), dtype=torch.uint8, device=x.device)
-    scales = torch.zeros(_scale_shape(M, K, swizzle), dtype=torch.uint8, device=x.device)
+    # Every backend writes all (M, nb) scales; only the swizzled layout's padding needs the
+    # zero fill (the CUDA kernel relies on it), so skip the memset otherwise.
+    alloc = torch.zeros if swizzle else torch.empty
+    scales = alloc(_scale_shape(M, K, swizzle), dtype=torch.uint8, device=x.device)
     if global_scale is None:
         g = torch.empty(1, dtype=torch.float32, device=x.device)
     else:
