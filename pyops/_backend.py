@@ -10,6 +10,7 @@ asked for explicitly but cannot run raises; automatic selection never picks one 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -34,6 +35,8 @@ def register(op: str, backend: str, fn: Callable,
     if backend == "triton":
         fn = _on_tensor_device(fn)
     _IMPLS.setdefault(op, {})[backend] = fn
+    if backend == "cuda":
+        _note_cuda_op(op)
     if min_capability is not None:
         _MIN_CAPABILITY[(op, backend)] = tuple(min_capability)
 
@@ -71,6 +74,91 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# ---- static facts: computed once, outside torch.compile tracing ------------------------------
+# Backend resolution runs inside traced user code (``torch.compile(fullgraph=True)``), so it must
+# be plain Python over values that already exist: no import, no custom-op call, no CUDA query, no
+# ``functools.lru_cache`` (Dynamo traces through the cache into the wrapped function). The
+# extension facts are loaded at ``import pyops``; a device's compute capability is read once per
+# device index, eagerly when possible and through ``assume_constant_result`` when the first query
+# happens under tracing.
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionFacts:
+    """What the compiled extension ``pyops._C`` provides (fixed for the life of the process)."""
+    loaded: bool
+    why: str
+    archs: tuple[str, ...] = ()          # e.g. ("90a",): what pyops._C was compiled for
+    cuda_ops: frozenset = frozenset()    # op names with a "_<op>_cuda" binding
+
+
+_EXTENSION: Optional[ExtensionFacts] = None
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _load_extension() -> ExtensionFacts:
+    if os.environ.get("PYOPS_DISABLE_CUDA_EXT", "0") not in ("", "0"):
+        return ExtensionFacts(False, "disabled by PYOPS_DISABLE_CUDA_EXT")
+    try:
+        importlib.import_module("pyops._C")
+    except ImportError as e:
+        return ExtensionFacts(False, f"pyops._C not built ({e})")
+    except Exception as e:  # a broken build must not break `import pyops`
+        return ExtensionFacts(False, f"pyops._C failed to load ({type(e).__name__}: {e})")
+    try:
+        archs = tuple(torch.ops.pyops._cuda_archs())
+    except Exception:
+        archs = ()
+    cuda_ops = frozenset(op for op in _IMPLS if hasattr(torch.ops.pyops, f"_{op}_cuda"))
+    return ExtensionFacts(True, "pyops._C loaded", archs, cuda_ops)
+
+
+def extension_facts() -> ExtensionFacts:
+    """The extension facts, loaded on the first call (``import pyops`` makes that call)."""
+    global _EXTENSION
+    if _EXTENSION is None:
+        _EXTENSION = _load_extension()
+    return _EXTENSION
+
+
+def _note_cuda_op(op: str) -> None:
+    """An op registered a "cuda" backend after the facts were loaded: record its binding."""
+    global _EXTENSION
+    if _EXTENSION is not None and _EXTENSION.loaded and op not in _EXTENSION.cuda_ops \
+            and hasattr(torch.ops.pyops, f"_{op}_cuda"):
+        _EXTENSION = dataclasses.replace(_EXTENSION, cuda_ops=_EXTENSION.cuda_ops | {op})
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, why) for the compiled CUDA extension ``pyops._C``."""
+    f = extension_facts()
+    return f.loaded, f.why
+
+
+def extension_archs() -> list[str]:
+    return list(extension_facts().archs)
+
+
+@torch.compiler.assume_constant_result
+def _query_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device) -> tuple[int, int]:
+    """``(major, minor)`` of a CUDA device, read once per device index and cached; safe to call
+    while torch.compile traces (the first query then becomes a trace-time constant)."""
+    device = torch.device(device)
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _query_capability(index)
+        if not torch.compiler.is_compiling():
+            _CAPABILITY[index] = cap
+    return cap
+
+
 def native_fp4(device) -> bool:
     """Whether ``device`` has native NVFP4 MMA (and this torch the float4 dtype). Never in the
     Triton interpreter; ``PYOPS_NVFP4_NATIVE=0`` turns every native NVFP4 path off."""
@@ -79,60 +167,40 @@ def native_fp4(device) -> bool:
         return False
     if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
         return False
-    return tuple(torch.cuda.get_device_capability(device)) in NATIVE_FP4_CAPABILITIES
+    return device_capability(device) in NATIVE_FP4_CAPABILITIES
 
 
-@functools.lru_cache(None)
+_TRITON: Optional[tuple[bool, str]] = None
+
+
 def triton_status() -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return False, f"triton not importable ({type(e).__name__}: {e})"
-    return True, f"triton {triton.__version__}"
-
-
-@functools.lru_cache(None)
-def extension_status() -> tuple[bool, str]:
-    """Load the compiled CUDA extension ``pyops._C`` if it was built."""
-    if os.environ.get("PYOPS_DISABLE_CUDA_EXT", "0") not in ("", "0"):
-        return False, "disabled by PYOPS_DISABLE_CUDA_EXT"
-    try:
-        importlib.import_module("pyops._C")
-    except ImportError as e:
-        return False, f"pyops._C not built ({e})"
-    except Exception as e:  # a broken build must not break `import pyops`
-        return False, f"pyops._C failed to load ({type(e).__name__}: {e})"
-    return True, "pyops._C loaded"
-
-
-def extension_archs() -> list[str]:
-    ok, _ = extension_status()
-    if not ok:
-        return []
-    try:
-        return list(torch.ops.pyops._cuda_archs())
-    except Exception:
-        return []
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON = (True, f"triton {triton.__version__}")
+        except Exception as e:  # pragma: no cover - depends on the machine
+            _TRITON = (False, f"triton not importable ({type(e).__name__}: {e})")
+    return _TRITON
 
 
 def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
-    ok, why = extension_status()
-    if not ok:
-        return False, why
+    facts = extension_facts()
+    if not facts.loaded:
+        return False, facts.why
     if device.type != "cuda":
         return False, "the CUDA backend needs CUDA tensors"
-    if not hasattr(torch.ops.pyops, f"_{op}_cuda"):
+    if op not in facts.cuda_ops:
         return False, f"pyops._C has no _{op}_cuda (built from older sources?)"
-    major, minor = torch.cuda.get_device_capability(device)
-    archs = extension_archs()
-    if not archs:
+    major, minor = device_capability(device)
+    if not facts.archs:
         return False, "pyops._C does not report the archs it was built for"
     # sm_XYa code runs only on exactly sm_XY; plain sm_XY code (no 'a') runs on newer minors too.
-    have = {a.rstrip("af") for a in archs}
+    have = {a.rstrip("af") for a in facts.archs}
     if f"{major}{minor}" not in have:
-        return False, f"pyops._C built for sm_{','.join(archs)}, device is sm_{major}{minor}"
-    return True, why
+        return False, f"pyops._C built for sm_{','.join(facts.archs)}, device is sm_{major}{minor}"
+    return True, facts.why
 
 
 def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
@@ -151,9 +219,11 @@ def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
         need = _MIN_CAPABILITY.get((op, "triton"))
-        if need is not None and tuple(torch.cuda.get_device_capability(device)) < need:
-            return False, (f"the Triton {op} kernel needs sm_{need[0]}{need[1]}+ (fp8 operands), "
-                           f"device is sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}")
+        if need is not None:
+            cap = device_capability(device)
+            if cap < need:
+                return False, (f"the Triton {op} kernel needs sm_{need[0]}{need[1]}+ (fp8 "
+                               f"operands), device is sm_{cap[0]}{cap[1]}")
         return True, why
     return _cuda_backend_ok(op, device)
 

@@ -1,0 +1,108 @@
+"""Backend resolution (pyops/_backend.py): the path a CUDA device takes, exercised on the CPU with
+a fake "extension present, sm_90" state, eagerly and inside torch.compile(fullgraph=True).
+
+On the H200 (shared/measured/h200-2026-11-30.md) torch.compile(fullgraph=True) broke because
+resolution imported ``pyops._C`` while Dynamo traced it; CPU tensors never reached that code."""
+import dataclasses
+
+import pytest
+import torch
+
+from pyops import _backend
+
+
+@pytest.fixture
+def fake_sm90(monkeypatch):
+    """pyops._C 'loaded' for sm_90a with a binding for every op, device 0 is sm_90, and every op
+    has a 'cuda' implementation registered (a stub: resolution never calls it)."""
+    impls = {op: dict(v) for op, v in _backend._IMPLS.items()}
+    for op in impls:
+        impls[op].setdefault("cuda", lambda *a, **k: None)
+    monkeypatch.setattr(_backend, "_IMPLS", impls)
+    monkeypatch.setattr(_backend, "_EXTENSION", _backend.ExtensionFacts(
+        True, "fake pyops._C", ("90a",), frozenset(impls)))
+    monkeypatch.setattr(_backend, "_CAPABILITY", {0: (9, 0)})
+
+    def no_query(*a, **k):
+        raise AssertionError("the device was queried again; facts must be cached")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_query)
+    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
+    for op in impls:
+        monkeypatch.delenv(f"PYOPS_BACKEND_{op.upper()}", raising=False)
+    return impls
+
+
+def _codes(device):
+    """Resolve every op on ``device``; encode each choice as a number so a compiled function can
+    return it as a tensor."""
+    out = []
+    for op in sorted(_backend._IMPLS):
+        b = _backend.resolve(op, device)
+        out.append(float(_backend.BACKENDS.index(b)))
+    return out
+
+
+def test_gpu_resolution_eager(fake_sm90):
+    dev = torch.device("cuda", 0)
+    for op in fake_sm90:
+        # fp8_linear/nvfp4_linear "cuda" means a vendor path with its own availability rule
+        if (op, "cuda") in _backend._AVAILABILITY:
+            continue
+        assert _backend.resolve(op, dev) == "cuda", op
+        assert _backend.available(op, "cuda", dev)[0]
+    # an explicit request for a backend that cannot run still raises, naming the reason
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        _backend.resolve("quantize_fp8", torch.device("cpu"), "cuda")
+
+
+def test_gpu_resolution_under_compile_fullgraph(fake_sm90, monkeypatch):
+    """The whole resolution path a GPU takes traces without a graph break and without importing or
+    querying the device (``fake_sm90`` fails the test on any device query)."""
+    imported = []
+    real_import = _backend.importlib.import_module
+    monkeypatch.setattr(_backend.importlib, "import_module",
+                        lambda name, *a: imported.append(name) or real_import(name, *a))
+    dev = torch.device("cuda", 0)
+    expected = _codes(dev)
+
+    def f(x):
+        return x + torch.tensor(_codes(dev))
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(len(expected)))
+    assert got.tolist() == expected
+    assert "pyops._C" not in imported
+
+
+def test_capability_first_queried_under_compile(fake_sm90, monkeypatch):
+    """A device first seen while tracing: its capability becomes a trace-time constant (one
+    query), and the eager cache is left for an eager call to fill."""
+    calls = []
+    monkeypatch.setattr(_backend, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda i=None: calls.append(i) or (9, 0))
+    dev = torch.device("cuda", 0)
+
+    def f(x):
+        return x + (1.0 if _backend.resolve("quantize_fp8", dev) == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1.0
+    assert len(calls) >= 1
+    assert _backend.device_capability(dev) == (9, 0)
+    n = len(calls)
+    assert _backend.device_capability(dev) == (9, 0) and len(calls) == n  # cached now
+
+
+def test_wrong_arch_extension_not_chosen(fake_sm90, monkeypatch):
+    monkeypatch.setattr(_backend, "_EXTENSION", dataclasses.replace(
+        _backend._EXTENSION, archs=("100a",)))
+    ok, why = _backend.available("quantize_fp8", "cuda", torch.device("cuda", 0))
+    assert not ok and "sm_100a" in why and "sm_90" in why
+    assert _backend.resolve("quantize_fp8", torch.device("cuda", 0)) == "triton"
+
+
+def test_facts_loaded_once():
+    a = _backend.extension_facts()
+    assert _backend.extension_facts() is a
+    assert _backend.extension_status() == (a.loaded, a.why)
