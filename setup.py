@@ -122,6 +122,61 @@ else:
     write_build_info({"built": False, "reason": reason})
     say(f"not building the CUDA extension: {reason}. Triton and reference backends only.")
 
+def editable_cmdclass() -> dict:
+    """Editable installs (``pip install -e .``) as one ``.pth`` path entry that holds only a link
+    to ``pyops/``.
+
+    setuptools' default for this layout (``pyops.triton_kernels`` maps to another folder) is an
+    import hook that Python asks *after* its path search. Run from the folder that contains the
+    clone (itself named ``pyops``, with no ``__init__.py``), the path search finds the clone as a
+    namespace package first and ``import pyops`` yields an empty module. A regular package on
+    ``sys.path`` always beats a namespace package, so a path entry holding ``pyops -> <clone>/pyops``
+    is found from anywhere; ``pyops/__init__.py`` maps ``pyops.triton_kernels`` to the source
+    folder (as in a plain checkout). Files added later are seen without reinstalling. Falls back to
+    setuptools' own strategy where a symlink cannot be made or ``editable_mode`` is set.
+    """
+    try:
+        from setuptools.command.editable_wheel import editable_wheel
+    except ImportError:  # setuptools < 64: no PEP 660 editable wheels
+        return {}
+    if not hasattr(editable_wheel, "_select_strategy"):
+        return {}
+
+    class PathEntry:
+        def __init__(self, name: str, folder: str):
+            self.name, self.folder = name, folder
+
+        def __call__(self, wheel, files, mapping):
+            wheel.writestr(f"__editable__.{self.name}.pth", (self.folder + "\n").encode())
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    class EditableWheel(editable_wheel):
+        def _select_strategy(self, name, tag, build_lib):
+            if self.mode not in (None, "", "lenient"):
+                return super()._select_strategy(name, tag, build_lib)
+            folder = os.path.join(ROOT, "build", "editable")
+            link = os.path.join(folder, "pyops")
+            try:
+                os.makedirs(folder, exist_ok=True)
+                if os.path.lexists(link):
+                    os.remove(link)
+                os.symlink(os.path.join(ROOT, "pyops"), link, target_is_directory=True)
+            except OSError as e:
+                say(f"editable install: cannot link {link} ({e}); using setuptools' import hook")
+                return super()._select_strategy(name, tag, build_lib)
+            return PathEntry(name, folder)
+
+    return {"editable_wheel": EditableWheel}
+
+
+kwargs.setdefault("cmdclass", {}).update(editable_cmdclass())
+
+
 setup(
     name="pyops",
     version="0.1.0",

@@ -9,27 +9,26 @@ __version__ = "0.1.0"
 
 
 def _alias_triton_kernels() -> None:
-    """Make ``pyops.triton_kernels`` importable when running from a source checkout.
+    """Make ``pyops.triton_kernels`` importable from a source checkout or an editable install.
 
     setup.py installs the repository's top-level ``triton_kernels/`` as ``pyops.triton_kernels``
-    (never as a top-level ``triton_kernels``, which is the Triton project's own package). Without
-    an install, map the source folder under that name.
+    (never as a top-level ``triton_kernels``, which is the Triton project's own package). When
+    this ``pyops`` package is the source folder (no ``triton_kernels`` inside it, the sibling
+    source folder beside it), map that sibling under the name, so the kernels always come from
+    the same tree as this file, whatever other installs of pyops exist.
     """
     if "pyops.triton_kernels" in _sys.modules:
         return
-    try:
-        if _ilu.find_spec("pyops.triton_kernels") is not None:
-            return
-    except (ImportError, ValueError):
-        pass
-    src = _Path(__file__).resolve().parent.parent / "triton_kernels"
+    here = _Path(__file__).resolve().parent
+    src = here.parent / "triton_kernels"
     init = src / "__init__.py"
-    if init.exists():
-        spec = _ilu.spec_from_file_location("pyops.triton_kernels", init,
-                                            submodule_search_locations=[str(src)])
-        mod = _ilu.module_from_spec(spec)
-        _sys.modules["pyops.triton_kernels"] = mod
-        spec.loader.exec_module(mod)
+    if (here / "triton_kernels").exists() or not init.exists():
+        return  # an installed package: the regular import finds pyops/triton_kernels
+    spec = _ilu.spec_from_file_location("pyops.triton_kernels", init,
+                                        submodule_search_locations=[str(src)])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["pyops.triton_kernels"] = mod
+    spec.loader.exec_module(mod)
 
 
 _alias_triton_kernels()
