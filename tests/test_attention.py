@@ -326,6 +326,62 @@ def test_sdpa_fallbacks_and_path(small_blocks):
     _check_bounds(out, want.double(), "int8", "random")
 
 
+class _DiffusersStyleAttention(torch.nn.Module):
+    """What diffusers' attention processors do: project, split heads, call
+    ``F.scaled_dot_product_attention`` through the module attribute at call time."""
+
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(B, S, C))
+
+
+def test_sdpa_patched_into_torch_no_recursion():
+    """README: ``torch.nn.functional.scaled_dot_product_attention = pyops.sdpa``. Every fallback
+    (mask, CPU tensors, fp32, dropout) must reach torch's SDPA, not pyops.sdpa again."""
+    import functools
+    from pyops import qattention
+    orig = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = R.make_inputs(1, 2, 2, 16, 16, 64, seed=14)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    model = _DiffusersStyleAttention()
+    x = torch.randn(2, 10, 64)
+    cases = [((q, k, v), dict(attn_mask=mask)), ((q, k, v), dict(is_causal=True)),
+             ((q.float(), k.float(), v.float()), dict(scale=0.3))]
+    want = [orig(*a, **kw) for a, kw in cases]
+    with torch.no_grad():
+        want_model = [model(x), model(x, mask=torch.ones(10, 10, dtype=torch.bool).tril())]
+    try:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = [F.scaled_dot_product_attention(*a, **kw) for a, kw in cases]
+            with torch.no_grad():
+                got_model = [model(x), model(x, mask=torch.ones(10, 10, dtype=torch.bool).tril())]
+            # dropout: random, so only shape and finiteness
+            d = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=0.5)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+    for g, w in zip(got + got_model, want + want_model):
+        assert torch.equal(g, w)
+    assert d.shape == q.shape and torch.isfinite(d).all()
+    # pyops (re)imported while the patch is in place (e.g. IPython autoreload): torch's builtin
+    builtin = torch._C._nn.scaled_dot_product_attention
+    assert qattention._TORCH_SDPA is orig
+    assert qattention._unpatched_sdpa(orig) is orig
+    assert qattention._unpatched_sdpa(sdpa) is builtin
+    assert qattention._unpatched_sdpa(functools.partial(sdpa, precision="fp8")) is builtin
+    assert qattention._unpatched_sdpa(functools.wraps(sdpa)(lambda *a, **k: sdpa(*a, **k))) \
+        is builtin
+
+
 # ---- native NVFP4 path (tl.dot_scaled) ------------------------------------------------------------
 def _nvfp4_run(q, k, v, native, pow2, causal=False):
     from pyops.triton_kernels import attention as tk
