@@ -120,6 +120,7 @@ def cache_apply(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
 # Policies
 # ==================================================================================================
 import contextlib  # noqa: E402
+import weakref  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
@@ -241,6 +242,8 @@ class _Region:
     metric: Optional[torch.Tensor] = None
     reuse: Optional[torch.Tensor] = None
     residual: list = field(default_factory=list)
+    host_step: int = 0                          # chunk level: steps counted on the host
+    last_chunks: Optional[torch.Tensor] = None  # chunk level: chunks recomputed last forward
     # transient, within one forward
     inputs: Optional[list] = None
     run: bool = True
@@ -248,8 +251,64 @@ class _Region:
     mode: str = "eager"
 
 
+# Every module (model and block) a live CachedModel has hooked -> that handle (weakly: the
+# handle lives as long as the hooks that reference it). Used to refuse a second cache_model.
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def _persistent():
+    """Context for allocating cache state that outlives one forward: plain tensors without
+    autograd history even when the forward runs under ``torch.inference_mode()`` (inference
+    tensors could not be updated in place by a later forward under ``torch.no_grad()``)."""
+    return torch.inference_mode(False)
+
+
+def _grad_source(args, kwargs, module: Optional[nn.Module]) -> Optional[str]:
+    """The first tensor argument (one level into tuples/lists/dicts) or parameter of
+    ``module`` that requires grad, as words; None when nothing does."""
+    for k, v in list(enumerate(args)) + list(kwargs.items()):
+        vals = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) else (v,)
+        for t in vals:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return f"argument {k!r}" if isinstance(k, str) else f"positional argument {k}"
+    if module is not None:
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                return f"parameter {n!r} of {type(module).__name__}"
+    return None
+
+
+def _grad_error(source: str) -> RuntimeError:
+    return RuntimeError(
+        f"pyops.cache: a cached model runs without autograd, but it was called with gradients "
+        f"enabled and {source} requires grad. Caching is an inference feature: a reused step "
+        f"adds last step's cached residual, which has no autograd history, so no correct "
+        f"gradient exists. Call it under `with torch.no_grad():` or `with "
+        f"torch.inference_mode():` (calling the handle returned by pyops.cache_model does this "
+        f"for you), or call .remove() on the handle to backpropagate through the uncached model.")
+
+
 class CachedModel:
-    """Handle returned by :func:`apply`; ``remove()`` restores the model."""
+    """Handle returned by :func:`apply` (``pyops.cache_model``).
+
+    Caching lives in hooks on the model's blocks, so both ``handle(*args, **kwargs)`` and the
+    model itself (``model(*args, **kwargs)``, e.g. inside a diffusers pipeline) run cached and
+    share one cache state. ``remove()`` restores the model exactly.
+
+    Gradients: caching is an inference feature (a reused step adds last step's residual, which
+    carries no autograd history). Calling the **handle** runs the model under
+    ``torch.no_grad()`` and returns what the model returns (tensors without autograd history);
+    it raises ``RuntimeError`` if gradients are enabled and a tensor argument requires grad.
+    Calling the **model** directly with gradients enabled while a tensor argument or one of its
+    parameters requires grad (e.g. a freshly loaded model outside ``torch.no_grad()``) raises a
+    ``RuntimeError`` that names ``torch.no_grad()`` / ``torch.inference_mode()``, before any
+    cache state changes. With gradients enabled and nothing requiring grad it runs normally.
+    Any mix of ``torch.no_grad()`` and ``torch.inference_mode()`` calls works.
+
+    Applying a second cache to a model (or block) that a live handle already caches raises
+    ``ValueError``: call ``.remove()`` on the first handle, then ``pyops.cache_model`` again.
+    """
 
     def __init__(self, model: nn.Module, config: CacheConfig, blocks=None, specs=None):
         if blocks is None:
@@ -257,10 +316,19 @@ class CachedModel:
         elif specs is None:
             specs = [BlockSpec()] * len(blocks)
         config.validate(len(blocks))
+        for what, mod in [("model", model)] + [(f"block {i}", b) for i, b in enumerate(blocks)]:
+            owner = _ACTIVE.get(mod)
+            if owner is not None and owner() is not None and not owner()._removed:
+                raise ValueError(
+                    f"pyops.cache_model: this {what} ({type(mod).__name__}) is already cached by "
+                    f"another CachedModel handle; call .remove() on that handle first, then "
+                    f"pyops.cache_model again (two stacked caches would gate on each other's "
+                    f"cached outputs)")
         self.model, self.config, self.blocks, self.specs = model, config, list(blocks), specs
         self._contexts: dict[str, dict[int, _Region]] = {}
         self._ctx = "default"
         self._calls = 0
+        self._removed = False
         self.stats = {"checks": 0}
         n = len(self.blocks)
         self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
@@ -269,22 +337,52 @@ class CachedModel:
             if not all(isinstance(b, DiTBlock) for b in self.blocks):
                 raise TypeError("pyops.cache: level='chunk' needs pyops DiT blocks (it "
                                 "recomputes a token subset inside the block)")
+        # what each block had as an instance attribute `forward` before (usually nothing)
+        self._prior = [vars(b).get("forward", _MISSING) for b in self.blocks]
+        self._wrappers = []
         for i, blk in enumerate(self.blocks):
-            orig = blk.forward
-            blk.forward = self._wrap(i, orig)
-            blk._pyops_cache_orig = orig
-        self._pre = None
-        if config.alternate_contexts:
-            self._pre = model.register_forward_pre_hook(self._advance)
+            w = self._wrap(i, blk.forward)
+            blk.forward = w
+            self._wrappers.append(w)
+        self._pre = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        ref = weakref.ref(self)
+        for mod in [model] + self.blocks:
+            _ACTIVE[mod] = ref
 
     # ---- public -----------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Call the cached model: same arguments and return value as ``model(*args, **kwargs)``,
+        run under ``torch.no_grad()``. Raises ``RuntimeError`` after :meth:`remove`, or when
+        gradients are enabled and a tensor argument requires grad (see the class docstring)."""
+        if self._removed:
+            raise RuntimeError("pyops.cache: this CachedModel was removed (.remove()); call the "
+                               "model itself (uncached) or pyops.cache_model(model, config) "
+                               "again")
+        if torch.is_grad_enabled():
+            src = _grad_source(args, kwargs, None)
+            if src is not None:
+                raise _grad_error(src)
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
     def remove(self) -> None:
-        for blk in self.blocks:
-            if hasattr(blk, "_pyops_cache_orig"):
-                del blk.forward
-                del blk._pyops_cache_orig
-        if self._pre is not None:
-            self._pre.remove()
+        """Restore the model exactly (block ``forward`` attributes, hooks; cache state freed).
+        Idempotent; the handle cannot be called afterwards."""
+        if self._removed:
+            return
+        for blk, w, prior in zip(self.blocks, self._wrappers, self._prior):
+            if vars(blk).get("forward") is w:
+                if prior is _MISSING:
+                    del blk.forward
+                else:
+                    blk.forward = prior
+        self._pre.remove()
+        for mod in [self.model] + self.blocks:
+            owner = _ACTIVE.get(mod)
+            if owner is not None and owner() is self:
+                del _ACTIVE[mod]
+        self._contexts.clear()
+        self._removed = True
 
     @contextlib.contextmanager
     def context(self, name: str):
@@ -312,6 +410,17 @@ class CachedModel:
         return {k: r.reuse for k, r in self.regions(context).items() if r.reuse is not None}
 
     # ---- internals --------------------------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        """Model forward pre-hook: refuse autograd (before any state changes), then advance the
+        alternating context."""
+        if torch.is_grad_enabled():
+            src = _grad_source(args, kwargs, module)
+            if src is not None:
+                raise _grad_error(src)
+        if self.config.alternate_contexts:
+            self._advance(module, args)
+        return None
+
     def _advance(self, module, args):
         names = self.config.alternate_contexts
         self._ctx = names[self._calls % len(names)]
@@ -328,10 +437,11 @@ class CachedModel:
         r = self._region(key)
         g = self._groups()
         if r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype:
-            r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
-            r.state = new_state(g, feature.device)
-            r.metric = torch.zeros(g, dtype=torch.float32, device=feature.device)
-            r.reuse = torch.zeros(g, dtype=torch.int32, device=feature.device)
+            with _persistent():
+                r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
+                r.state = new_state(g, feature.device)
+                r.metric = torch.zeros(g, dtype=torch.float32, device=feature.device)
+                r.reuse = torch.zeros(g, dtype=torch.int32, device=feature.device)
             r.residual = []
         block_similarity(feature, r.ref, r.state, threshold=c.threshold, rule=c.rule,
                          warmup=c.warmup, max_reuse=c.max_reuse, num_steps=c.num_steps,
@@ -346,7 +456,9 @@ class CachedModel:
         r.inputs = list(streams)
         if len(r.residual) != len(streams) or any(
                 a.shape != b.shape for a, b in zip(r.residual, streams)):
-            r.residual = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in streams]
+            with _persistent():
+                r.residual = [torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+                              for s in streams]
         cap = self.config.graph and _graphs.capturing()
         if _graphs.capturing() and not (cap and _graphs.supported()[0]):
             r.mode, r.run, r.token = "select", True, None  # compute, select on the device
@@ -385,25 +497,43 @@ class CachedModel:
         r.inputs, r.token = None, None
         return streams_out
 
+    def _abort(self, r: _Region) -> None:
+        """A block body raised inside an open region: close the region (side stream, nesting
+        depth, capture) and forget the region's cache, whose check already counted this step
+        as computed; the next forward starts it afresh (computes)."""
+        tok, r.token, r.inputs = r.token, None, None
+        r.ref = None
+        if tok is not None:
+            try:
+                _graphs.end(tok)
+            except Exception:  # noqa: BLE001 - the body's exception is the one to report
+                pass
+
     def _wrap(self, i: int, orig: Callable) -> Callable:
         spec = self.specs[i]
+        blk = self.blocks[i]
         start, stop = self.mid
         level = self.config.level
+        first = start - 1 if level == "step" else start  # first block that touches the cache
 
         def forward(*args, **kwargs):
-            if start >= stop:
+            if start >= stop or not (first <= i < stop):
                 return orig(*args, **kwargs)
+            if torch.is_grad_enabled():  # the block called directly (the model's hook refuses)
+                src = _grad_source(args, kwargs, blk)
+                if src is not None:
+                    raise _grad_error(src)
             if level == "chunk":
-                if not (start <= i < stop):
-                    return orig(*args, **kwargs)
                 return self._chunk_forward(i, orig, *args, **kwargs)
             if level == "block":
-                if not (start <= i < stop):
-                    return orig(*args, **kwargs)
                 ins = spec.streams_in(args, kwargs)
                 r = self._check(i, ins[0].contiguous())
                 self._begin(r, ins)
-                outs = spec.streams_out(orig(*args, **kwargs)) if r.run else None
+                try:
+                    outs = spec.streams_out(orig(*args, **kwargs)) if r.run else None
+                except BaseException:
+                    self._abort(r)
+                    raise
                 return spec.pack(self._finish(r, outs))
             # step level
             if i == start - 1:  # the gate: its residual decides for the whole middle
@@ -412,12 +542,14 @@ class CachedModel:
                 feat = spec.streams_out(out)[0] - ins[0]
                 self._check(-1, feat.contiguous())
                 return out
-            if not (start <= i < stop):
-                return orig(*args, **kwargs)
             r = self._region(-1)
             if i == start:
                 self._begin(r, spec.streams_in(args, kwargs))
-            out = orig(*args, **kwargs) if r.run else spec.pack(spec.streams_in(args, kwargs))
+            try:
+                out = orig(*args, **kwargs) if r.run else spec.pack(spec.streams_in(args, kwargs))
+            except BaseException:
+                self._abort(r)
+                raise
             if i == stop - 1:
                 outs = spec.streams_out(out) if r.run else None
                 return spec.pack(self._finish(r, outs))
@@ -447,19 +579,20 @@ def _chunk_forward(self, i: int, orig: Callable, x: torch.Tensor, c: torch.Tenso
         raise RuntimeError("pyops.cache: level='chunk' picks full vs partial steps on the host; "
                            "it runs eagerly only (use level='step' or 'block' in CUDA graphs)")
     r = self._region(i)
-    step = getattr(r, "host_step", 0)
+    step = r.host_step
     B, N, D = x.shape
     full = (step < cfg.warmup or (cfg.num_steps > 0 and step >= cfg.num_steps - cfg.last_steps)
             or r.ref is None or r.ref.shape != x.shape or N % cfg.chunks)
     r.host_step = step + 1 if not (cfg.num_steps > 0 and step + 1 >= cfg.num_steps) else 0
     if full:
         out = orig(x, c)
-        r.ref = x.detach().clone().contiguous()
-        r.residual = [out - x]
         g = self._groups()
-        r.state = new_state(g * cfg.chunks, x.device)
-        r.metric = torch.zeros(g * cfg.chunks, dtype=torch.float32, device=x.device)
-        r.reuse = torch.zeros(g * cfg.chunks, dtype=torch.int32, device=x.device)
+        with _persistent():
+            r.ref = x.detach().clone(memory_format=torch.contiguous_format)
+            r.residual = [out.detach() - x.detach()]
+            r.state = new_state(g * cfg.chunks, x.device)
+            r.metric = torch.zeros(g * cfg.chunks, dtype=torch.float32, device=x.device)
+            r.reuse = torch.zeros(g * cfg.chunks, dtype=torch.int32, device=x.device)
         return out
     g = self._groups()
     # per-chunk change since the chunk was last computed (the decision outputs are unused)
@@ -489,8 +622,19 @@ def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None
           specs=None) -> CachedModel:
     """Install caching on ``model`` (pyops DiT, diffusers Flux or Wan, or ``blocks=`` + ``specs=``).
 
+    Returns a :class:`CachedModel` handle. The hooks live on the model, so ``handle(*args,
+    **kwargs)`` and ``model(*args, **kwargs)`` both run cached, with one shared state; the handle
+    returns what the model returns, computed under ``torch.no_grad()``. Caching is inference
+    only: calling the model with gradients enabled while a parameter or tensor argument requires
+    grad raises ``RuntimeError`` (use ``torch.no_grad()`` / ``torch.inference_mode()``).
+    ``handle.remove()`` restores the model exactly; a model (or block) that a live handle
+    already caches is refused with ``ValueError`` (remove the first handle, then apply again).
+
     Eager forwards read each decision on the host once (a device sync per gated region per
     forward: the only one). Forwards captured in a torch CUDA graph put each gated region in a
     CUDA IF node set by the check kernel: replays skip on the device with no sync.
+
+    Raises: ``ValueError`` for a bad config or an already cached model, ``TypeError`` for a model
+    whose blocks are unknown (pass ``blocks=``/``specs=``) or ``level="chunk"`` on non-pyops blocks.
     """
     return CachedModel(model, config or CacheConfig(), blocks, specs)

@@ -393,3 +393,259 @@ def test_graphs_conditional_cpu_host_branch():
         G.begin(torch.zeros(1))
     with pytest.raises(ValueError, match="run_when"):
         G.begin(torch.zeros(1, dtype=torch.int32), run_when="maybe")
+
+
+# ---- the handle, autograd, applying twice ------------------------------------------------------
+_REUSING = dict(threshold=0.05, num_steps=STEPS, last_steps=1, fn=1, bn=1)
+_SLOW_DRIFT = [0.02] + [0.002] * (STEPS - 1)
+
+
+def _reused(h):
+    return sum(int(r.reuse[0]) for r in h.regions().values() if r.reuse is not None)
+
+
+def test_readme_caching_snippet_runs_as_written():
+    """The README's caching snippet, executed as written (its `...` stands for the model's other
+    arguments; the embedded DiT has none), with a small DiT, outside torch.no_grad()."""
+    import re
+    from pathlib import Path
+    import pyops
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    snippet = next(b for b in blocks if "pyops.cache_model(" in b)
+    code = snippet.replace(", ...)", ")")  # the README's placeholder for other arguments
+    assert "out = cached(hidden_states, timestep)" in code
+    m = _dit()
+    x, t = _dit_inputs(steps=1)[0]
+    with torch.no_grad():
+        want = m(x, t)
+    ns = {"pyops": pyops, "torch": torch, "transformer": m, "hidden_states": x, "timestep": t}
+    exec(compile(code, "README.md", "exec"), ns)
+    ns["cached"].remove()
+    assert torch.equal(ns["out"], want)  # the first step is always computed
+
+
+@pytest.mark.parametrize("level", ["step", "block", "chunk"])
+def test_handle_is_callable_like_the_model_and_shares_its_cache(level):
+    m = _dit()
+    inputs = _dit_inputs(drift=_SLOW_DRIFT)
+    cfg = dict(_REUSING, level=level, chunks=4, budget=1)
+    h = C.apply(m, C.CacheConfig(**cfg))
+    via_model, n_reuse = [], 0
+    with torch.no_grad():
+        for x, t in inputs:
+            via_model.append(m(x, t))
+            n_reuse += _reused(h) if level != "chunk" else 0
+    h.remove()
+    assert n_reuse > 0 or level == "chunk"
+    h = C.apply(m, C.CacheConfig(**cfg))
+    got = []
+    for k, (x, t) in enumerate(inputs):  # grad enabled, params require grad: the handle copes
+        got.append(h(x, t) if k % 3 else h(x=x, t=t))  # positional and keyword
+    h.remove()
+    for a, b in zip(got, via_model):
+        assert not a.requires_grad and torch.equal(a, b)
+    # handle and model calls interleaved share one cache state
+    h = C.apply(m, C.CacheConfig(**cfg))
+    mixed = []
+    for k, (x, t) in enumerate(inputs):
+        if k % 2:
+            with torch.no_grad():
+                mixed.append(m(x, t))
+        else:
+            mixed.append(h(x, t))
+    h.remove()
+    for a, b in zip(mixed, via_model):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="removed"):
+        h(*inputs[0])
+
+
+@needs_diffusers
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_handle_is_callable_like_the_model_flux(level):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    m, shape, cond = _flux()
+    cfg = C.CacheConfig(level=level, threshold=0.5, num_steps=6)
+    h = C.apply(m, cfg)
+    reused = []
+    want = _run_diffusers(m, shape, cond, handle=h, reused=reused)  # model calls, no_grad
+    h.remove()
+    assert sum(reused) > 0
+    h = C.apply(m, cfg)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    for k in range(6):  # same sequence as _run_diffusers, through the handle, grad enabled
+        x = x + 0.002 * torch.randn(shape, generator=g)
+        t = torch.tensor([1000.0 - 5 * k])
+        if k % 2:
+            out = h(hidden_states=x, timestep=t, return_dict=False, **cond)
+            assert isinstance(out, tuple)
+            out = out[0]
+        else:
+            res = h(x, timestep=t, **cond)
+            assert isinstance(res, Transformer2DModelOutput)
+            out = res.sample
+        assert not out.requires_grad and torch.equal(out, want[k])
+    h.remove()
+
+
+@pytest.mark.parametrize("level", ["step", "block", "chunk"])
+def test_grad_enabled_model_call_raises_clear_error(level):
+    m = _dit()  # parameters require grad, as a freshly loaded model's do
+    inputs = _dit_inputs(drift=_SLOW_DRIFT)
+    cfg = C.CacheConfig(level=level, **_REUSING, alternate_contexts=("cond", "uncond"))
+    h = C.apply(m, cfg)
+    with pytest.raises(RuntimeError, match=r"torch\.no_grad\(\).*torch\.inference_mode\(\)"):
+        m(*inputs[0])
+    assert h._calls == 0 and not h._contexts  # refused before any state changed
+    # the input requires grad, the parameters do not: refused too (model and handle)
+    m.requires_grad_(False)
+    xg = inputs[0][0].clone().requires_grad_(True)
+    for call in (m, h):
+        with pytest.raises(RuntimeError, match=r"positional argument 0 requires grad"):
+            call(xg, inputs[0][1])
+    with pytest.raises(RuntimeError, match=r"argument 'x' requires grad"):
+        h(x=xg, t=inputs[0][1])
+    # a block that touches the cache, called directly with grad: refused as well
+    m.requires_grad_(True)
+    c = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match=r"torch\.no_grad\(\)"):
+        m.blocks[1](torch.randn(2, 16, 64), c)
+    assert not h._contexts
+    # nothing requires grad: grad mode does not matter, the forward runs cached
+    m.requires_grad_(False)
+    got = [m(x, t) for x, t in inputs]
+    m.requires_grad_(True)
+    h.remove()
+    h = C.apply(m, cfg)
+    want = _run(m, inputs)
+    h.remove()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("level", ["step", "block", "chunk"])
+def test_inference_mode_and_no_grad_calls_mix(level):
+    """Cache buffers made under inference_mode must accept in-place updates under no_grad (and
+    the other way round), and reset() must work outside inference mode."""
+    m = _dit()
+    inputs = _dit_inputs(drift=_SLOW_DRIFT)
+    cfg = C.CacheConfig(level=level, chunks=4, budget=1, **_REUSING)
+    h = C.apply(m, cfg)
+    want = _run(m, inputs)
+    h.remove()
+    h = C.apply(m, cfg)
+    got = []
+    for k, (x, t) in enumerate(inputs):
+        with (torch.inference_mode() if k % 2 == 0 else torch.no_grad()):
+            got.append(m(x, t).clone())
+    h.reset()
+    with torch.inference_mode():
+        again = m(*inputs[0])
+    h.remove()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(again, want[0])
+
+
+def test_cache_model_twice_refused_then_remove_restores_exactly():
+    m = _dit()
+    inputs = _dit_inputs(drift=_SLOW_DRIFT)
+    base = _run(m, inputs)  # uncached
+    before = ([sorted(vars(b)) for b in m.modules()], len(m._forward_pre_hooks),
+              len(m._forward_hooks), {k: v.clone() for k, v in m.state_dict().items()})
+    h = C.apply(m, C.CacheConfig(**_REUSING))
+    with pytest.raises(ValueError, match=r"already cached.*\.remove\(\)"):
+        C.apply(m, C.CacheConfig(level="block"))
+    with pytest.raises(ValueError, match=r"already cached"):  # a subset of its blocks too
+        C.apply(m, C.CacheConfig(fn=1), blocks=list(m.blocks)[1:])
+    first, n_reuse = [], 0
+    with torch.no_grad():
+        for x, t in inputs:
+            first.append(m(x, t))
+            n_reuse += _reused(h)
+    assert n_reuse > 0 and not all(torch.equal(a, b) for a, b in zip(first, base))
+    h.remove()
+    h.remove()  # idempotent
+    after = ([sorted(vars(b)) for b in m.modules()], len(m._forward_pre_hooks),
+             len(m._forward_hooks), m.state_dict())
+    assert after[:3] == before[:3]
+    assert all(torch.equal(after[3][k], v) for k, v in before[3].items())
+    for a, b in zip(_run(m, inputs), base):  # exactly the uncached model
+        assert torch.equal(a, b)
+    h2 = C.apply(m, C.CacheConfig(**_REUSING))  # applying again after remove() works
+    for a, b in zip(_run(m, inputs), first):  # fresh state: the same cached outputs
+        assert torch.equal(a, b)
+    h2.remove()
+    for a, b in zip(_run(m, inputs), base):
+        assert torch.equal(a, b)
+
+
+def test_remove_keeps_a_forward_patched_before_caching():
+    m = _dit()
+    x, t = _dit_inputs(steps=1)[0]
+    calls = []
+    orig = m.blocks[2].forward
+
+    def patched(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+    m.blocks[2].forward = patched
+    h = C.apply(m, C.CacheConfig(threshold=0.0))
+    _run(m, [(x, t)])
+    h.remove()
+    assert m.blocks[2].forward is patched and len(calls) == 1
+    _run(m, [(x, t)])
+    assert len(calls) == 2
+
+
+class _Flaky(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise ValueError("flaky block")
+        return x + 0.1 * torch.tanh(self.lin(x))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(_Flaky() for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("level", ["step", "block"])
+def test_exception_inside_a_region_closes_it(level):
+    """A block body that raises inside an open region closes it (nesting depth, side stream) and
+    the next forward recomputes instead of reusing a residual it never stored."""
+    m = _Stack().eval()
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        want = m(x + 2.0)
+    # warm-up 2: the second forward computes (and raises in block 2); later ones would reuse
+    h = C.apply(m, C.CacheConfig(level=level, threshold=1e9, warmup=2, fn=1, bn=1),
+                blocks=list(m.blocks))
+    with torch.no_grad():
+        m(x)  # fills the cache
+        m.blocks[2].fail = True
+        with pytest.raises(ValueError, match="flaky"):
+            m(x + 1.0)
+        m.blocks[2].fail = False
+        assert G._DEPTH[0] == 0
+        got = m(x + 2.0)
+    flags = {k: int(v[0]) for k, v in h.reuse_flags().items()}
+    h.remove()
+    if level == "step":  # the whole middle recomputes
+        assert flags == {-1: 0} and torch.equal(got, want)
+    else:  # block 2 recomputes; block 1 stored its residual at the failed step and reuses it
+        assert flags == {1: 1, 2: 0}
