@@ -131,6 +131,39 @@ def test_prepass_matches_reference(prec):
 
 
 # ---- kernel vs the simulated reference --------------------------------------------------------
+def _lse_slack(q, k, v, prec, scale, causal):
+    """Per query row, how far the lse may move from the simulated reference's because the
+    kernel's pre-pass codes differ from the reference's (natural log, fp64, (B, Hq, Sq)).
+
+    The Hadamard rotation is a dot whose fp32 summation order differs between the kernel and
+    torch, so a rotated value that sits on a rounding boundary of the code grid can take the
+    neighbouring code (seen: int8 x / s = 101.4999996 exactly, torch's fp32 gives 101.5 -> 102,
+    the kernel 101.49998 -> 101: one int8 step, lse off by 0.012 at |lse| ~ 78). lse is
+    1-Lipschitz in the max norm of a row's scores, so |lse_kernel - lse_ref| <= max_j
+    |S_kernel - S_ref| + |qb_kernel - qb_ref| + the fp32 summation error; this returns the
+    first two terms, computed from both pre-passes' codes and scales. The code flips themselves
+    are bounded (<= 0.2%) here and in test_prepass_matches_reference."""
+    if prec == "bf16":
+        return torch.zeros(q.shape[:3], dtype=torch.float64)
+    from pyops.triton_kernels import attention_quant as tq
+    bf = tq.quantize_qkv(q, k, v, prec, scale)
+    qc, qs, kc, ks, _, _, qb = R.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), prec, scale)
+    got = [_dec(bf[n].cpu()).double() for n in ("qc", "kc")]
+    flips = sum(int((g != w).sum()) for g, w in zip(got, (qc, kc)))
+    if not HAS_CUDA:  # the interpreter's rotation is an fp32 dot (tf32 on a GPU: more flips)
+        assert flips <= 2e-3 * (qc.numel() + kc.numel()), flips
+    hq = q.shape[1]
+
+    def scores(c_q, s_q, c_k, s_k):  # log2 units, as the kernel's
+        c_k, s_k = R.expand_kv(c_k.double(), hq), R.expand_kv(s_k.double(), hq)
+        return (c_q.double() @ c_k.transpose(-1, -2)) * s_q.double()[..., None] * s_k[..., None, :]
+
+    gap = (scores(got[0], bf["qs"].cpu(), got[1], bf["ks"].cpu()) - scores(qc, qs, kc, ks)).abs()
+    if causal:
+        gap = gap.masked_fill(R._causal_mask(q.shape[2], k.shape[2], "cpu"), 0.0)
+    return gap.amax(-1) * R.LN2 + (bf["qb"].cpu().double() - qb.double()).abs()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("prec", PRECS)
 def test_kernel_matches_simulated(prec, causal, small_blocks):
@@ -144,7 +177,10 @@ def test_kernel_matches_simulated(prec, causal, small_blocks):
     # fp16 output rounding is ~3e-4 relative; the rest is fp32 summation order (and rare
     # code flips where a rotated value sits on a rounding boundary)
     assert e["rel_l1"] < (1.5e-3 if not HAS_CUDA else 1e-2), e
-    assert (lse.cpu() - sl).abs().max() < 1e-3
+    # fp32 summation order (1e-3: scores of magnitude ~100 carry ~1e-5 rounding), plus what
+    # rare pre-pass code flips move (see _lse_slack)
+    slack = _lse_slack(q, k, v, prec, 64 ** -0.5, causal)
+    assert ((lse.cpu().double() - sl.double()).abs() <= 1e-3 + slack).all()
     ref, _ = R.attention(q.cpu(), k.cpu(), v.cpu(), causal=causal, dtype=torch.float64)
     _check_bounds(out.cpu(), ref, prec, "outlier")
 
@@ -192,14 +228,15 @@ def test_kernel_fuzz_vs_simulated():
                 o, lse = attention(*args, layout=layout, precision=prec, causal=causal,
                                    return_lse=True, backend="triton")
             o = op_mod.to_bhsd(o, layout).cpu()
-            qc, kc, vc = q.cpu(), k.cpu(), v.cpu()
             if D == 48:  # the kernel zero-pads to 64; so does this comparison
-                qc, kc, vc = (torch.nn.functional.pad(t, (0, 16)) for t in (qc, kc, vc))
+                q, k, v = (torch.nn.functional.pad(t, (0, 16)) for t in (q, k, v))
+            qc, kc, vc = q.cpu(), k.cpu(), v.cpu()
             so, sl = R.simulated_attention(qc, kc, vc, prec, D ** -0.5, causal, block_n=bn)
             e = R.error_stats(o, so[..., :D])
             what = (it, B, Hk * G, Hk, Sq, Sk, D, prec, causal, dt, layout, bm, bn)
             assert e["rel_l1"] < (3e-3 if not HAS_CUDA else 2e-2), (what, e)
-            assert (lse.cpu() - sl).abs().max() < 1e-3, what
+            slack = _lse_slack(q, k, v, prec, D ** -0.5, causal)
+            assert ((lse.cpu().double() - sl.double()).abs() <= 1e-3 + slack).all(), what
     finally:
         tk.FORCE_CONFIG = old
 
