@@ -5,8 +5,11 @@ Inference only (no autograd), forward, non-causal or causal (top-left, as
 GQA/MQA (Hq a multiple of Hk), bf16/fp16 in and out, any strides (the inputs are never copied
 or mutated, except zero-padded copies for head dims other than 64/128), lse on request.
 
-Head dims: 64 and 128 run natively; others up to 128 are zero-padded to the next native size
-(a copy of Q/K/V, exact); above 128 the op runs the PyTorch reference (slow) with a warning.
+Head dims: every precision takes every head_dim >= 1. The Triton kernel runs 64 and 128
+natively and zero-pads 1..127 to the next of them (a copy of Q/K/V; exact: zero channels add
+nothing to Q K^T, give code 0 and are dropped from the output; nvfp4's 16-channel blocks and the
+Hadamard rotation's power-of-two width come out of the same padding); above 128 the op runs the
+PyTorch reference (slow) with a warning, and an explicit ``backend="triton"`` raises ValueError.
 
 Quantization recipe (spec: ``pyops/reference/attention.py``; kernels:
 ``triton_kernels/attention_quant.py`` pre-pass, ``triton_kernels/attention.py``)
@@ -186,8 +189,6 @@ def _check(q, k, v, layout, precision, scale):
     if Hq % Hk:
         raise ValueError(f"pyops.attention: query heads ({Hq}) must be a multiple of kv heads "
                          f"({Hk}) in layout {layout!r}")
-    if precision == "nvfp4" and _op.padded_head_dim(D) % 16:
-        raise ValueError("pyops.attention: nvfp4 needs head_dim padded to a multiple of 16")
     if scale is not None:
         s = float(scale)
         if not (math.isfinite(s) and s > 0):
@@ -212,8 +213,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     b = _backend.resolve(_op.OP, q.device, backend)
     if b == "triton" and _op.padded_head_dim(D) not in _op.NATIVE_HEAD_DIMS:
         if _backend.requested(_op.OP, backend) is not None:
-            raise ValueError(f"pyops.attention: the Triton kernel supports head_dim <= 128, "
-                             f"got {D}")
+            raise ValueError(f"pyops.attention: the Triton kernel supports head_dim <= 128 "
+                             f"(64 and 128 natively, 1..127 zero-padded), got {D}; "
+                             f"backend='reference' runs any head_dim")
         _warn_once(f"hd{D}", f"pyops.attention: head_dim {D} > 128 is not supported by the "
                    f"kernel; running the PyTorch reference (slow)")
         b = "reference"

@@ -116,19 +116,22 @@ def quant_int8_tokens(x: torch.Tensor, group: int = 1):
 
 
 def quant_nvfp4_tokens(x: torch.Tensor):
-    """x (..., S, D), D a multiple of 16 -> (e2m1 * e4m3 block scale as fp32, g (..., S)).
+    """x (..., S, D) -> (e2m1 * e4m3 block scale as fp32, g (..., S)).
 
-    Two levels: fp32 g = max(amax_token / 2688, FLT_MIN) per token, E4M3 per 16 channels."""
+    Two levels: fp32 g = max(amax_token / 2688, FLT_MIN) per token, E4M3 per 16 channels. D not
+    a multiple of 16 is zero-padded to whole blocks (as the kernel's padding to 64/128 does: zero
+    channels change no amax and get code 0), so every head_dim is supported."""
     from .quantize_nvfp4 import E4M3_MAX, FP4_MAX, GLOBAL_DIV, e2m1_codes, e2m1_values
     D = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, (-D) % 16))
     g = torch.clamp_min(x.abs().amax(dim=-1) / GLOBAL_DIV, FLT_MIN)
-    xb = x.reshape(*x.shape[:-1], D // 16, 16)
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // 16, 16)
     bamax = xb.abs().amax(dim=-1)
     sb = ((bamax / FP4_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
     v = (xb / (sb * g[..., None])[..., None]).clamp(-FP4_MAX, FP4_MAX)
     vals = e2m1_values(e2m1_codes(v)).view_as(xb) * sb[..., None]
     vals = torch.where((sb == 0)[..., None], torch.zeros_like(vals), vals)
-    return vals.reshape(x.shape), g
+    return vals.reshape(x.shape)[..., :D], g
 
 
 def quant_v_channels(v: torch.Tensor, kind: str):
