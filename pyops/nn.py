@@ -6,11 +6,22 @@
     fresh = build_model(); pyops.quantize_model(fresh, "fp8"); fresh.load_state_dict(torch.load(path))
 
 Default skip policy (layers DiT inference usually keeps in bf16, ``../shared/reference.md``):
-embedders (timestep/text/patch embedding MLPs), the final projection (``proj_out``,
-``final_layer``), adaLN modulation linears (``adaLN_modulation``, ``adaLN_out``, ``norm*.linear``),
-and any linear with in_features or out_features < 1024. Overrides (checked first, in order) map a
-name pattern (``re.search`` on the module's qualified name) or a predicate ``(name, module) ->
-bool`` to a format, or to None to keep the layer in high precision.
+embedders (timestep/text/patch embedding MLPs), the model's final projection, adaLN modulation
+linears (``adaLN_modulation``, ``adaLN_out``, ``norm*.linear``), and any linear with in_features
+or out_features < 1024. Overrides (checked first, in order) map a name pattern (``re.search`` on
+the module's qualified name) or a predicate ``(name, module) -> bool`` to a format, or to None to
+keep the layer in high precision.
+
+The final projection is the model-level output layer only: a module named ``proj_out``,
+``final_layer``, ``final_linear``, ``final_proj``, ``head``, ``out_proj_final`` or ``<x>_proj_out``
+(or a linear inside one) that is not inside a repeated block, i.e. no ``.<index>.`` of a
+ModuleList comes before it in its qualified name. Names are relative to the module passed to
+``quantize_model`` (pass the whole transformer). Examples: diffusers Flux / SD3 / Wan /
+HunyuanVideo / PixArt / CogVideoX / LTX ``proj_out``, the embedded DiT's ``proj_out``, original
+DiT / HunyuanVideo ``final_layer.linear``, original Wan ``head.head`` are final projections;
+``single_transformer_blocks.7.proj_out`` (Flux, HunyuanVideo: the single block's attention+MLP
+output, 15360 -> 3072 in Flux-dev, 38 of them, ~15 % of its linear weights),
+``transformer_blocks.0.ff.net.2`` and ``blocks.3.attn1.to_out.0`` are not.
 """
 from __future__ import annotations
 
@@ -24,11 +35,18 @@ from torch import nn
 from .qlinear import (QuantizedWeight, _dtype_from_name, _dtype_name, canonical_format,
                      linear, quantize_weight, weight_from_state_dict)
 
+# The model-level output projection: one of these names, preceded only by path components that
+# are not ModuleList indices (a name inside ``blocks.3.`` is a block's layer, not the model's
+# output). ``[^.]*[^.0-9][^.]*`` is one non-numeric path component.
+_FINAL_PROJECTION = (r"^([^.]*[^.0-9][^.]*\.)*"
+                     r"(proj_out|[a-z0-9]+_proj_out|final_layer|final_linear|final_proj|head|"
+                     r"out_proj_final)(\.|$)")
+
 # (rule name, regex on the qualified module name): the default skip list, in order
 DEFAULT_SKIP_RULES: tuple[tuple[str, str], ...] = (
     ("adaLN modulation", r"(adaLN|ada_ln|adaln|modulation)|(^|\.)norm[^.]*\.linear$"),
     ("embedder", r"(^|\.)[^.]*(embed|embedder|embedding)[^.]*(\.|$)"),
-    ("final projection", r"(^|\.)(proj_out|final_layer|final_proj|head|out_proj_final)(\.|$)"),
+    ("final projection", _FINAL_PROJECTION),
 )
 MIN_DIM = 1024
 
@@ -163,6 +181,7 @@ class LayerDecision:
 @dataclass
 class QuantReport:
     layers: list[LayerDecision] = field(default_factory=list)
+    dry_run: bool = False  # decisions only: nothing was replaced, no bytes_after
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -178,15 +197,36 @@ class QuantReport:
                 return d
         raise KeyError(name)
 
-    def __str__(self) -> str:
-        lines = [f"{'layer':40s} {'shape':>12s} {'format':>7s}  reason"]
+    def weight_fraction(self, layers: Sequence[LayerDecision]) -> float:
+        """Share of all the linear layers' weight elements (out x in) held by ``layers``;
+        0.0 for a model without linear layers."""
+        total = sum(d.shape[0] * d.shape[1] for d in self.layers)
+        return sum(d.shape[0] * d.shape[1] for d in layers) / total if total else 0.0
+
+    def by_reason(self) -> dict[str, tuple[int, float]]:
+        """reason -> (number of layers, ``weight_fraction`` of those layers), in first-seen
+        order."""
+        groups: dict[str, list[LayerDecision]] = {}
         for d in self.layers:
-            lines.append(f"{d.name:40s} {'x'.join(map(str, d.shape)):>12s} "
+            groups.setdefault(d.reason, []).append(d)
+        return {r: (len(g), self.weight_fraction(g)) for r, g in groups.items()}
+
+    def __str__(self) -> str:
+        w = max([40] + [len(d.name) for d in self.layers])
+        lines = [f"{'layer':{w}s} {'shape':>12s} {'format':>7s}  reason"]
+        for d in self.layers:
+            lines.append(f"{d.name:{w}s} {'x'.join(map(str, d.shape)):>12s} "
                          f"{d.format or '-':>7s}  {d.reason}")
+        lines.append("by reason: layers, share of the linear weights (elements)")
+        for reason, (n, frac) in self.by_reason().items():
+            lines.append(f"  {reason:38s} {n:5d} {100 * frac:7.2f} %")
         before = sum(d.bytes_before for d in self.quantized)
         after = sum(d.bytes_after for d in self.quantized)
-        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept; quantized "
-                     f"weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+        size = ("dry run: nothing replaced" if self.dry_run
+                else f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept; "
+                     f"{100 * self.weight_fraction(self.quantized):.1f} % of the linear weights "
+                     f"quantized, {size}")
         return "\n".join(lines)
 
 
@@ -213,9 +253,13 @@ def decide(name: str, module: nn.Linear, cfg: QuantConfig) -> tuple[Optional[str
     return canonical_format(cfg.format), "default"
 
 
-def quantize_model(model: nn.Module, config: Union[str, QuantConfig, dict] = "fp8"
-                   ) -> QuantReport:
-    """Replace the model's ``nn.Linear`` layers by ``QuantLinear`` in place; return the report."""
+def quantize_model(model: nn.Module, config: Union[str, QuantConfig, dict] = "fp8", *,
+                   dry_run: bool = False) -> QuantReport:
+    """Replace the model's ``nn.Linear`` layers by ``QuantLinear`` in place; return the report.
+
+    dry_run: decide and report only (``bytes_after`` stays 0); the model is not touched, so it
+    may live on the meta device (e.g. a full-size config built under ``torch.device("meta")``).
+    """
     if isinstance(config, str):
         cfg = QuantConfig(format=canonical_format(config))
     elif isinstance(config, dict):
@@ -226,14 +270,14 @@ def quantize_model(model: nn.Module, config: Union[str, QuantConfig, dict] = "fp
         raise TypeError(f"pyops.quantize_model: config must be a format string, QuantConfig or "
                         f"dict, got {type(config).__name__}")
     canonical_format(cfg.format)
-    report = QuantReport()
+    report = QuantReport(dry_run=dry_run)
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     for name, mod in targets:
         fmt, reason = decide(name, mod, cfg)
         w = mod.weight
         d = LayerDecision(name, (mod.out_features, mod.in_features), fmt, reason,
                           w.numel() * w.element_size())
-        if fmt is not None:
+        if fmt is not None and not dry_run:
             q = QuantLinear.from_linear(mod, fmt, backend=cfg.backend)
             d.bytes_after = q.qweight.nbytes
             parent_name, _, child = name.rpartition(".")

@@ -140,3 +140,185 @@ def test_quant_linear_module():
             "scale" if fmt == "fp8" else "scales"].dtype
         assert q.bias.dtype == torch.float16
         assert q(x.half()).dtype == torch.float16
+
+
+# ---- the final-projection rule on real DiT layouts (diffusers models, random weights, CPU) ------
+FINAL = "skip: final projection"
+
+
+@pytest.mark.parametrize("name,final", [
+    ("proj_out", True), ("final_layer.linear", True), ("head.head", True),
+    ("final_linear", True), ("audio_proj_out", True), ("transformer.proj_out", True),
+    ("single_transformer_blocks.0.proj_out", False),
+    ("single_transformer_blocks.37.proj_out", False),
+    ("transformer_blocks.0.ff.net.2", False), ("transformer_blocks.3.attn.to_out.0", False),
+    ("blocks.0.head", False), ("blocks.2.final_layer.linear", False), ("proj_out_extra", False),
+    ("multi_head", False), ("blocks.0.proj", False),
+])
+def test_final_projection_rule(name, final):
+    """Only a model-level output projection is a "final projection"; a layer of the same name
+    inside a repeated block (``.<index>.`` before it) is an ordinary block linear."""
+    fmt, reason = pyops.nn.decide(name, nn.Linear(2048, 2048), QuantConfig("fp8"))
+    assert (reason == FINAL) is final, (name, reason)
+    assert (fmt is None) is final
+
+
+def _finals(report):
+    return {d.name for d in report.layers if d.reason == FINAL}
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2,
+                                  joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=(4, 4, 8))
+
+
+def _tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2,
+                                 joint_attention_dim=32, caption_projection_dim=16,
+                                 pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+
+
+def _tiny_wan():
+    from diffusers import WanTransformer3DModel
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                                 ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                 rope_max_seq_len=32)
+
+
+def _tiny_hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                          attention_head_dim=10, num_layers=1,
+                                          num_single_layers=2, num_refiner_layers=1,
+                                          patch_size=1, patch_size_t=1, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+
+
+def _tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+    return PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=2, caption_channels=32, in_channels=4,
+                                    cross_attention_dim=16, out_channels=8, attention_bias=True,
+                                    activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                    norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                    norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("build", [_tiny_flux, _tiny_sd3, _tiny_wan, _tiny_hunyuan_video,
+                                   _tiny_pixart], ids=lambda f: f.__name__[6:])
+def test_diffusers_final_projection_is_the_top_level_proj_out(build):
+    """Each diffusers DiT: exactly the top-level ``proj_out`` is skipped as the final projection
+    (min_dim off, so every other linear is quantized unless another rule keeps it)."""
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    m = build().eval()
+    names = [n for n, mod in m.named_modules() if type(mod) is nn.Linear]
+    assert "proj_out" in names
+    r = quantize_model(m, {"format": "fp8", "min_dim": 0})
+    assert _finals(r) == {"proj_out"}
+    assert type(m.get_submodule("proj_out")) is nn.Linear
+    inner = [n for n in names if n.endswith(".proj_out")]  # Flux/HunyuanVideo single blocks
+    for n in inner:
+        assert r.decision(n).format == "fp8" and r.decision(n).reason == "default", n
+        assert isinstance(m.get_submodule(n), QuantLinear), n
+    if build in (_tiny_flux, _tiny_hunyuan_video):
+        assert len(inner) == 2
+    # the default config (min_dim 1024) gives the same final-projection verdict
+    assert _finals(quantize_model(build(), "fp8", dry_run=True)) == {"proj_out"}
+
+
+def test_flux_width_1024_report():
+    """A Flux-layout model wide enough for the default min_dim: the single blocks' proj_out
+    (5120 -> 1024) is quantized, only the top-level proj_out (1024 -> 16) is the final
+    projection, and the report's counts and weight shares add up (computed here from the
+    module shapes)."""
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                               attention_head_dim=128, num_attention_heads=8,
+                               joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=(16, 56, 56)).to(torch.bfloat16).eval()
+    ref_model = copy.deepcopy(m)
+    shapes = {n: mod.weight.shape for n, mod in m.named_modules() if type(mod) is nn.Linear}
+    total = sum(a * b for a, b in shapes.values())
+    r = quantize_model(m, "fp8")
+    assert _finals(r) == {"proj_out"}
+    for i in range(2):
+        n = f"single_transformer_blocks.{i}.proj_out"
+        assert r.decision(n).format == "fp8" and isinstance(m.get_submodule(n), QuantLinear)
+    adaln = {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
+             "single_transformer_blocks.0.norm.linear", "single_transformer_blocks.1.norm.linear",
+             "norm_out.linear"}
+    embed = {n for n in shapes if "embed" in n}
+    assert len(embed) == 6
+    quantized = set(shapes) - adaln - embed - {"proj_out"}
+    assert {d.name for d in r.quantized} == quantized and len(quantized) == 22
+    counts = r.by_reason()
+    assert counts[FINAL] == (1, pytest.approx(16 * 1024 / total))
+    assert counts["skip: adaLN modulation"][0] == 5 and counts["skip: embedder"][0] == 6
+    want_q = sum(shapes[n][0] * shapes[n][1] for n in quantized) / total
+    assert counts["default"] == (22, pytest.approx(want_q))
+    assert r.weight_fraction(r.quantized) == pytest.approx(want_q)
+    assert sum(f for _, f in counts.values()) == pytest.approx(1.0)
+    s = str(r)
+    assert "22 quantized, 12 kept" in s and f"{100 * want_q:.1f} % of the linear weights" in s
+    # the quantized model still runs and stays close to the bf16 one
+    g = torch.Generator().manual_seed(1)
+    S, T = 16, 8
+    inputs = dict(hidden_states=torch.randn(1, S, 16, generator=g).to(torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, T, 32, generator=g).to(torch.bfloat16),
+                  pooled_projections=torch.randn(1, 32, generator=g).to(torch.bfloat16),
+                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(S, 3),
+                  txt_ids=torch.zeros(T, 3))
+    with torch.no_grad():
+        want = ref_model(**inputs).sample.float()
+        got = m(**inputs).sample.float()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cos > 0.99, float(cos)
+
+
+@pytest.mark.parametrize("which", ["flux-dev", "hunyuan-video"])
+def test_full_size_configs_dry_run(which):
+    """The published configs, built on the meta device (no weights): one final projection, and
+    every single block's proj_out (Flux-dev: 38 x 15360 -> 3072, 15 % of the linear weights)
+    quantized."""
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
+    with torch.device("meta"):
+        if which == "flux-dev":
+            m = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19,
+                                       num_single_layers=38, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=4096,
+                                       pooled_projection_dim=768, guidance_embeds=True,
+                                       axes_dims_rope=(16, 56, 56))
+            n_single, out_dim = 38, 64
+        else:
+            m = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16,
+                                               num_attention_heads=24, attention_head_dim=128,
+                                               num_layers=20, num_single_layers=40,
+                                               num_refiner_layers=2, patch_size=2,
+                                               patch_size_t=1, text_embed_dim=4096,
+                                               pooled_projection_dim=768,
+                                               rope_axes_dim=(16, 56, 56))
+            n_single, out_dim = 40, 64
+    shapes = {n: mod.weight.shape for n, mod in m.named_modules() if type(mod) is nn.Linear}
+    total = sum(a * b for a, b in shapes.values())
+    r = quantize_model(m, "fp8", dry_run=True)
+    assert r.dry_run and "dry run" in str(r)
+    assert _finals(r) == {"proj_out"} and tuple(shapes["proj_out"]) == (out_dim, 3072)
+    assert r.by_reason()[FINAL] == (1, pytest.approx(out_dim * 3072 / total))
+    singles = [n for n in shapes if n.startswith("single_transformer_blocks.")
+               and n.endswith(".proj_out")]
+    assert len(singles) == n_single
+    assert all(r.decision(n).format == "fp8" for n in singles)
+    share = sum(shapes[n][0] * shapes[n][1] for n in singles) / total
+    if which == "flux-dev":
+        assert 0.15 < share < 0.152  # 38 * 15360 * 3072 of 11.9 B linear weights
+    assert not any(isinstance(mod, QuantLinear) for mod in m.modules())  # nothing replaced
