@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyops
+from pyops import _backend
 from pyops.qlinear import NVFP4Weight, linear, quantize_weight
 from pyops.ops import nvfp4_linear as op
 from pyops.triton_kernels import nvfp4_linear as tk
@@ -377,19 +378,106 @@ def test_w4a4_epilogue_exact():
         assert_bits_equal(out, want.to(torch.bfloat16), "epilogue")
 
 
+def fake_capability(monkeypatch, cap):
+    """Every capability query of the policy code answers ``cap`` (no CUDA needed)."""
+    def query(device):
+        assert torch.device(device).type == "cuda", device
+        return cap
+    monkeypatch.setattr(_backend, "device_capability", query)
+
+
 def test_w4a4_variant_selection(monkeypatch):
     monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
     assert op.pick_variant(4608, 3072, 3072, torch.device("cpu")) == "dequant"
     assert op.pick_variant(8, 3072, 3072) == "fused"
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)
     for cap, want in [((9, 0), False), ((8, 9), False), ((10, 0), True), ((10, 3), True),
                       ((12, 0), True), ((12, 1), True), ((11, 0), False)]:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        fake_capability(monkeypatch, cap)
         assert op.native_fp4_supported(cuda)[0] is want, cap
         for M in (1, 4608):
             assert (op.pick_variant(M, 3072, 3072, cuda) == "w4a4") is want, (cap, M)
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fused")  # the override wins
     assert op.pick_variant(4608, 3072, 3072, cuda) == "fused"
+
+
+# The H200 measurement (shared/measured/h200-2026-11-30.md, "Linear" table, x bf16):
+# (M, K, N): (fused, dequant). Copied here so the test checks the policy against the data, not
+# against itself.
+H200_VARIANTS = {
+    (4608, 3072, 3072): (0.17, 0.88), (4608, 3072, 12288): (0.17, 0.86),
+    (4608, 12288, 3072): (0.17, 1.00), (4608, 3072, 15360): (0.17, 0.95),
+    (4608, 15360, 3072): (0.16, 0.95), (9216, 3072, 3072): (0.18, 0.95),
+    (9216, 3072, 12288): (0.20, 0.99), (9216, 12288, 3072): (0.16, 0.97),
+    (1, 3072, 3072): (0.25, 0.12), (1, 3072, 12288): (0.48, 0.44),
+    (1, 12288, 3072): (0.22, 0.33), (16, 3072, 3072): (0.20, 0.33),
+}
+
+
+@pytest.mark.parametrize("M,K,N", sorted(H200_VARIANTS))
+def test_sm90_policy_picks_the_measured_winner(monkeypatch, M, K, N):
+    """On sm_90 auto picks the variant that measured faster on the H200 at that shape (before
+    the measurement, M < 1024 always took "fused": wrong at (1, 12288, 3072) and (16, 3072,
+    3072))."""
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    fused, dequant = H200_VARIANTS[(M, K, N)]
+    winner = "fused" if fused > dequant else "dequant"
+    assert op.auto_variant((9, 0), M, N, K) == winner
+    fake_capability(monkeypatch, (9, 0))
+    assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == winner  # the qlinear path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", sorted(H200_VARIANTS))
+def test_gpu_sm90_auto_runs_the_measured_winner(monkeypatch, M, K, N):
+    """On a real sm_90 device, pyops.linear's auto mode runs the measured winner (bit-equal to
+    that variant called directly)."""
+    if tuple(torch.cuda.get_device_capability()) != (9, 0):
+        pytest.skip("the measured policy is sm_90's")
+    for var in ("PYOPS_NVFP4_LINEAR_VARIANT", "PYOPS_BACKEND", "PYOPS_BACKEND_NVFP4_LINEAR"):
+        monkeypatch.delenv(var, raising=False)
+    fused, dequant = H200_VARIANTS[(M, K, N)]
+    winner = "fused" if fused > dequant else "dequant"
+    x, qw, b = operands(M, N, K, torch.bfloat16)
+    want = op.nvfp4_linear_impl(x, qw.data, qw.scales.view(torch.uint8), qw.global_scale, K, b,
+                                "triton", winner)
+    assert torch.equal(linear(x, qw, b), want)
+
+
+def test_policy_other_capabilities_unchanged(monkeypatch):
+    """Unmeasured capabilities keep the previous rule (fused below M = 1024, dequant above); the
+    CPU (interpreter) and an unknown device take it too; native-FP4 devices take "w4a4"."""
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    shapes = [(1, 3072, 12288), (16, 3072, 3072), (1023, 3072, 3072), (1024, 3072, 3072),
+              (4608, 12288, 3072)]
+    for M, K, N in shapes:
+        want = "fused" if M < 1024 else "dequant"
+        for cap in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0), None]:
+            assert op.auto_variant(cap, M, N, K) == want, (cap, M, K, N)
+        assert op.pick_variant(M, N, K, torch.device("cpu")) == want
+        assert op.pick_variant(M, N, K) == want
+        for cap in [(8, 0), (8, 9)]:
+            fake_capability(monkeypatch, cap)
+            assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == want, cap
+        if hasattr(torch, "float4_e2m1fn_x2"):
+            fake_capability(monkeypatch, (12, 0))
+            assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == "w4a4"
+
+
+def test_policy_explicit_request_wins(monkeypatch):
+    """A forced variant and an explicit backend beat the sm_90 policy."""
+    fake_capability(monkeypatch, (9, 0))
+    cuda = torch.device("cuda", 0)
+    for M, K, N in [(1, 12288, 3072), (16, 3072, 3072), (4608, 3072, 3072), (1, 3072, 3072)]:
+        for var in ("fused", "dequant"):
+            monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
+            assert op.pick_variant(M, N, K, cuda) == var
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
+    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
+    monkeypatch.delenv("PYOPS_BACKEND_NVFP4_LINEAR", raising=False)
+    assert op.resolve(cuda, "reference", torch.bfloat16) == "reference"
+    monkeypatch.setenv("PYOPS_BACKEND_NVFP4_LINEAR", "reference")
+    assert op.resolve(cuda, None, torch.bfloat16) == "reference"
 
 
 def test_w4a4_forced_without_native_fp4(monkeypatch):

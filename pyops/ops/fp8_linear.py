@@ -58,7 +58,7 @@ def scaled_mm_available(device: torch.device, N: int, K: int, out_dtype: torch.d
         return False, "torch._scaled_mm provider needs CUDA tensors"
     if not hasattr(torch, "_scaled_mm"):
         return False, "this torch has no torch._scaled_mm"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _backend.device_capability(device)
     if (major, minor) < (9, 0):
         return False, f"row-wise torch._scaled_mm needs sm_90+, device is sm_{major}{minor}"
     if K % 16 or N % 16:
@@ -72,19 +72,54 @@ _backend.register_availability(  # shape-independent part, for pyops.info() and 
     OP, "cuda", lambda device: scaled_mm_available(torch.device(device), 16, 16, torch.bfloat16))
 
 
-def prefer_scaled_mm(M: int, N: int, K: int) -> bool:
-    """Per-shape policy between torch._scaled_mm ("cuda") and the Triton kernel.
+# ---- auto policy: which GEMM to prefer, per device and shape ------------------------------------
+# Measured: NVIDIA H200 (sm_90), 2026-11-30, torch 2.11, Triton 3.6, pyops 8d8b3ea,
+# /work/shared/measured/h200-2026-11-30.md, table "Linear" (bench/bench_linear.py; x bf16 =
+# cuBLAS bf16 ms / ms, the per-token activation quantization included). "cuda"
+# (torch._scaled_mm) vs "triton", x bf16:
+#   M K N             cuda  triton        M K N              cuda  triton
+#   4608 3072 3072    1.24  0.51          9216 3072 3072     1.25  0.62
+#   4608 3072 12288   1.38  0.59          9216 3072 12288    1.56  0.64
+#   4608 12288 3072   1.28  0.49          9216 12288 3072    1.24  0.52
+#   4608 3072 15360   1.52  0.65          32760 5120 5120    1.42  0.63
+#   4608 15360 3072   1.28  0.49          1 3072 3072        0.07  0.06
+#   16 3072 3072      0.21  0.15          1 12288 3072       0.39  0.29
+#   1 3072 12288      0.22  0.23
+# _scaled_mm wins every shape but (1, 3072, 12288), where Triton's 0.23 vs 0.22 is inside the
+# run-to-run spread of the same table (its "auto" column, which resolves to _scaled_mm at that
+# shape, read 0.20): a tie, not a measured Triton win. So on sm_90: _scaled_mm at every shape.
+# Other capabilities are unmeasured and keep the previous rule: _scaled_mm wherever it can run
+# (rowwise _scaled_mm needs sm_90+, so sm_89 gets Triton through the fallback in resolve()).
+def _sm90(M: int, N: int, K: int) -> str:
+    return "cuda"  # measured (above)
 
-    TO BE SET BY MEASUREMENT ON THE GPU (bench/bench_linear.py); nothing was measured with this
-    code yet. Default: torch._scaled_mm everywhere it can run, because it measured 1110-1232
-    TFLOPS row-wise on an H100 at Flux shapes (../shared/reference.md) while the classic Triton
-    kernel here is untuned. Edit this table (e.g. Triton for M <= 64 if it wins there).
+
+def _unmeasured(M: int, N: int, K: int) -> str:
+    return "cuda"  # the previous default; no measurement on this capability
+
+
+AUTO_POLICY = {(9, 0): _sm90}  # compute capability -> rule(M, N, K); others: _unmeasured
+
+
+def auto_backend(capability: tuple[int, int], M: int, N: int, K: int) -> str:
+    """The GEMM backend auto mode prefers for x (M, K) @ W (N, K).T on a device of compute
+    ``capability`` (major, minor): ``"cuda"`` (torch._scaled_mm) or ``"triton"``.
+
+    A preference only: ``resolve`` checks that it can run (``scaled_mm_available``: bf16 output,
+    K and N multiples of 16, sm_90+) and falls back otherwise. Source of the sm_90 rule: the
+    H200 measurement cited in the comment above ``AUTO_POLICY``; other capabilities unmeasured.
     """
-    return True
+    return AUTO_POLICY.get(tuple(capability), _unmeasured)(M, N, K)
 
 
 def resolve(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
             out_dtype: torch.dtype) -> str:
+    """The backend ``pyops.linear`` runs an FP8 GEMM with (called by ``pyops.qlinear``).
+
+    An explicit ``backend`` (or ``PYOPS_BACKEND_FP8_LINEAR`` / ``PYOPS_BACKEND``) wins and
+    raises RuntimeError if it cannot run; auto: the reference off CUDA, else ``auto_backend``'s
+    preference if it can run, else the other GEMM, else the reference. The capability comes from
+    ``_backend.device_capability`` (cached, safe under torch.compile)."""
     want = _backend.requested(OP, backend)
     if want == "cuda":
         ok, why = scaled_mm_available(device, N, K, out_dtype)
@@ -98,11 +133,12 @@ def resolve(device: torch.device, backend: Optional[str], M: int, N: int, K: int
         return want
     if device.type != "cuda":
         return "reference"
-    if scaled_mm_available(device, N, K, out_dtype)[0] and prefer_scaled_mm(M, N, K):
+    scaled_mm_ok = scaled_mm_available(device, N, K, out_dtype)[0]
+    if scaled_mm_ok and auto_backend(_backend.device_capability(device), M, N, K) == "cuda":
         return "cuda"
     if _backend.available(OP, "triton", device)[0]:
         return "triton"
-    return "reference"
+    return "cuda" if scaled_mm_ok else "reference"
 
 
 # ---- the op -------------------------------------------------------------------------------------

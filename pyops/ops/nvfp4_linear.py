@@ -64,7 +64,7 @@ def native_fp4_supported(device) -> tuple[bool, str]:
                       f"got {device.type}"
     if not hasattr(torch, "float4_e2m1fn_x2"):
         return False, f"torch {torch.__version__} has no float4_e2m1fn_x2"
-    cap = torch.cuda.get_device_capability(device)
+    cap = _backend.device_capability(device)
     if tuple(cap) not in NATIVE_FP4_CAPABILITIES:
         return False, f"sm_{cap[0]}{cap[1]} has no native NVFP4 MMA (needs sm_100/103/120/121)"
     return True, f"sm_{cap[0]}{cap[1]}"
@@ -179,24 +179,68 @@ _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton)
 
 
-def pick_variant(M: int, N: int, K: int, device=None) -> str:
-    """Per-shape choice between the fused W4A16 kernel and dequantize + cuBLAS; ``"w4a4"``
-    (native NVFP4 GEMM, activations quantized per call) whenever ``device`` is a CUDA device
-    with native NVFP4 (sm_100/103/120/121; never Hopper). W4A4 is chosen by capability only: it
-    is unmeasured and unverified on hardware; force another variant with the env if it loses.
+# ---- auto policy: which variant, per device and shape --------------------------------------------
+# Measured: NVIDIA H200 (sm_90), 2026-11-30, torch 2.11, Triton 3.6, pyops 8d8b3ea,
+# /work/shared/measured/h200-2026-11-30.md, table "Linear" (bench/bench_linear.py; x bf16 =
+# cuBLAS bf16 ms / ms). "fused" (W4A16 kernel) vs "dequant" (Triton dequantize + cuBLAS), x bf16:
+#   M K N             fused  dequant       M K N              fused  dequant
+#   4608 3072 3072    0.17   0.88          9216 3072 3072     0.18   0.95
+#   4608 3072 12288   0.17   0.86          9216 3072 12288    0.20   0.99
+#   4608 12288 3072   0.17   1.00          9216 12288 3072    0.16   0.97
+#   4608 3072 15360   0.17   0.95          1 3072 3072        0.25   0.12
+#   4608 15360 3072   0.16   0.95          1 3072 12288       0.48   0.44
+#   16 3072 3072      0.20   0.33          1 12288 3072       0.22   0.33
+# sm_90 rule, reproducing every measured winner: "dequant" for M >= 16 (measured at M = 16 and
+# at every M >= 4608; 16 < M < 4608 unmeasured, taken as dequant since both ends are); for
+# M < 16 "fused" when K <= N and "dequant" when K > N (measured at M = 1 only; M = 2..15 assumed
+# to behave like M = 1, where the previous rule also said fused).
+# Other capabilities are unmeasured and keep the previous rule: fused for M < 1024, dequant
+# above (the weight stream dominates small M; at large M the dequant pass is a few % of a
+# cuBLAS GEMM). sm_100/103/120/121 take "w4a4" by capability in pick_variant (unmeasured,
+# unchanged).
+def _sm90(M: int, N: int, K: int) -> str:
+    if M >= 16:
+        return "dequant"
+    return "fused" if K <= N else "dequant"
 
-    TO BE SET BY MEASUREMENT ON THE GPU (bench/bench_linear.py); unmeasured. Default: fused for
-    M < 1024 (weight bytes dominate; the fused kernel reads 4.5 bits a weight), dequantize +
-    cuBLAS bf16 above (the extra pass writes 2 bytes a weight, a few % of a large-M GEMM, and the
-    GEMM runs at cuBLAS speed). ``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces one
-    (a forced ``w4a4`` on a device without native NVFP4 raises when the Triton backend runs).
+
+def _unmeasured(M: int, N: int, K: int) -> str:
+    return "fused" if M < 1024 else "dequant"  # the previous default; nothing measured
+
+
+AUTO_POLICY = {(9, 0): _sm90}  # compute capability -> rule(M, N, K); others: _unmeasured
+
+
+def auto_variant(capability: Optional[tuple[int, int]], M: int, N: int, K: int) -> str:
+    """``"fused"`` or ``"dequant"`` for x (M, K) @ W (N, K).T on a device of compute
+    ``capability`` (major, minor); ``None`` (unknown device, the CPU interpreter) takes the
+    unmeasured default. Source of the sm_90 rule: the H200 measurement cited above
+    ``AUTO_POLICY``."""
+    rule = AUTO_POLICY.get(tuple(capability), _unmeasured) if capability is not None \
+        else _unmeasured
+    return rule(M, N, K)
+
+
+def pick_variant(M: int, N: int, K: int, device=None) -> str:
+    """The variant ``pyops.linear`` runs the Triton backend with (called by ``pyops.qlinear``
+    with x's device when the backend is "triton", else ``device=None``).
+
+    ``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces one (a forced ``w4a4`` on a
+    device without native NVFP4 raises when the Triton backend runs). Otherwise ``"w4a4"``
+    (native NVFP4 GEMM, activations quantized per call) whenever ``device`` is a CUDA device
+    with native NVFP4 (sm_100/103/120/121; never Hopper): chosen by capability only, unmeasured
+    and unverified on hardware. Otherwise ``auto_variant`` with the device's capability
+    (``_backend.device_capability``, cached, safe under torch.compile).
     """
     forced = os.environ.get("PYOPS_NVFP4_LINEAR_VARIANT", "")
     if forced in VARIANTS:
         return forced
-    if device is not None and native_fp4_supported(device)[0]:
-        return "w4a4"
-    return "fused" if M < 1024 else "dequant"
+    cap = None
+    if device is not None and torch.device(device).type == "cuda":
+        if native_fp4_supported(device)[0]:
+            return "w4a4"
+        cap = _backend.device_capability(device)
+    return auto_variant(cap, M, N, K)
 
 
 def resolve(device: torch.device, backend: Optional[str], dtype: torch.dtype) -> str:
