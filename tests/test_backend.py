@@ -106,3 +106,29 @@ def test_facts_loaded_once():
     a = _backend.extension_facts()
     assert _backend.extension_facts() is a
     assert _backend.extension_status() == (a.loaded, a.why)
+
+
+def test_linear_resolution_under_compile_fullgraph(fake_sm90):
+    """pyops.linear's own resolvers (FP8 GEMM backend, NVFP4 backend + variant) on the sm_90
+    path, traced without a graph break and equal to eager."""
+    from pyops.ops import fp8_linear, nvfp4_linear
+    dev = torch.device("cuda", 0)
+    shapes = [(1, 3072, 3072), (16, 3072, 3072), (4608, 3072, 3072), (4608, 3072, 12288)]
+
+    def codes():
+        out = []
+        for M, K, N in shapes:
+            b = fp8_linear.resolve(dev, None, M, N, K, torch.bfloat16)
+            nb = nvfp4_linear.resolve(dev, None, torch.bfloat16)
+            v = nvfp4_linear.pick_variant(M, N, K, dev)
+            out += [float(_backend.BACKENDS.index(b)), float(_backend.BACKENDS.index(nb)),
+                    float(nvfp4_linear.VARIANTS.index(v))]
+        return out
+
+    expected = codes()
+    torch._dynamo.reset()
+    got = torch.compile(lambda x: x + torch.tensor(codes()), fullgraph=True,
+                        backend="eager")(torch.zeros(len(expected)))
+    assert got.tolist() == expected
+    # sm_90: torch._scaled_mm ("cuda") at every shape (the measured winner)
+    assert expected[0::3] == [0.0] * len(shapes)
