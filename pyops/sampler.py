@@ -8,6 +8,14 @@ Quick start::
     g_s = s.capture((1, 4096, 64), cond=dict(...), generator=g)  # CUDA graph of the whole loop
     x0 = g_s.replay()                                          # new noise on every replay
 
+Schedules reproduce the inference code each model family ships with (sources in each
+function's docstring): :func:`flow_schedule` = diffusers' ``FlowMatchEulerDiscreteScheduler``
+(static shift, dynamic shift with :func:`flux_mu`), :func:`vp_schedule` = the ᾱ table and LCM
+boundary condition of diffusers' LCM/TCD schedulers, :func:`tcd_timesteps` = ``TCDScheduler``,
+:func:`trigflow_schedule` = rCM's sampler; :func:`preset` names the models.
+:func:`diffusers_model` calls a diffusers transformer with the timestep tensor its pipeline
+passes.
+
 Every step is one fused ``pyops::sample_step`` (CFG combine, prediction conversion, update with
 fresh noise): ``x_next = α·x + β·p + ζ·z``. The host computes (α, β, ζ) per step from the formula
 table in :mod:`pyops.reference.sample_step` once, before the loop, so nothing inside the loop
@@ -16,7 +24,7 @@ reads the device: no host syncs, and the loop (model forwards included) can be c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -30,7 +38,7 @@ from .reference.sample_step import PATHS, PREDICTIONS, RULES, StepCoefficients
 __all__ = [
     "Schedule", "FewStepSampler", "CapturedSampler", "StepCoefficients", "sample_step",
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "PRESETS", "diffusers_model",
-    "step_coefficients",
+    "step_coefficients", "flux_mu", "tcd_timesteps", "TIMESTEP_MODES",
 ]
 
 OpTensor = Optional[torch.Tensor]
@@ -94,10 +102,12 @@ step_coefficients = _ref.step_coefficients
 class Schedule:
     """An explicit few-step schedule.
 
-    path: ``"flow"`` (times are σ = t, from ~1 down to 0), ``"vp"`` (integer DDPM timesteps; the
-    end point is clean data) or ``"trigflow"`` (angles θ from ~π/2 down to 0).
-    times: the n+1 path times, the last being the end point (0 for flow/trigflow, -1 for vp).
-    timesteps: the n values given to the model (its own units: σ·1000, σ, t, θ, ...).
+    path: ``"flow"`` (times are σ = t, from ~1 down to 0), ``"vp"`` (integer DDPM timesteps)
+    or ``"trigflow"`` (angles θ from ~π/2 down to 0).
+    times: the n+1 path times, the last being the end point (0 for flow/trigflow; for vp -1 =
+    clean data, or a timestep such as TCD's 0).
+    timesteps: the n values given to the model (its own units: σ·1000 as diffusers' flow
+    schedulers, the integer timestep, θ·1000, ...), as fp32 numbers.
     alphas_cumprod: ᾱ table (vp only). init_sigma: the initial latent is ``init_sigma·ε``.
     boundary: optional per-step (c_skip, c_out) consistency boundary condition (LCM).
     """
@@ -136,30 +146,116 @@ class Schedule:
     def intermediate(self, tau_next, gamma: float):
         """TCD's intermediate time between the clean end and ``tau_next``."""
         if self.path == "vp":
-            return int(math.floor((1.0 - gamma) * tau_next)) if tau_next >= 0 else -1
+            if tau_next < 0:
+                return -1
+            # TCDScheduler.step: floor((1 − eta)·prev_timestep) in fp32, then to int
+            return int(torch.floor((1.0 - gamma) * torch.tensor(float(tau_next),
+                                                                dtype=torch.float32)))
         return (1.0 - gamma) * float(tau_next)
 
 
-def _shift(sigma: float, shift: float) -> float:
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+def flux_mu(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift ``mu`` of FLUX-style pipelines: linear in the number of
+    image tokens, ``base_shift`` at ``base_seq_len`` and ``max_shift`` at ``max_seq_len``.
+
+    Source: ``calculate_shift`` in diffusers ``pipelines/flux/pipeline_flux.py`` (same Python
+    float operations, same order); the defaults are FLUX.1-dev's scheduler config
+    (``base_image_seq_len`` 256, ``max_image_seq_len`` 4096, ``base_shift`` 0.5,
+    ``max_shift`` 1.15). image_seq_len: packed latent tokens, ``(H/16)·(W/16)`` for an H×W image
+    (4096 at 1024²). Raises ValueError for image_seq_len < 1.
+    """
+    if int(image_seq_len) != image_seq_len or image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return int(image_seq_len) * m + b
+
+
+def _flow_match_sigmas(num_steps: Optional[int], sigmas: Optional[Sequence[float]],
+                       shift: float, mu: Optional[float], time_shift_type: str,
+                       num_train_timesteps: int) -> list:
+    """The fp32 sigmas (without the final 0) that diffusers' ``FlowMatchEulerDiscreteScheduler(
+    num_train_timesteps, shift, use_dynamic_shifting=mu is not None, time_shift_type)
+    .set_timesteps(num_steps, sigmas=sigmas, mu=mu)`` computes, with the same arithmetic in the
+    same precision (source: diffusers ``schedulers/scheduling_flow_match_euler_discrete.py``,
+    ``__init__`` and ``set_timesteps``; karras/exponential/beta sigmas, ``shift_terminal`` and
+    ``invert_sigmas`` are not reproduced):
+
+    * ``__init__`` (torch fp32): training grid ``t = N … 1``, ``σ = t / N``, shifted by
+      ``shift·σ / (1 + (shift − 1)·σ)`` unless dynamic shifting is on; its ends are
+      ``sigma_max`` and ``sigma_min`` (``sigma_min`` is the shifted ``1/N``, not 0).
+    * ``set_timesteps`` without sigmas (numpy float64):
+      ``σ = linspace(sigma_max·N, sigma_min·N, n) / N``; with sigmas: ``σ = float32(sigmas)``
+      and the rest in numpy float32.
+    * then either the static shift ``shift·σ / (1 + (shift − 1)·σ)`` or, with ``mu``, the time
+      shift ``e^mu / (e^mu + (1/σ − 1))`` (exponential) or ``mu / (mu + (1/σ − 1))`` (linear);
+    * rounded to fp32.
+
+    The static shift is applied in ``__init__`` *and* in ``set_timesteps``: the default schedule
+    is shifted twice at its low end (SD3 with shift 3 and 4 steps: 1, 0.8577, 0.6022, 0.0089).
+    """
+    import numpy as np
+    shift = float(shift)
+    N = int(num_train_timesteps)
+    if sigmas is None:
+        grid = torch.tensor([float(N), 1.0], dtype=torch.float32) / N
+        if mu is None:
+            grid = shift * grid / (1 + (shift - 1) * grid)
+        sigma_max, sigma_min = (float(v) for v in grid)
+        sig = np.linspace(sigma_max * N, sigma_min * N, int(num_steps)) / N      # float64
+    else:
+        sig = np.array([float(v) for v in sigmas], dtype=np.float64).astype(np.float32)
+    if mu is None:
+        sig = shift * sig / (1 + (shift - 1) * sig)
+    else:
+        mu = float(mu)
+        r = 1 / sig - 1                          # same dtype as sig (Python scalars are weak)
+        if time_shift_type == "exponential":
+            sig = math.exp(mu) / (math.exp(mu) + r)
+        elif time_shift_type == "linear":
+            sig = mu / (mu + r)
+        else:
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got "
+                             f"{time_shift_type!r}")
+    return torch.from_numpy(np.asarray(sig)).to(torch.float32).tolist()
 
 
 def flow_schedule(num_steps: Optional[int] = None, *, sigmas: Optional[Sequence[float]] = None,
-                  shift: float = 1.0, timestep_scale: float = 1000.0, name: str = "") -> Schedule:
-    """Rectified-flow schedule. Default sigmas as diffusers': linspace(1, 1/n, n), then the shift
-    ``σ ← shift·σ / (1 + (shift − 1)·σ)``, then a final 0. Model timestep = σ·timestep_scale.
-    Values are kept as fp32 numbers (as diffusers keeps them)."""
+                  shift: float = 1.0, mu: Optional[float] = None,
+                  time_shift_type: str = "exponential", num_train_timesteps: int = 1000,
+                  timestep_scale: float = 1000.0, name: str = "") -> Schedule:
+    """Rectified-flow schedule, equal to diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+    ``flow_schedule(n, shift=s)`` gives the sigmas and timesteps of
+    ``FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n)`` (what the SD3 pipeline uses);
+    ``flow_schedule(sigmas=..., shift=s)`` those of ``set_timesteps(sigmas=...)`` (what the Flux
+    pipeline uses, with ``sigmas = linspace(1, 1/n, n)``); ``mu`` turns on dynamic shifting
+    (``use_dynamic_shifting=True``, see :func:`flux_mu`). Bit-exact with diffusers (same
+    arithmetic, same precision); the formulas and their source are in
+    :func:`_flow_match_sigmas`.
+
+    num_steps: n ≥ 1 (ignored when sigmas is given). sigmas: n decreasing values in (0, 1]
+    before the shift (a trailing 0 is dropped). shift: static shift (scheduler config ``shift``).
+    mu, time_shift_type: dynamic shift, as the scheduler's ``set_timesteps(mu=...)`` with its
+    config ``time_shift_type``. num_train_timesteps: the scheduler's N (1000).
+    timestep_scale: model timestep = fp32 σ · timestep_scale in fp32 (diffusers:
+    ``timesteps = sigmas * num_train_timesteps``). Returns a flow :class:`Schedule`: times =
+    the n fp32 sigmas and a final 0, timesteps = the n model timesteps. Raises ValueError for
+    n < 1 or sigmas that do not decrease within (0, 1] after the shift.
+    """
     if sigmas is None:
-        if not num_steps or num_steps < 1:
+        if num_steps is None or int(num_steps) != num_steps or num_steps < 1:
             raise ValueError("flow_schedule needs num_steps >= 1 or explicit sigmas")
-        import numpy as np
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
-    sig = [float(s) for s in sigmas]
-    if sig and sig[-1] == 0.0:
-        sig = sig[:-1]
-    if shift != 1.0:
-        sig = [_shift(s, shift) for s in sig]
-    sig = torch.tensor(sig, dtype=torch.float32).tolist()
+    else:
+        sigmas = [float(s) for s in sigmas]
+        if sigmas and sigmas[-1] == 0.0:
+            sigmas = sigmas[:-1]
+        if not sigmas:
+            raise ValueError("flow_schedule: sigmas is empty")
+        if any(not (0.0 < s <= 1.0) for s in sigmas):
+            raise ValueError(f"flow sigmas must decrease within (0, 1]; got {sigmas}")
+    sig = _flow_match_sigmas(num_steps, sigmas, shift, mu, time_shift_type, num_train_timesteps)
     if any(not (0.0 < s <= 1.0) for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
         raise ValueError(f"flow sigmas must decrease within (0, 1]; got {sig}")
     ts = (torch.tensor(sig, dtype=torch.float32) * timestep_scale).tolist()
@@ -182,14 +278,31 @@ def _alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float
 def vp_schedule(timesteps: Sequence[int], *, num_train_timesteps: int = 1000,
                 beta_start: float = 0.00085, beta_end: float = 0.012,
                 beta_schedule: str = "scaled_linear", lcm_boundary: bool = False,
-                timestep_scaling: float = 10.0, name: str = "") -> Schedule:
+                timestep_scaling: float = 10.0, final_timestep: int = -1,
+                name: str = "") -> Schedule:
     """DDPM (variance-preserving) schedule over explicit integer timesteps (e.g. DMD2's
-    [999, 749, 499, 249]); ᾱ computed in fp32 as diffusers does (SD/SDXL betas by default).
-    lcm_boundary adds LCM's c_skip/c_out (sigma_data 0.5, timestep_scaling 10)."""
+    [999, 749, 499, 249]).
+
+    ᾱ is computed in fp32 as diffusers' DDPM-family schedulers do (``betas`` linear or
+    "scaled_linear" = linspace of √β squared, ``alphas_cumprod = cumprod(1 − betas)``; source:
+    diffusers ``schedulers/scheduling_lcm.py`` / ``scheduling_tcd.py`` ``__init__``), SD/SDXL
+    betas by default (stabilityai/stable-diffusion-xl-base-1.0 ``scheduler_config.json``:
+    0.00085, 0.012, scaled_linear, 1000). lcm_boundary adds LCM's boundary condition
+    ``c_skip = σd² / ((k·t)² + σd²)``, ``c_out = k·t / √((k·t)² + σd²)`` with σd = 0.5 and
+    k = timestep_scaling (source: ``LCMScheduler.get_scalings_for_boundary_condition_discrete``).
+    final_timestep: the end point of the last step: -1 = clean data (ᾱ = 1; LCMScheduler, whose
+    last step returns the denoised sample) or a timestep below the last one (0 for
+    TCDScheduler, whose last step ends at ``alphas_cumprod[0]``). Model timesteps = the integer
+    timesteps as floats. Raises ValueError for timesteps that do not decrease within
+    [0, num_train_timesteps) or a bad final_timestep.
+    """
     ts = [int(t) for t in timesteps]
-    if any(not (0 <= t < num_train_timesteps) for t in ts) or any(a <= b for a, b in
-                                                                   zip(ts, ts[1:])):
+    if not ts or any(not (0 <= t < num_train_timesteps) for t in ts) or any(
+            a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"vp timesteps must decrease within [0, {num_train_timesteps}); got {ts}")
+    if int(final_timestep) != final_timestep or not (-1 <= final_timestep < ts[-1]):
+        raise ValueError(f"final_timestep must be -1 (clean) or a timestep below {ts[-1]}; got "
+                         f"{final_timestep!r}")
     ac = _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
     boundary = None
     if lcm_boundary:
@@ -199,47 +312,118 @@ def vp_schedule(timesteps: Sequence[int], *, num_train_timesteps: int = 1000,
             st = t * timestep_scaling
             bl.append((sd * sd / (st * st + sd * sd), st / math.sqrt(st * st + sd * sd)))
         boundary = tuple(bl)
-    return Schedule("vp", tuple(ts) + (-1,), tuple(float(t) for t in ts), alphas_cumprod=ac,
-                    init_sigma=1.0, boundary=boundary, name=name)
+    return Schedule("vp", tuple(ts) + (int(final_timestep),), tuple(float(t) for t in ts),
+                    alphas_cumprod=ac, init_sigma=1.0, boundary=boundary, name=name)
+
+
+def tcd_timesteps(num_steps: int, *, original_inference_steps: int = 50,
+                  num_train_timesteps: int = 1000) -> list:
+    """The timesteps of diffusers' ``TCDScheduler.set_timesteps(num_steps)`` (strength 1):
+    the distillation grid ``k·i − 1`` (i = 1 … original_inference_steps,
+    k = num_train_timesteps // original_inference_steps), reversed, sampled at
+    ``floor(linspace(0, len, num_steps, endpoint=False))``. 4 steps: [999, 759, 499, 259].
+    Source: diffusers ``schedulers/scheduling_tcd.py`` ``set_timesteps``. Raises ValueError
+    unless 1 ≤ num_steps ≤ original_inference_steps ≤ num_train_timesteps."""
+    import numpy as np
+    n, orig = int(num_steps), int(original_inference_steps)
+    if n != num_steps or not (1 <= n <= orig <= num_train_timesteps):
+        raise ValueError(f"tcd_timesteps needs 1 <= num_steps <= original_inference_steps <= "
+                         f"num_train_timesteps; got {num_steps}, {original_inference_steps}, "
+                         f"{num_train_timesteps}")
+    k = num_train_timesteps // orig
+    grid = [i * k - 1 for i in range(orig, 0, -1)]
+    idx = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
+    return [grid[int(i)] for i in idx]
 
 
 def trigflow_schedule(angles: Optional[Sequence[float]] = None, *, sigma_max: float = 80.0,
                       mid_t: Sequence[float] = (1.5, 1.4, 1.0), as_flow: bool = True,
                       timestep_scale: float = 1000.0, name: str = "") -> Schedule:
     """TrigFlow (sCM / rCM) schedule: angles θ with x = cos θ·x0 + sin θ·ε, default
-    ``[atan(sigma_max), *mid_t, 0]``. ``as_flow`` maps it onto the flow path (σ = sin/(sin+cos),
-    exact for x0-predicting rules: the same points up to a per-step scale of x), for
-    flow-trained networks such as Wan with rCM; otherwise the path is trigflow and the model
-    gets θ·timestep_scale and should predict ``v_prediction``."""
+    ``[atan(sigma_max), *mid_t, 0]`` (rCM's Wan sampler: ``sigma_max`` 80, ``mid_t``
+    [1.5, 1.4, 1.0]; source: NVlabs/rcm ``rcm/inference/wan2pt1_t2v_rcm_infer.py``).
+
+    ``as_flow`` maps it onto the flow path for flow-trained networks such as Wan with rCM, as
+    rCM's ``RectifiedFlow_TrigFlowWrapper`` (``rcm/utils/denoiser_scaling.py``) does: the flow
+    state is ``x_flow = x_trig / (cos θ + sin θ)`` at σ = sin θ / (sin θ + cos θ), so the
+    steps are the same points (exact for x0-predicting rules and re-noising, the rules rCM
+    uses) and the initial latent, rCM's unit noise in TrigFlow space, is
+    ``ε / (cos θ0 + sin θ0)`` (``init_sigma``). The model gets σ·timestep_scale (rCM:
+    ``c_noise = σ·1000``) and predicts the flow velocity. Otherwise the path is trigflow and the
+    model gets θ·timestep_scale and should predict ``v_prediction``. Raises ValueError for
+    angles that do not decrease within (0, π/2].
+    """
     th = [float(a) for a in angles] if angles is not None else [math.atan(sigma_max), *mid_t]
     if th and th[-1] == 0.0:
         th = th[:-1]
-    if any(not (0.0 < a <= math.pi / 2) for a in th) or any(a <= b for a, b in zip(th, th[1:])):
+    if not th or any(not (0.0 < a <= math.pi / 2) for a in th) or any(
+            a <= b for a, b in zip(th, th[1:])):
         raise ValueError(f"trigflow angles must decrease within (0, pi/2]; got {th}")
     if as_flow:
-        return flow_schedule(sigmas=[math.sin(a) / (math.sin(a) + math.cos(a)) for a in th],
-                             timestep_scale=timestep_scale, name=name)
+        sched = flow_schedule(sigmas=[math.sin(a) / (math.sin(a) + math.cos(a)) for a in th],
+                              timestep_scale=timestep_scale, name=name)
+        return replace(sched, init_sigma=1.0 / (math.cos(th[0]) + math.sin(th[0])))
     ts = [a * timestep_scale for a in th]
     return Schedule("trigflow", tuple(th) + (0.0,), tuple(ts), init_sigma=math.sin(th[0]),
                     name=name)
 
 
+# Few-step model families. Each entry: (default step count, the step counts it accepts or None
+# for any, whether it takes image_seq_len, schedule factory(num_steps, image_seq_len), sampler
+# keyword arguments). Each schedule is the one the named model's own inference code builds (a
+# diffusers pipeline with the model's scheduler config, or the model's reference sampler).
+_FLUX_DEV_SEQ_LEN = 4096     # 1024² image: (1024/16)² packed latent tokens
+
+
+def _flux_sigmas(n: int) -> list:
+    # FluxPipeline.__call__: sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    import numpy as np
+    return np.linspace(1.0, 1.0 / n, n).tolist()
+
+
 def _presets() -> dict:
     return {
-        # FLUX.1-schnell: 4 steps, no shift, the transformer takes σ in [0, 1], no CFG.
-        "flux-schnell": (lambda: flow_schedule(4, timestep_scale=1.0, name="flux-schnell"),
+        # FLUX.1-schnell (model card: 4 steps, guidance 0). FluxPipeline passes
+        # sigmas = linspace(1, 1/n, n); the model's scheduler config has shift 1.0 and no dynamic
+        # shifting (the mu the pipeline computes is ignored), so image_seq_len has no effect.
+        # Timesteps σ·1000 as the scheduler's; diffusers_model divides by 1000 as the pipeline.
+        "flux-schnell": (4, None, True,
+                         lambda n, L: flow_schedule(sigmas=_flux_sigmas(n), shift=1.0,
+                                                    name="flux-schnell"),
                          dict(prediction="velocity", rule="euler")),
-        # SD3.5-Large-Turbo: 4 steps, shift 3, timestep = σ·1000, no CFG.
-        "sd35-turbo": (lambda: flow_schedule(4, shift=3.0, name="sd35-turbo"),
+        # FLUX.1-dev (guidance-distilled; FluxPipeline's default 28 steps; also the base of
+        # few-step Flux LoRAs). Scheduler config: shift 3.0 (unused), use_dynamic_shifting with
+        # base/max image_seq_len 256/4096 and base/max shift 0.5/1.15; FluxPipeline passes
+        # sigmas = linspace(1, 1/n, n) and mu = calculate_shift(image_seq_len).
+        # image_seq_len defaults to 4096 (1024²). The guidance scale is a model input (cond).
+        "flux-dev": (28, None, True,
+                     lambda n, L: flow_schedule(sigmas=_flux_sigmas(n),
+                                                mu=flux_mu(L if L is not None
+                                                           else _FLUX_DEV_SEQ_LEN),
+                                                name="flux-dev"),
+                     dict(prediction="velocity", rule="euler")),
+        # SD3.5-Large-Turbo (model card: 4 steps, guidance 0). Scheduler config shift 3.0, no
+        # dynamic shifting; StableDiffusion3Pipeline calls set_timesteps(n) (no sigmas).
+        "sd35-turbo": (4, None, False,
+                       lambda n, L: flow_schedule(n, shift=3.0, name="sd35-turbo"),
                        dict(prediction="velocity", rule="euler")),
-        # DMD2 (SDXL, 4 steps): x0 from epsilon, then fresh noise at the next timestep.
-        "dmd2": (lambda: vp_schedule([999, 749, 499, 249], name="dmd2"),
+        # DMD2 SDXL 4-step (tianweiy/DMD2 README): LCMScheduler.from_config(SDXL config),
+        # pipe(..., timesteps=[999, 749, 499, 249], guidance_scale=0). LCMScheduler.step: x0
+        # from epsilon with LCM's boundary condition, fresh noise at the next timestep, the last
+        # step returns the denoised sample.
+        "dmd2": (4, (4,), False,
+                 lambda n, L: vp_schedule([999, 749, 499, 249], lcm_boundary=True, name="dmd2"),
                  dict(prediction="epsilon", rule="renoise")),
-        # rCM / sCM-style TrigFlow 4 steps for a flow-trained network (Wan): x0 + fresh noise.
-        "rcm": (lambda: trigflow_schedule(name="rcm"),
+        # rCM for Wan2.1 T2V (NVlabs/rcm wan2pt1_t2v_rcm_infer.py, 1-4 steps): TrigFlow angles
+        # [atan(80), *[1.5, 1.4, 1.0][:n-1], 0] on the flow path, x0 + fresh noise.
+        "rcm": (4, (1, 2, 3, 4), False,
+                lambda n, L: trigflow_schedule(mid_t=(1.5, 1.4, 1.0)[:n - 1], name="rcm"),
                 dict(prediction="velocity", rule="renoise")),
-        # TCD (SDXL), 4 steps, gamma 0.3.
-        "tcd": (lambda: vp_schedule([999, 759, 499, 259], name="tcd"),
+        # TCD SDXL LoRA h1t/TCD-SDXL-LoRA (jabir-zheng/TCD demo_styled_lora.py:
+        # TCDScheduler.from_config(SDXL config), 4 steps, eta 0.3). TCDScheduler.set_timesteps(n)
+        # timesteps; its last step ends at timestep 0 (alphas_cumprod[0]), not at clean data.
+        "tcd": (4, None, False,
+                lambda n, L: vp_schedule(tcd_timesteps(n), final_timestep=0, name="tcd"),
                 dict(prediction="epsilon", rule="tcd", gamma=0.3)),
     }
 
@@ -247,13 +431,47 @@ def _presets() -> dict:
 PRESETS = tuple(_presets())
 
 
-def preset(name: str) -> tuple[Schedule, dict]:
-    """(schedule, sampler keyword arguments) for a known few-step model family."""
+def preset(name: str, *, num_steps: Optional[int] = None,
+           image_seq_len: Optional[int] = None) -> tuple[Schedule, dict]:
+    """(schedule, sampler keyword arguments) for a known few-step model family.
+
+    Each preset reproduces the schedule (sigmas / timesteps, end point, initial noise scale)
+    of the inference code the model is named after; the per-preset source is in the comments
+    of ``_presets`` and the tests compare each against diffusers' scheduler configured as that
+    pipeline configures it:
+
+    ============  =======  ======================================================================
+    name          steps    source
+    ============  =======  ======================================================================
+    flux-schnell  4 (any)  FluxPipeline, FLUX.1-schnell scheduler config (shift 1, no dynamic)
+    flux-dev      28 (any) FluxPipeline, FLUX.1-dev config (dynamic shift, mu from image_seq_len)
+    sd35-turbo    4 (any)  StableDiffusion3Pipeline, SD3.5-Large-Turbo config (shift 3)
+    dmd2          4        DMD2 README: LCMScheduler, timesteps [999, 749, 499, 249]
+    rcm           4 (1-4)  NVlabs/rcm Wan2.1 sampler (TrigFlow mid_t 1.5, 1.4, 1.0)
+    tcd           4 (1-50) TCD demos: TCDScheduler (original_inference_steps 50), eta 0.3
+    ============  =======  ======================================================================
+
+    num_steps: override the default step count (where the source defines other counts).
+    image_seq_len: packed image tokens for presets with dynamic shifting (flux-dev; default
+    4096 = a 1024² image); accepted and without effect for flux-schnell (as in FluxPipeline);
+    other presets raise. Flow presets give timesteps σ·1000 (the scheduler's ``timesteps``);
+    :func:`diffusers_model` converts them as each pipeline does. Raises ValueError for an
+    unknown name, a step count the preset does not define, or image_seq_len where unused.
+    """
     table = _presets()
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
-    mk, kw = table[name]
-    return mk(), dict(kw)
+    default_n, allowed, takes_seq_len, mk, kw = table[name]
+    n = default_n if num_steps is None else num_steps
+    if int(n) != n or n < 1 or (allowed is not None and n not in allowed):
+        raise ValueError(f"preset {name!r}: num_steps={num_steps!r} not supported (expected "
+                         f"{'a positive integer' if allowed is None else allowed})")
+    if image_seq_len is not None and not takes_seq_len:
+        raise ValueError(f"preset {name!r} does not depend on the image size; image_seq_len "
+                         f"applies to the flux presets")
+    if image_seq_len is not None:
+        flux_mu(image_seq_len)  # validates it
+    return mk(int(n), image_seq_len), dict(kw)
 
 
 # ---- the sampler --------------------------------------------------------------------------------
@@ -525,12 +743,81 @@ class CapturedSampler:
     __call__ = replay
 
 
-def diffusers_model(transformer, **fixed) -> Callable:
-    """Adapt a diffusers transformer (Flux, SD3, Wan, ...) to ``model(x, t, **cond)``:
-    ``transformer(hidden_states=x, timestep=t, return_dict=False, **fixed, **cond)[0]``. The
-    timestep is cast to the latent dtype as diffusers' pipelines do. (Flux expects σ in [0, 1]:
-    use ``timestep_scale=1``; SD3 and Wan take σ·1000.)"""
+# How each diffusers pipeline hands the scheduler's timestep t (fp32, σ·1000) to its
+# transformer, read from the pipelines of diffusers 0.42 (``pipelines/<family>/pipeline_*.py``,
+# the denoising loop):
+#   "flux": ``timestep = t.expand(B).to(latents.dtype)`` then ``transformer(timestep=timestep /
+#           1000)``: rounded to the latent dtype (the transformer's dtype, e.g. bf16: 750 -> 752)
+#           and divided in that dtype. FluxPipeline (flux/pipeline_flux.py), Flux2Pipeline
+#           (flux2/pipeline_flux2.py), ChromaPipeline (chroma/pipeline_chroma.py),
+#           QwenImagePipeline (qwenimage/pipeline_qwenimage.py).
+#   "fp32": the fp32 ``t.expand(B)`` unchanged. StableDiffusion3Pipeline
+#           (stable_diffusion_3/pipeline_stable_diffusion_3.py), WanPipeline (wan/pipeline_wan.py;
+#           fp32 with flow-match schedulers), HunyuanVideoPipeline
+#           (hunyuan_video/pipeline_hunyuan_video.py: ``.to(latents.dtype)`` with fp32 latents).
+TIMESTEP_MODES = ("flux", "fp32")
+_TRANSFORMER_TIMESTEP_MODE = {
+    "FluxTransformer2DModel": "flux",
+    "Flux2Transformer2DModel": "flux",
+    "ChromaTransformer2DModel": "flux",
+    "QwenImageTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "fp32",
+    "WanTransformer3DModel": "fp32",
+    "HunyuanVideoTransformer3DModel": "fp32",
+}
+
+
+def _timestep_mode_of(transformer) -> Optional[str]:
+    module = getattr(transformer, "_orig_mod", transformer)  # torch.compile'd modules
+    for cls in type(module).__mro__:
+        if cls.__name__ in _TRANSFORMER_TIMESTEP_MODE:
+            return _TRANSFORMER_TIMESTEP_MODE[cls.__name__]
+    return None
+
+
+def diffusers_model(transformer, *, timestep_mode: Union[str, Callable, None] = None,
+                    **fixed) -> Callable:
+    """Adapt a diffusers transformer to ``model(x, t, **cond)``:
+    ``transformer(hidden_states=x, timestep=T(t, x), return_dict=False, **fixed, **cond)[0]``,
+    where ``T`` gives the transformer the same timestep tensor (dtype and values) its diffusers
+    pipeline passes for the same scheduler timestep ``t``:
+
+    * ``"flux"`` (Flux, Flux2, Chroma, Qwen-Image): ``t.to(x.dtype) / 1000``, computed in the
+      latent dtype x.dtype (the pipelines keep latents in the transformer's dtype);
+    * ``"fp32"`` (SD3/SD3.5, Wan, HunyuanVideo): ``t`` in fp32, unrounded.
+
+    Sources: the denoising loops of the diffusers pipelines listed at ``TIMESTEP_MODES`` in
+    this module. ``t`` is the sampler's timestep, σ·1000 in fp32 as diffusers' scheduler gives
+    it: use flow schedules with the default ``timestep_scale=1000`` (the flow presets do).
+    timestep_mode: None detects the family from the transformer's class (its MRO, through
+    ``torch.compile``'s wrapper); a name from ``TIMESTEP_MODES`` or a callable ``T(t, x)``
+    overrides. Not reproduced: Wan2.2-TI2V's per-token timesteps (``expand_timesteps``) and the
+    int64 timesteps of Wan's default UniPC scheduler. Raises ValueError for an unknown mode or
+    a transformer class whose pipeline convention is not known (pass ``timestep_mode``).
+    """
+    mode = timestep_mode
+    if mode is None:
+        mode = _timestep_mode_of(transformer)
+        if mode is None:
+            raise ValueError(
+                f"pyops.sampler.diffusers_model: no known timestep convention for "
+                f"{type(transformer).__name__} (known: {sorted(_TRANSFORMER_TIMESTEP_MODE)}); "
+                f"pass timestep_mode='flux' (t.to(latent dtype) / 1000), 'fp32' (t as is) or a "
+                f"callable(t, x)")
+    if callable(mode):
+        convert = mode
+    elif mode == "flux":
+        def convert(t, x):
+            return t.to(x.dtype) / 1000
+    elif mode == "fp32":
+        def convert(t, x):
+            return t.to(torch.float32)
+    else:
+        raise ValueError(f"pyops.sampler.diffusers_model: unknown timestep_mode {mode!r}; "
+                         f"expected one of {TIMESTEP_MODES} or a callable")
+
     def model(x, t, **cond):
-        return transformer(hidden_states=x, timestep=t.to(x.dtype), return_dict=False,
+        return transformer(hidden_states=x, timestep=convert(t, x), return_dict=False,
                            **fixed, **cond)[0]
+    model.timestep_mode = mode
     return model

@@ -12,11 +12,18 @@ EPS32 = 2.0 ** -24
 
 try:  # optional test dependency
     import diffusers  # noqa: F401
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler, TCDScheduler
     HAS_DIFFUSERS, WHY_NO_DIFFUSERS = True, ""
 except Exception as e:  # pragma: no cover - depends on the machine
     HAS_DIFFUSERS, WHY_NO_DIFFUSERS = False, f"diffusers not importable ({type(e).__name__}: {e})"
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason=WHY_NO_DIFFUSERS)
+
+
+def _linspace_sigmas(n):
+    """σ = linspace(1, 1/n, n), the spacing FluxPipeline passes (flow_schedule(n) follows
+    FlowMatchEulerDiscreteScheduler.set_timesteps(n), which ends at σ = 0.001)."""
+    import numpy as np
+    return np.linspace(1.0, 1.0 / n, n).tolist()
 
 
 def _tvec(t, x):
@@ -36,16 +43,37 @@ def test_presets():
     for name in S.PRESETS:
         sched, kw = S.preset(name)
         smp = S.FewStepSampler(toy_model, sched, **kw)
-        assert sched.num_steps == 4 == len(smp.coefficients)
-        assert smp.coefficients[-1].zeta == 0.0  # the last step returns x0
+        assert sched.num_steps == len(smp.coefficients) == (28 if name == "flux-dev" else 4)
+        assert smp.coefficients[-1].zeta == 0.0  # the last step adds no noise
+    # values diffusers 0.42 computes (the diffusers comparisons are below; these run without it)
     s, kw = S.preset("flux-schnell")
-    assert s.times == (1.0, 0.75, 0.5, 0.25, 0.0) and s.timesteps == (1.0, 0.75, 0.5, 0.25)
+    assert s.times == (1.0, 0.75, 0.5, 0.25, 0.0) and s.timesteps == (1000.0, 750.0, 500.0, 250.0)
+    s, _ = S.preset("sd35-turbo")  # FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(4)
+    torch.testing.assert_close(torch.tensor(s.times), torch.tensor(
+        [1.0, 0.8576923, 0.6021506, 0.0089286, 0.0]), rtol=0, atol=1e-6)
+    assert s.timesteps[0] == 1000.0
+    s, _ = S.preset("flux-dev", num_steps=4, image_seq_len=4096)  # mu = 1.15
+    torch.testing.assert_close(torch.tensor(s.times), torch.tensor(
+        [1.0, 0.9045308, 0.7595109, 0.5128441, 0.0]), rtol=0, atol=1e-6)
     s, _ = S.preset("dmd2")
-    assert s.timesteps == (999.0, 749.0, 499.0, 249.0) and s.path == "vp"
-    s, _ = S.preset("sd35-turbo")
-    assert s.times[1] == pytest.approx(0.9) and s.timesteps[0] == 1000.0
+    assert s.timesteps == (999.0, 749.0, 499.0, 249.0) and s.path == "vp" and s.times[-1] == -1
+    assert s.boundary is not None  # LCMScheduler's boundary condition
+    s, _ = S.preset("tcd")
+    assert s.times == (999, 759, 499, 259, 0)  # TCDScheduler ends at timestep 0
+    assert S.tcd_timesteps(8) == [999, 879, 759, 639, 499, 379, 259, 139]
+    s, _ = S.preset("rcm", num_steps=2)
+    assert s.num_steps == 2 and s.init_sigma == pytest.approx(
+        1 / (math.cos(math.atan(80)) + math.sin(math.atan(80))), abs=1e-12)
     with pytest.raises(ValueError, match="unknown preset"):
         S.preset("nope")
+    with pytest.raises(ValueError, match="num_steps"):
+        S.preset("dmd2", num_steps=2)
+    with pytest.raises(ValueError, match="num_steps"):
+        S.preset("rcm", num_steps=5)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        S.preset("sd35-turbo", image_seq_len=4096)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        S.preset("flux-dev", image_seq_len=0)
 
 
 def test_schedule_validation():
@@ -273,7 +301,7 @@ def test_ideal_denoiser_mixture_euler_converges():
     ref_mmd = _mmd(_sample_mixture(mu, sd, w, 3000, 2), data, bw=1.0)
     mmds = {}
     for n in (1, 2, 4, 8, 32):
-        sched = S.flow_schedule(n)
+        sched = S.flow_schedule(sigmas=_linspace_sigmas(n))
         smp = S.FewStepSampler(_ideal_model(den, sched, "velocity"), sched)
         x = smp.sample((3000, 4), generator=torch.Generator().manual_seed(n)).double()
         mmds[n] = _mmd(x, data, bw=1.0)
@@ -290,7 +318,7 @@ def test_ideal_denoiser_mixture_renoise_x0():
     data = _sample_mixture(mu, sd, w, 3000, 1)
     errs = {}
     for n in (1, 2, 4, 8):
-        sched = S.flow_schedule(n)
+        sched = S.flow_schedule(sigmas=_linspace_sigmas(n))
         smp = S.FewStepSampler(_ideal_model(den, sched, "x0"), sched, prediction="x0",
                                rule="renoise")
         x = smp.sample((3000, 4), generator=torch.Generator().manual_seed(n)).double()
@@ -313,7 +341,7 @@ def test_digits_ideal_denoiser():
 
     res = {}
     for n in (1, 8):
-        sched = S.flow_schedule(n)
+        sched = S.flow_schedule(sigmas=_linspace_sigmas(n))
         smp = S.FewStepSampler(_ideal_model(x0_hat, sched, "velocity"), sched)
         x = smp.sample((1000, 64), generator=torch.Generator().manual_seed(n)).double()
         m_err, c_err = _stats_err(x, X)
@@ -325,6 +353,224 @@ def test_digits_ideal_denoiser():
     # memorizes with slightly unequal basins, ~0.04 / ~0.13 at 8 steps)
     assert res[8][0] < 0.08 and res[8][1] < 0.2, res  # moments of the data
     assert res[8][2] < 0.5 * typical, (res, typical)  # samples sit on data points
+
+
+# ---- schedules against diffusers' schedulers (issue "Correct on the GPU", item 18) ------------
+def _pipeline_function(relpath, name):
+    """A module-level function of an installed diffusers pipeline file (e.g. FluxPipeline's
+    calculate_shift, retrieve_timesteps), taken from its source: importing the pipeline module
+    needs transformers, which the schedule tests do not."""
+    import ast
+    import inspect
+    import os
+    import numpy as np
+    path = os.path.join(os.path.dirname(diffusers.__file__), "pipelines", relpath)
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {"inspect": inspect, "np": np, "torch": torch, "math": math}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
+    return ns[name]
+
+
+# The named models' scheduler configs (scheduler/scheduler_config.json of the Hugging Face repos
+# black-forest-labs/FLUX.1-schnell, black-forest-labs/FLUX.1-dev,
+# stabilityai/stable-diffusion-3.5-large-turbo, stabilityai/stable-diffusion-xl-base-1.0).
+FLUX_SCHNELL_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False,
+                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                           max_image_seq_len=4096)
+FLUX_DEV_CONFIG = dict(FLUX_SCHNELL_CONFIG, shift=3.0, use_dynamic_shifting=True)
+SD35_TURBO_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+SDXL_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                   set_alpha_to_one=False, prediction_type="epsilon", clip_sample=False)
+
+
+def _assert_flow_equal(sched, sch):
+    """pyops flow schedule == diffusers scheduler: sigmas (with the final 0) and timesteps."""
+    got_s = torch.tensor(sched.times, dtype=torch.float32)
+    got_t = torch.tensor(sched.timesteps, dtype=torch.float32)
+    assert got_s.shape == sch.sigmas.shape and got_t.shape == sch.timesteps.shape
+    torch.testing.assert_close(got_s, sch.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_t, sch.timesteps, rtol=2.0 ** -23, atol=0)
+
+
+def _flux_pipeline_scheduler(config, n, image_seq_len):
+    """The scheduler state FluxPipeline.__call__ (pipelines/flux/pipeline_flux.py, "5. Prepare
+    timesteps") leaves: sigmas = linspace(1, 1/n, n), mu = calculate_shift(image_seq_len, the
+    config's base/max seq len and shift), retrieve_timesteps(scheduler, n, sigmas=, mu=)."""
+    import numpy as np
+    sch = FlowMatchEulerDiscreteScheduler(**config)
+    mu = _pipeline_function("flux/pipeline_flux.py", "calculate_shift")(
+        image_seq_len, sch.config.get("base_image_seq_len", 256),
+        sch.config.get("max_image_seq_len", 4096), sch.config.get("base_shift", 0.5),
+        sch.config.get("max_shift", 1.15))
+    _pipeline_function("flux/pipeline_flux.py", "retrieve_timesteps")(
+        sch, n, "cpu", sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    return sch
+
+
+def _sd3_pipeline_scheduler(config, n):
+    """StableDiffusion3Pipeline.__call__ ("5. Prepare timesteps"): no sigmas, no mu (the config
+    has no dynamic shifting): retrieve_timesteps(scheduler, n)."""
+    sch = FlowMatchEulerDiscreteScheduler(**config)
+    _pipeline_function("stable_diffusion_3/pipeline_stable_diffusion_3.py",
+                       "retrieve_timesteps")(sch, n, "cpu")
+    return sch
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 28, 50])
+def test_flow_schedule_equals_diffusers_default(n, shift):
+    """flow_schedule(n, shift=s) == FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n):
+    linspace between the shifted ends of the training grid, shifted again."""
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(n)
+    _assert_flow_equal(S.flow_schedule(n, shift=shift), sch)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("n", [1, 4, 28])
+def test_flow_schedule_explicit_sigmas_equal_diffusers(n, shift):
+    """flow_schedule(sigmas=...) == set_timesteps(sigmas=...) (the shift in fp32)."""
+    import numpy as np
+    sig = np.linspace(1.0, 1 / n, n)
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(sigmas=sig)
+    _assert_flow_equal(S.flow_schedule(sigmas=sig.tolist(), shift=shift), sch)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+@pytest.mark.parametrize("image_seq_len", [256, 1024, 4096, 16384])
+@pytest.mark.parametrize("n", [1, 4, 28])
+def test_flow_schedule_dynamic_shift_equals_diffusers(n, image_seq_len, time_shift_type):
+    """mu (use_dynamic_shifting) with explicit sigmas (Flux) and without (the linspace path)."""
+    import numpy as np
+    calculate_shift = _pipeline_function("flux/pipeline_flux.py", "calculate_shift")
+    mu = S.flux_mu(image_seq_len)
+    assert mu == calculate_shift(image_seq_len)
+    for sig in (np.linspace(1.0, 1 / n, n), None):
+        sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                              time_shift_type=time_shift_type)
+        sch.set_timesteps(n if sig is None else None, sigmas=sig, mu=mu)
+        got = S.flow_schedule(n, sigmas=None if sig is None else sig.tolist(), mu=mu,
+                              time_shift_type=time_shift_type)
+        _assert_flow_equal(got, sch)
+
+
+def _check_flux_schnell(n, L):
+    _assert_flow_equal(S.preset("flux-schnell", num_steps=n, image_seq_len=L)[0],
+                       _flux_pipeline_scheduler(FLUX_SCHNELL_CONFIG, n, L or 4096))
+
+
+def _check_flux_dev(n, L):
+    _assert_flow_equal(S.preset("flux-dev", num_steps=n, image_seq_len=L)[0],
+                       _flux_pipeline_scheduler(FLUX_DEV_CONFIG, n, 4096 if L is None else L))
+
+
+def _check_sd35_turbo(n, L):
+    _assert_flow_equal(S.preset("sd35-turbo", num_steps=n)[0],
+                       _sd3_pipeline_scheduler(SD35_TURBO_CONFIG, n))
+
+
+def _check_vp(sched, sch, end):
+    assert sched.timesteps == tuple(float(t) for t in sch.timesteps.tolist())
+    assert sched.times[:-1] == tuple(sch.timesteps.tolist()) and sched.times[-1] == end
+    assert torch.equal(torch.tensor(sched.alphas_cumprod, dtype=torch.float32),
+                       sch.alphas_cumprod)
+
+
+def _check_dmd2(n, L):
+    """DMD2 README: LCMScheduler.from_config(SDXL), pipe(timesteps=[999, 749, 499, 249]);
+    LCMScheduler.step's last step returns the denoised sample (end point: clean, -1)."""
+    sched = S.preset("dmd2", num_steps=n)[0]
+    sch = LCMScheduler.from_config(SDXL_CONFIG)
+    _pipeline_function("stable_diffusion_3/pipeline_stable_diffusion_3.py",
+                       "retrieve_timesteps")(sch, None, "cpu", timesteps=[999, 749, 499, 249])
+    _check_vp(sched, sch, -1)
+    for t, (c_skip, c_out) in zip(sch.timesteps, sched.boundary):
+        want = sch.get_scalings_for_boundary_condition_discrete(t)
+        assert c_skip == pytest.approx(float(want[0]), rel=1e-6, abs=1e-12)
+        assert c_out == pytest.approx(float(want[1]), rel=1e-6)
+
+
+def _check_tcd(n, L):
+    """TCD model card: TCDScheduler.from_config(SDXL), n steps, eta 0.3. TCDScheduler.step:
+    the next timestep is timesteps[i+1], or 0 after the last; the intermediate is
+    floor((1 − eta)·next)."""
+    sched, kw = S.preset("tcd", num_steps=n)
+    sch = TCDScheduler.from_config(SDXL_CONFIG)
+    _pipeline_function("stable_diffusion_3/pipeline_stable_diffusion_3.py",
+                       "retrieve_timesteps")(sch, n, "cpu")
+    _check_vp(sched, sch, 0)
+    nxt = list(sch.timesteps[1:]) + [torch.tensor(0)]
+    for tau_next, p in zip(sched.times[1:], nxt):
+        assert sched.intermediate(tau_next, kw["gamma"]) == int(
+            torch.floor((1 - kw["gamma"]) * p).to(dtype=torch.long))
+
+
+def _check_rcm(n, L):
+    """No diffusers pipeline exists for rCM: the source is NVlabs/rcm
+    rcm/inference/wan2pt1_t2v_rcm_infer.py: t = [atan(80), *[1.5, 1.4, 1.0][:n-1], 0] (float64),
+    the network sees c_noise = sin t / (cos t + sin t)·1000 and c_in·x with the TrigFlow state
+    starting at unit noise (rcm/utils/denoiser_scaling.py)."""
+    sched = S.preset("rcm", num_steps=n)[0]
+    th = torch.tensor([math.atan(80.0), *[1.5, 1.4, 1.0][:n - 1], 0.0], dtype=torch.float64)
+    sig = torch.sin(th) / (torch.cos(th) + torch.sin(th))
+    torch.testing.assert_close(torch.tensor(sched.times, dtype=torch.float64), sig, rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(torch.tensor(sched.timesteps, dtype=torch.float64),
+                               sig[:-1] * 1000, rtol=1e-6, atol=0)
+    assert sched.init_sigma == pytest.approx(float(1 / (torch.cos(th[0]) + torch.sin(th[0]))),
+                                             rel=1e-12)
+
+
+PRESET_CHECKS = {  # every preset, with the step counts (and image sizes) it is checked at
+    "flux-schnell": (_check_flux_schnell, [(1, None), (2, None), (4, None), (4, 1024), (8, None)]),
+    "flux-dev": (_check_flux_dev, [(4, None), (8, 1024), (28, None), (28, 256), (28, 16384),
+                                   (50, 4096)]),
+    "sd35-turbo": (_check_sd35_turbo, [(1, None), (2, None), (4, None), (8, None)]),
+    "dmd2": (_check_dmd2, [(4, None)]),
+    "tcd": (_check_tcd, [(1, None), (2, None), (4, None), (8, None)]),
+    "rcm": (_check_rcm, [(1, None), (2, None), (3, None), (4, None)]),
+}
+
+
+def test_every_preset_is_checked():
+    assert set(PRESET_CHECKS) == set(S.PRESETS)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", sorted(PRESET_CHECKS))
+def test_preset_equals_its_pipeline(name):
+    check, cases = PRESET_CHECKS[name]
+    for n, image_seq_len in cases:
+        check(n, image_seq_len)
+
+
+@needs_diffusers
+def test_parity_tcd_preset():
+    """preset("tcd") through the sampler == the SDXL pipeline's TCDScheduler loop (eta 0.3,
+    same noise), including the last step, which ends at timestep 0."""
+    shape, seed = (2, 4, 8, 8), 4
+    sched, kw = S.preset("tcd")
+    sch = TCDScheduler.from_config(SDXL_CONFIG)
+    sch.set_timesteps(4)
+
+    def eps_model(x, t):
+        return toy_model(x, t) * 0.5 + 0.5 * x
+
+    want = _diffusers_loop(sch, eps_model, shape, seed)
+    got = []
+    S.FewStepSampler(eps_model, sched, **kw).sample(
+        shape, generator=torch.Generator().manual_seed(seed),
+        callback=lambda i, t, x, st: got.append(st.clone()))
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---- diffusers parity --------------------------------------------------------------------------------
@@ -432,7 +678,7 @@ def _tiny_flux():
                 txt_ids=torch.zeros(T, 3), img_ids=torch.stack(
                     torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
                                    indexing="ij"), -1).reshape(L, 3))
-    return m, (B, L, 8), cond, 1.0 / 1000.0
+    return m, (B, L, 8), cond
 
 
 def _tiny_sd3():
@@ -444,7 +690,7 @@ def _tiny_sd3():
                               pooled_projection_dim=16, out_channels=4,
                               pos_embed_max_size=8).eval()
     cond = dict(encoder_hidden_states=torch.randn(1, 5, 16), pooled_projections=torch.randn(1, 16))
-    return m, (1, 4, 8, 8), cond, 1.0
+    return m, (1, 4, 8, 8), cond
 
 
 def _tiny_wan():
@@ -454,7 +700,129 @@ def _tiny_wan():
                               in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
                               ffn_dim=32, num_layers=1, rope_max_seq_len=32).eval()
     cond = dict(encoder_hidden_states=torch.randn(1, 5, 16))
-    return m, (1, 4, 2, 8, 8), cond, 1.0
+    return m, (1, 4, 2, 8, 8), cond
+
+
+def _tiny_hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                       attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                       num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                       guidance_embeds=True, text_embed_dim=16,
+                                       pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+    cond = dict(encoder_hidden_states=torch.randn(1, 3, 16),
+                encoder_attention_mask=torch.ones(1, 3), pooled_projections=torch.randn(1, 8),
+                guidance=torch.tensor([6000.0]))
+    return m, (1, 4, 1, 4, 4), cond
+
+
+TINY = {"flux": _tiny_flux, "sd3": _tiny_sd3, "wan": _tiny_wan,
+        "hunyuan_video": _tiny_hunyuan_video}
+
+
+def _pipeline_timestep(family, t, batch, latents_dtype):
+    """The ``timestep`` a family's diffusers pipeline gives its transformer for the scheduler's
+    fp32 timestep ``t``, written as in the pipeline's denoising loop (diffusers 0.42)."""
+    if family == "flux":  # pipelines/flux/pipeline_flux.py (latents in the transformer dtype)
+        timestep = t.expand(batch).to(latents_dtype)
+        return timestep / 1000
+    if family == "hunyuan_video":  # pipelines/hunyuan_video/pipeline_hunyuan_video.py
+        return t.expand(batch).to(torch.float32)  # .to(latents.dtype); latents are fp32 there
+    # sd3: stable_diffusion_3/pipeline_stable_diffusion_3.py; wan: wan/pipeline_wan.py
+    return t.expand(batch)
+
+
+def _family_schedules(family, n, image_seq_len):
+    """(pyops schedule, diffusers scheduler after the pipeline's set_timesteps) for a family."""
+    import numpy as np
+    if family == "flux":      # FLUX.1-dev: FluxPipeline, dynamic shift
+        return (S.preset("flux-dev", num_steps=n, image_seq_len=image_seq_len)[0],
+                _flux_pipeline_scheduler(FLUX_DEV_CONFIG, n, image_seq_len))
+    if family == "hunyuan_video":  # HunyuanVideoPipeline: sigmas linspace(1, 0, n+1)[:-1], shift 7
+        sig = np.linspace(1.0, 0.0, n + 1)[:-1]
+        sch = FlowMatchEulerDiscreteScheduler(shift=7.0)
+        sch.set_timesteps(sigmas=sig)
+        return S.flow_schedule(sigmas=sig.tolist(), shift=7.0), sch
+    return S.flow_schedule(n, shift=3.0), _sd3_pipeline_scheduler(dict(shift=3.0), n)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_diffusers_model_passes_the_pipeline_timestep(family):
+    """Issue item 19: with model_dtype=bf16 the transformer receives, at every step, exactly the
+    timestep tensor (dtype and values) its diffusers pipeline passes for the same schedule:
+    fp32 and unrounded for SD3/Wan/HunyuanVideo, bf16(t)/1000 in bf16 for Flux. 28 steps
+    (SD3's default) where the tiny model is fast, 8 for the slower Flux/HunyuanVideo ones."""
+    n = 8 if family in ("flux", "hunyuan_video") else 28
+    m, shape, cond = TINY[family]()
+    m = m.to(torch.bfloat16)
+    cond = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in cond.items()}
+    sched, sch = _family_schedules(family, n, shape[1] if family == "flux" else None)
+    _assert_flow_equal(sched, sch)
+    seen = []
+    hook = m.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = S.FewStepSampler(S.diffusers_model(m), sched, model_dtype=torch.bfloat16).sample(
+                shape, cond=cond, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert torch.isfinite(out).all()
+    want = [_pipeline_timestep(family, t, shape[0], torch.bfloat16) for t in sch.timesteps]
+    assert len(seen) == len(want) == n
+    for i, (got, w) in enumerate(zip(seen, want)):
+        assert got.dtype == w.dtype and got.shape == w.shape, (i, got, w)
+        assert torch.equal(got, w), (i, got, w)
+
+
+def _recorder(class_name, base=torch.nn.Module):
+    """A stand-in transformer whose class is named like a diffusers one; records the timestep."""
+    def forward(self, hidden_states, timestep, return_dict=True, **kwargs):
+        self.seen.append(timestep.clone())
+        return (torch.zeros_like(hidden_states),)
+
+    def __init__(self):
+        base.__init__(self)
+        self.seen = []
+    return type(class_name, (base,), {"forward": forward, "__init__": __init__})()
+
+
+@pytest.mark.parametrize("class_name, mode", [
+    ("FluxTransformer2DModel", "flux"), ("Flux2Transformer2DModel", "flux"),
+    ("ChromaTransformer2DModel", "flux"), ("QwenImageTransformer2DModel", "flux"),
+    ("SD3Transformer2DModel", "fp32"), ("WanTransformer3DModel", "fp32"),
+    ("HunyuanVideoTransformer3DModel", "fp32")])
+def test_diffusers_model_timestep_convention_by_class(class_name, mode):
+    """The family is read from the class (also through a subclass and torch.compile's
+    wrapper); "flux" pipelines pass bf16(t)/1000 (750 -> 752 -> 0.752), the others fp32 t."""
+    t = torch.tensor([750.0, 1000.0, 857.6923217773438])
+    x = torch.zeros(3, 4, dtype=torch.bfloat16)
+    want = t.to(torch.bfloat16) / 1000 if mode == "flux" else t
+    if mode == "flux":
+        assert want.dtype == torch.bfloat16 and float(want[0]) != 0.75
+    rec = _recorder(class_name)
+    sub = _recorder("MyTuned" + class_name, base=type(rec))
+    for module in (rec, sub):
+        S.diffusers_model(module)(x, t)
+        got = module.seen[-1]
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # torch.compile's wrapper (never called here, so nothing compiles): detected through it
+    assert S.diffusers_model(torch.compile(rec)).timestep_mode == mode
+
+
+def test_diffusers_model_unknown_class_needs_a_mode():
+    rec = _recorder("MyTransformer")
+    x, t = torch.zeros(2, 4, dtype=torch.bfloat16), torch.tensor([750.0, 500.0])
+    with pytest.raises(ValueError, match="timestep_mode"):
+        S.diffusers_model(rec)
+    with pytest.raises(ValueError, match="unknown timestep_mode"):
+        S.diffusers_model(rec, timestep_mode="bf16")
+    S.diffusers_model(rec, timestep_mode="fp32")(x, t)
+    assert rec.seen[-1].dtype == torch.float32 and torch.equal(rec.seen[-1], t)
+    S.diffusers_model(rec, timestep_mode=lambda tt, xx: tt.to(xx.dtype))(x, t)
+    assert rec.seen[-1].dtype == torch.bfloat16
 
 
 @needs_diffusers
@@ -462,19 +830,19 @@ def _tiny_wan():
 def test_drive_diffusers_transformer(family):
     """A tiny random-config diffusers transformer through the sampler with its own calling
     convention, against the diffusers-style scheduler loop (same sigmas, same noise)."""
-    m, shape, cond, t_scale = {"flux": _tiny_flux, "sd3": _tiny_sd3, "wan": _tiny_wan}[family]()
+    m, shape, cond = TINY[family]()
     sch = FlowMatchEulerDiscreteScheduler(shift=1.0 if family == "flux" else 3.0)
     import numpy as np
     sch.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4).tolist() if family == "flux" else None,
                       num_inference_steps=4)
 
     @torch.no_grad()
-    def pipe_model(x, t):  # the pipelines' convention: timestep = t (· 1/1000 for Flux)
-        tt = (t * t_scale).expand(x.shape[0]).to(x.dtype)
+    def pipe_model(x, t):  # the pipeline's own timestep convention
+        tt = _pipeline_timestep(family, t, x.shape[0], x.dtype)
         return m(hidden_states=x, timestep=tt, return_dict=False, **cond)[0]
 
     want = _diffusers_loop(sch, pipe_model, shape, 0)[-1]
-    sched = S.flow_schedule(sigmas=sch.sigmas.tolist(), timestep_scale=1000.0 * t_scale)
+    sched = S.flow_schedule(sigmas=sch.sigmas.tolist(), timestep_scale=1000.0)
     model = S.diffusers_model(m)
     with torch.no_grad():
         got = S.FewStepSampler(model, sched).sample(
