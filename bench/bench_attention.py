@@ -1,18 +1,23 @@
-"""Attention forward: cuDNN / flash SDPA, SageAttention, and every pyops.attention precision.
+"""Attention forward: cuDNN / flash SDPA, SageAttention, and the pyops.attention precisions.
 
-    python bench/bench_attention.py [--out bench/out] [--quick] [--device cuda] [--budget-s 900]
+    python bench/bench_attention.py [--out bench/out] [--full | --quick] [--device cuda]
+                                    [--budget-s S] [--recipe]
 
-Shapes (B, H, S, D), non-causal, bf16 in and out: (1,24,4608,128) Flux 1024², (1,40,32760,128)
-Wan 480p, (1,24,75600,128) long video, (2,16,16384,64). ``--quick``: (1,1,24,64) on the CPU
-(pyops through the Triton interpreter; a smoke test, the times mean nothing).
+Shapes (B, H, S, D), non-causal, bf16 in and out. Default run: (1,24,4608,128) Flux 1024² and
+(1,40,32760,128) Wan 480p. ``--full`` adds (1,24,75600,128) long video and (2,16,16384,64).
+``--quick`` (the default on a CPU): (1,1,24,64), pyops through the Triton interpreter; a smoke
+test, the times mean nothing.
 
-Providers:
+Providers (default run: cuDNN SDPA, sageattention, pyops int8, pyops int8_fp16pv; ``--full`` and
+``--quick``: all of them):
 * ``cuDNN SDPA`` / ``flash SDPA``: ``F.scaled_dot_product_attention`` under
   ``torch.nn.attention.sdpa_kernel`` (CUDNN_ATTENTION / FLASH_ATTENTION), bf16.
 * ``sageattention``: ``sageattention.sageattn`` (HND layout) if importable (its own
   quantization included, as it is called from bf16 tensors).
-* ``pyops <precision>``: ``pyops.attention`` end to end (the pre-pass counted). Next to it:
-  ``kernel ms`` (the attention kernel alone on pre-quantized buffers) and ``prepass ms``.
+* ``pyops <precision>``: ``pyops.attention(q, k, v, precision=...)`` end to end with the
+  automatic backend (the pre-pass counted); int8 is its default precision, int8_fp16pv the
+  accuracy-first mode. Next to it: ``kernel ms`` (the attention kernel alone on pre-quantized
+  buffers) and ``prepass ms``. On a CPU the Triton kernel runs in the interpreter.
 * CPU (``--quick``): ``F.sdpa (CPU)`` as the baseline.
 
 Columns: ms (median, L2 flushed), TFLOPS = 4·B·H·S²·D / ms (quantization included for pyops),
@@ -22,6 +27,16 @@ per-channel means and x20 outlier channels, 3x Q with x5 channels): cosine and r
 (sum|o - r| / sum|r|) over the first ``ACC_ROWS`` query rows of every head, the fp32 reference
 being ``F.scaled_dot_product_attention`` on fp32 copies of those rows and all keys.
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+#   default, ~30 s: start-up (imports, environment) ~5 s + Triton compiles of two precisions
+#     (kernel + pre-pass) ~10 s + 8 rows. Flux rows: 0.4-1.1 ms per call, ~0.3 s per row
+#     (do_bench ~80 calls, kernel-only and pre-pass timings, accuracy on two inputs). Wan rows:
+#     39-54 ms per call x ~25 calls (first call, do_bench 5 + 1 + 1, kernel-only and pre-pass,
+#     two accuracy calls) + inputs ~1 s = ~2.5 s per row, 4 rows ~10 s.
+#   --full, ~2.5 min: 4 shapes x 8 providers; at 8d8b3ea this run needed 65 s for 23 of its 32
+#     rows (long video and D64 mostly skipped: budget spent); nvfp4 alone 194 ms per call at Wan.
+# estimate-h200-s: 30
 from __future__ import annotations
 
 import argparse
@@ -39,8 +54,12 @@ import torch.nn.functional as F  # noqa: E402
 NAME = "attention"
 SHAPES = [("Flux 1024²", 1, 24, 4608, 128), ("Wan 480p", 1, 40, 32760, 128),
           ("long video", 1, 24, 75600, 128), ("D64", 2, 16, 16384, 64)]
+DEFAULT_SHAPES = SHAPES[:2]
 QUICK = [("quick", 1, 1, 24, 64)]
 PRECISIONS = ("int8", "fp8", "int8_fp16pv", "nvfp4", "bf16")
+# the default run: pyops' default precision and its accuracy-first mode, cuDNN, SageAttention
+DEFAULT_PROVIDERS = ("cuDNN SDPA", "sageattention", "pyops int8", "pyops int8_fp16pv")
+DEFAULT_BUDGET_S = 45
 ACC_ROWS = 1024
 COLUMNS = ["shape", "B", "H", "S", "D", "provider", "ms", "TFLOPS", "kernel ms",
            "kernel TFLOPS", "prepass ms", "x cuDNN", "cos random", "relL1 random",
@@ -57,7 +76,14 @@ def _sdpa_provider(backend_name):
     return fn
 
 
-def providers(device, quick):
+def select(mode: str):
+    """(shapes, provider names or None for all) of a run size (``utils.resolve_run``)."""
+    return U.pick(mode, default=(DEFAULT_SHAPES, DEFAULT_PROVIDERS), full=(SHAPES, None),
+                  quick=(QUICK, None))
+
+
+def providers(device, quick, names=None):
+    """(name, fn(q, k, v) or None, precision or why-not) of every provider, or of ``names``."""
     from pyops.qattention import attention as pyops_attention
     out = []
     if device.type == "cuda":
@@ -72,10 +98,13 @@ def providers(device, quick):
     else:
         out.append(("F.sdpa (CPU)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                     None))
-    backend = "triton"
+    # CUDA: the automatic backend (what a user gets); CPU: the Triton kernel in the interpreter
+    backend = None if device.type == "cuda" else "triton"
     for p in PRECISIONS:
         out.append((f"pyops {p}", (lambda p: lambda q, k, v: pyops_attention(
             q, k, v, precision=p, backend=backend))(p), p))
+    if names is not None:
+        out = [o for o in out if o[0] in names]
     return out
 
 
@@ -120,13 +149,13 @@ def kernel_only(prec, q, k, v, device, args):
     return kms, pms
 
 
-def run_shape(table, label, B, H, S, D, device, args, budget):
+def run_shape(table, label, B, H, S, D, device, args, budget, names=None):
     from pyops.reference.attention import make_inputs
     flops = 4.0 * B * H * S * S * D
     q, k, v = make_inputs(B, H, H, S, S, D, "random", device=device, seed=1)
     base = dict(shape=label, B=B, H=H, S=S, D=D)
     cudnn_ms = None
-    for name, fn, extra in providers(device, args.quick):
+    for name, fn, extra in providers(device, args.quick, names):
         row = dict(base, provider=name)
         if fn is None:
             row["note"] = extra
@@ -203,19 +232,18 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", action="store_true",
                    help="only the recipe accuracy study (simulated arithmetic; CPU is fine)")
     args = p.parse_args(argv)
-    device = U.pick_device(args.device)
-    if args.recipe:
+    if args.recipe:  # device-independent arithmetic: meaningful on a CPU too
+        device = U.pick_device(args.device)
         env = U.env_record(device)
         t = recipe(args, device)
         U.write_results(args.out, NAME + "_recipe", [t], env)
         print(U.env_markdown(env) + "\n\n" + t.markdown())
         return 0
+    device = U.resolve_run(args, DEFAULT_BUDGET_S)
     if device.type != "cuda":
-        if not args.quick:
-            print("bench_attention: a CPU run needs --quick (interpreter, tiny shapes)")
-            return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
     env = U.env_record(device)
+    env["run"] = args.mode
     budget = U.Budget(args.budget_s)
     table = U.Table("attention forward (bf16 in/out, non-causal)", COLUMNS, notes=[
         "ms: median, L2 flushed before each call; TFLOPS = 4*B*H*S^2*D / ms. pyops rows "
@@ -228,14 +256,14 @@ def main(argv=None) -> int:
         "P decoded exactly to fp16, fp16 MMAs -- its accuracy is the Blackwell recipe's, its "
         "speed is not; native (sm_100/sm_120): QK^T through tl.dot_scaled e2m1 x e2m1 with "
         "E4M3 scales per 16, PV still emulated."])
-    shapes = QUICK if args.quick else SHAPES
+    shapes, names = select(args.mode)
+    U.autosave([table], args.out, NAME, env)
     t0 = time.time()
     for label, B, H, S, D in shapes:
         print(f"{label} B={B} H={H} S={S} D={D}", flush=True)
-        run_shape(table, label, B, H, S, D, device, args, budget)
+        run_shape(table, label, B, H, S, D, device, args, budget, names)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        U.write_results(args.out, NAME, [table], env)
     U.write_results(args.out, NAME, [table], env)
     print(U.env_markdown(env) + "\n\n" + table.markdown())
     print(f"total {time.time() - t0:.0f} s")

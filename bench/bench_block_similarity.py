@@ -1,16 +1,28 @@
 """Fused cache check (pyops.cache.block_similarity): GB/s against the copy bandwidth measured in
 the same run, and µs per check (the overhead a cached block pays).
 
-    python bench/bench_block_similarity.py [--out bench/out] [--quick] [--device cuda]
+    python bench/bench_block_similarity.py [--out bench/out] [--full | --quick] [--device cuda]
 
+Shapes (bf16): default run: the Flux.1 1024² image stream (1×4096×3072) and Wan 480p
+(1×32760×5120); ``--full`` adds a 64 MB feature and Flux at batch 2; ``--quick`` (the default on
+a CPU): tiny shapes.
 Providers: pyops cuda / triton (one pass: Σ|a−b|, Σ|b|, decision, state update; the reference
-written only on recompute), the PyTorch reference backend (device-side, several kernels), and
-what diffusers' First-Block Cache runs per step: ``(a−b).abs().mean() / b.abs().mean()`` then a
-host read of the decision (``.item()``: a sync).
+written only on recompute), what diffusers' First-Block Cache runs per step:
+``(a−b).abs().mean() / b.abs().mean()`` then a host read of the decision (``.item()``: a sync),
+and (``--full`` and ``--quick`` only) the PyTorch reference backend (device-side, several
+kernels).
 Two cases: "reuse" (decision reuse: a and ref read, nothing written) and "recompute" (threshold
 0: a and ref read, ref written). GB/s counts exactly those bytes. Target (issue 5): >= 90% of
 copy bandwidth on >= 64 MB features.
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: 64 µs per check at Flux size, ~0.1 ms
+# for the diffusers-style check with its sync, Wan size ~0.1-0.2 ms):
+#   default, ~20 s: start-up + copy ceiling ~6 s + 2 shapes x 2 cases x 3 providers = 12 rows,
+#     ~0.6 s each (do_bench ~80 ms of calls plus one L2 flush per call: ~1000 calls at Flux size;
+#     CUDA-graph replays with rotating inputs at Flux size) ~8 s + Triton compile ~2 s.
+#   --full, ~40 s: 4 shapes x 4 providers.
+# estimate-h200-s: 20
 from __future__ import annotations
 
 import argparse
@@ -32,6 +44,14 @@ COLUMNS = ["shape", "MB", "case", "provider", "ms", "µs", "GB/s", "% copy", "ms
 SHAPES = [("Flux 1024² img", 1, 4096, 3072), ("64 MB", 1, 8192, 4096),
           ("Flux b2", 2, 4608, 3072), ("Wan 480p", 1, 32760, 5120)]
 QUICK_SHAPES = [("quick", 2, 64, 256), ("quick odd", 1, 33, 1000)]
+DEFAULT_SHAPES = [SHAPES[0], SHAPES[3]]  # Flux 1024² image stream, Wan 480p
+DEFAULT_PROVIDERS = ("pyops cuda", "pyops triton", "diffusers-style (+ .item())")
+
+
+def select(mode: str):
+    """(shapes, provider names or None for all) of a run size."""
+    return U.pick(mode, default=(DEFAULT_SHAPES, DEFAULT_PROVIDERS), full=(SHAPES, None),
+                  quick=(QUICK_SHAPES, None))
 
 
 def diffusers_style(a, ref, threshold):
@@ -48,8 +68,11 @@ def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
         "diffusers-style: two reductions + .item() (host sync), as FirstBlockCache runs it; it "
         "keeps a reference to the new tensor instead of copying, so its bytes are a + ref read."])
     dtype = torch.bfloat16
+    if progress:
+        t.on_add = progress  # rewrite the files after every row
+    shapes, names = select(args.mode)
     gen = torch.Generator(device=device).manual_seed(0)
-    for label, B, N, D in (QUICK_SHAPES if args.quick else SHAPES):
+    for label, B, N, D in shapes:
         a = torch.randn(B, N, D, device=device, dtype=dtype, generator=gen)
         ref = (a.float() + 0.01 * torch.randn(B, N, D, device=device, generator=gen)).to(dtype)
         size = a.numel() * a.element_size()
@@ -66,18 +89,20 @@ def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
                                          slow=b == "reference"))
             ps.append(U.Provider("diffusers-style (+ .item())",
                                  lambda a, r, thr=thr: diffusers_style(a, r, thr), graph=False))
+            if names is not None:
+                ps = [p for p in ps if p.name in names]
             graph_inputs = U.rotating_inputs(nbytes, device, lambda: (a.clone(), ref.clone()))
-            U.bench_providers(t, base, ps, (a, ref), nbytes, ceiling_gbps, device, budget,
-                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-            for r in t.rows:
-                if r.get("ms") is not None and r.get("µs") is None:
+
+            def finish(r, size=size):
+                if r.get("ms") is not None:
                     r["µs"] = 1000.0 * r["ms"]
                     if r["provider"].startswith("diffusers") and r["case"] == "recompute":
                         # diffusers keeps a reference to the tensor instead of copying it
                         r["GB/s"] = U.gbps(2 * size, r["ms"])
                         r["% copy"] = U.pct(r["GB/s"], ceiling_gbps)
-            if progress:
-                progress(t)
+            U.bench_providers(t, base, ps, (a, ref), nbytes, ceiling_gbps, device, budget,
+                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                              finish_row=finish)
         del a, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()

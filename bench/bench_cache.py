@@ -1,7 +1,11 @@
-"""Training-free caching on a Flux-size transformer: threshold sweep at 28 and 50 steps.
+"""Training-free caching on a Flux-size transformer: time and error per threshold.
 
-    python bench/bench_cache.py [--out bench/out] [--quick] [--device cuda] [--steps 28,50]
-                                [--thresholds 0,0.05,0.1,0.15,0.25] [--layers 19 --single 38]
+    python bench/bench_cache.py [--out bench/out] [--full | --quick] [--device cuda]
+                                [--steps 28] [--thresholds 0.1] [--layers 19 --single 38]
+
+Default run: 28 steps at threshold 0.1. ``--full``: 28 and 50 steps at thresholds 0, 0.05, 0.1,
+0.15, 0.25. ``--steps`` / ``--thresholds`` override either. ``--quick`` (the default on a CPU):
+a tiny Flux, 6 steps, thresholds 0 and 2 (smoke test; numbers mean nothing).
 
 diffusers ``FluxTransformer2DModel`` at its default (Flux.1, ~12 B parameters) size with random
 bf16 weights, 1024² (4096 image + 512 text tokens), batch 1, a plain Euler flow loop
@@ -16,10 +20,20 @@ bf16 weights, 1024² (4096 image + 512 text tokens), batch 1, a plain Euler flow
   decisions), when the installed diffusers has it.
 pyops runs with ``warmup=1, last_steps=0, fn=1, bn=0`` here, the configuration whose decisions
 equal diffusers' First-Block Cache, so "skipped" should agree between the two rows.
-Columns: fraction of forwards whose gated blocks were skipped, wall time of the loop, speed-up
-over uncached, relative L1 error of the final latent against uncached.
-``--quick``: a tiny Flux on the CPU (smoke test; numbers mean nothing).
+Columns: fraction of forwards whose gated blocks were skipped, wall time of the loop (one timed
+generation after a 2-step warm-up), speed-up over uncached, relative L1 error of the final latent
+against uncached. With random weights the first block's residual changes too much between steps
+for anything to be skipped at usual thresholds: the speed-up of caching needs trained weights;
+these runs measure the cost of the check and that threshold 0 reproduces the uncached output.
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: one 28-step generation 4.9-5.1 s):
+#   default, ~35 s: start-up incl. diffusers ~5 s + building the 11.9 B-parameter model on the
+#     GPU (not measured, assumed ~5 s) + 4 providers (uncached, pyops eager, pyops graph,
+#     diffusers FBC) x (2-step warm-up ~0.4 s + one 28-step generation ~5 s) ~22 s + one graph
+#     capture ~1 s.
+#   --full, ~6 min: (1 + 5 thresholds x 3 providers) x (28 + 50 steps) of generations.
+# estimate-h200-s: 35
 from __future__ import annotations
 
 import argparse
@@ -37,6 +51,7 @@ from pyops import cache as C  # noqa: E402
 from pyops import graphs as G  # noqa: E402
 
 NAME = "cache"
+DEFAULT_BUDGET_S = 45
 COLUMNS = ["model", "steps", "threshold", "provider", "skipped", "s", "speed-up", "rel L1",
            "note"]
 
@@ -92,8 +107,21 @@ def loop(fwd, x0, steps, device, after=None):
     return x
 
 
-def timed(fn, device):
-    fn()  # warm (and for graphs: the replays' first launch)
+def select(mode: str, steps=None, thresholds=None):
+    """(step counts, thresholds) of a run size; ``steps`` / ``thresholds`` (comma-separated
+    strings) override them outside the quick run."""
+    if mode == "quick":
+        return [6], [0.0, 2.0]
+    d_steps, d_thr = U.pick(mode, default=("28", "0.1"), full=("28,50", "0,0.05,0.1,0.15,0.25"),
+                            quick=None)
+    return ([int(x) for x in (steps or d_steps).split(",")],
+            [float(x) for x in (thresholds or d_thr).split(",")])
+
+
+def timed(fn, device, warm=None):
+    """(result, seconds) of one ``fn()`` after ``warm()`` (default: ``fn`` itself) has run once:
+    the first launches, handles and allocations are not timed."""
+    (warm or fn)()
     _sync(device)
     t0 = time.perf_counter()
     out = fn()
@@ -105,20 +133,25 @@ def rel_l1(a, b) -> float:
     return float((a.float() - b.float()).abs().sum() / b.float().abs().sum().clamp_min(1e-30))
 
 
-def run(args, device) -> U.Table:
+WARM_STEPS = 2  # the untimed warm-up before each timed generation
+
+
+def run(args, device, progress=None) -> U.Table:
     model, cond, x0, label = build(args, device)
     t = U.Table("Caching, threshold sweep (Euler flow loop)", COLUMNS, notes=[
         "skipped: fraction of forwards whose gated blocks were reused; s: wall time of one "
-        "generation (after a warm run); rel L1: final latent vs uncached.",
+        "generation (after an untimed 2-step warm-up); rel L1: final latent vs uncached.",
         "pyops: CacheConfig(level='step', warmup=1, last_steps=0, fn=1, bn=0) = the "
         "First-Block-Cache rule; diffusers FBC: FirstBlockCacheConfig(threshold)."])
+    if progress:
+        t.on_add = progress  # rewrite the files after every row
     fwd = lambda x, tt: model(hidden_states=x, timestep=tt, return_dict=False, **cond)[0]  # noqa
-    steps_list = [6] if args.quick else [int(s) for s in args.steps.split(",")]
-    thresholds = [0.0, 2.0] if args.quick else [float(s) for s in args.thresholds.split(",")]
+    steps_list, thresholds = select(args.mode, args.steps, args.thresholds)
     budget = U.Budget(args.budget_s)
     for steps in steps_list:
         with torch.no_grad():
-            ref_x, base_s = timed(lambda: loop(fwd, x0, steps, device), device)
+            ref_x, base_s = timed(lambda: loop(fwd, x0, steps, device), device,
+                                  warm=lambda: loop(fwd, x0, min(steps, WARM_STEPS), device))
         t.add(model=label, steps=steps, threshold=None, provider="uncached", skipped=0.0,
               s=base_s, **{"speed-up": 1.0, "rel L1": 0.0})
         print("  " + str(t.rows[-1]), flush=True)
@@ -152,11 +185,11 @@ def _provider(prov, model, fwd, cond, x0, steps, cfg, device):
             def count():
                 skips.append(int(h.regions()[-1].reuse[0]))  # eager reads it anyway
             with torch.no_grad():
-                def gen():
+                def gen(n=steps):
                     h.reset()
                     skips.clear()
-                    return loop(fwd, x0, steps, device, after=count)
-                out, sec = timed(gen, device)
+                    return loop(fwd, x0, n, device, after=count)
+                out, sec = timed(gen, device, warm=lambda: gen(min(steps, WARM_STEPS)))
             return out, sec, sum(skips) / steps
         finally:
             h.remove()
@@ -186,11 +219,11 @@ def _provider(prov, model, fwd, cond, x0, steps, cfg, device):
                     skips.add_(flag[0])
                     return so
 
-                def gen():
+                def gen(n=steps):
                     h.reset()
                     skips.zero_()
-                    return loop(gfwd, x0, steps, device)
-                out, sec = timed(gen, device)
+                    return loop(gfwd, x0, n, device)
+                out, sec = timed(gen, device, warm=lambda: gen(min(steps, WARM_STEPS)))
             return out, sec, int(skips) / steps
         finally:
             h.remove()
@@ -207,16 +240,16 @@ def _provider(prov, model, fwd, cond, x0, steps, cfg, device):
         try:
             ctx = model.cache_context("cond") if hasattr(model, "cache_context") else None
             with torch.no_grad():
-                def gen():
+                def gen(n=steps):
                     calls.clear()
                     if ctx is not None:
                         with model.cache_context("cond"):
-                            out = loop(fwd, x0, steps, device)
+                            out = loop(fwd, x0, n, device)
                         model._reset_stateful_cache() if hasattr(
                             model, "_reset_stateful_cache") else None
                         return out
-                    return loop(fwd, x0, steps, device)
-                out, sec = timed(gen, device)
+                    return loop(fwd, x0, n, device)
+                out, sec = timed(gen, device, warm=lambda: gen(min(steps, WARM_STEPS)))
             return out, sec, 1.0 - len(calls) / steps
         finally:
             hook.remove()
@@ -226,8 +259,11 @@ def _provider(prov, model, fwd, cond, x0, steps, cfg, device):
 
 def parser() -> argparse.ArgumentParser:
     p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--steps", default="28,50")
-    p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.25")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated step counts (default run: 28; --full: 28,50)")
+    p.add_argument("--thresholds", default=None,
+                   help="comma-separated thresholds (default run: 0.1; --full: "
+                        "0,0.05,0.1,0.15,0.25)")
     p.add_argument("--layers", type=int, default=19, help="Flux double-stream blocks")
     p.add_argument("--single", type=int, default=38, help="Flux single-stream blocks")
     return p
@@ -235,9 +271,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    device = U.pick_device(args.device)
+    device = U.resolve_run(args, DEFAULT_BUDGET_S)
     env = U.env_record(device)
-    t = run(args, device)
+    env["run"] = args.mode
+    t = run(args, device, progress=lambda tb: U.write_results(args.out, NAME, [tb], env))
     U.write_results(args.out, NAME, [t], env)
     print(U.env_markdown(env) + "\n\n" + t.markdown())
     return 0

@@ -1,11 +1,16 @@
 """Quantized linear layers: bf16 nn.Linear vs FP8 (W8A8) and NVFP4 (W4A16), one run.
 
-    python bench/bench_linear.py [--out bench/out] [--quick] [--device cuda] [--budget-s 900]
+    python bench/bench_linear.py [--out bench/out] [--full | --quick] [--device cuda]
+                                 [--budget-s S] [--only flux|wan|small]
 
-Shapes (M, K, N): Flux 1024²/2048²-ish (M 4608 and 9216; K, N from {3072, 12288, 15360}),
-Wan 480p (M 32760; 5120, 13824), and decode-like small M (1-64).
+Shapes (M, K, N). Default run: M 4608 with (K, N) = (3072, 3072) and (3072, 12288) (Flux 1024²
+attention projections and MLP up), and M = 1 and 16 at K = N = 3072 (decode-like).
+``--full``: Flux 1024²/2048²-ish (M 4608 and 9216; K, N from {3072, 12288, 15360}), Wan 480p
+(M 32760; 5120, 13824) and small M (1, 16, 64). ``--quick`` (the default on a CPU): tiny shapes.
 
-Providers (all bf16 in, bf16 out, bias on):
+Providers (all bf16 in, bf16 out, bias on). Default run: bf16 nn.Linear, the _scaled_mm ceiling,
+pyops fp8 auto / cuda / triton, pyops nvfp4 auto and torchao fp8 rowwise compiled (the peer);
+``--full`` adds torchao eager, the fused-norm pair and the explicit NVFP4 variants:
 * ``bf16 nn.Linear``: cuBLAS, the baseline of the ``x bf16`` column.
 * ``_scaled_mm rowwise (pre-quantized)``: torch._scaled_mm on already-quantized e4m3 operands,
   per-token x per-channel scales: the FP8 GEMM ceiling (no activation quantization).
@@ -25,12 +30,24 @@ Columns: ms (do_bench median, L2 flushed), TFLOPS = 2·M·N·K / time, x bf16 = 
 weight MB (the stored weight and its scales), accuracy vs fp32 math on the original (unquantized)
 operands over the first rows of the output: relative error ||y - ref|| / ||ref|| and SQNR (dB).
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+#   default, ~45 s: start-up (imports incl. torchao, environment) ~5 s + 4 shapes x 7 providers
+#     = 28 rows at 0.01-0.5 ms per call, ~0.3 s per row (first call + accuracy + do_bench
+#     ~80 ms of calls + the L2 flushes) ~8 s + Triton compiles (FP8 GEMM, activation quantizer,
+#     NVFP4 kernels) ~10 s + torchao under torch.compile, once per shape: compile time was not
+#     measured, assumed ~10 s for the first and ~5 s for each further shape, ~25 s. The default
+#     soft budget (45 s) skips the remaining torchao compiles, marked so, if they take longer.
+#   --full, ~5 min: 22 shapes x up to 12 providers with a torchao compile per shape; the 8d8b3ea
+#     run was cut by its time limit.
+# estimate-h200-s: 45
 from __future__ import annotations
 
 import argparse
 import copy
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +69,28 @@ WAN = [(32760, 5120, 5120), (32760, 5120, 13824), (32760, 13824, 5120)]
 SMALL = [(M, K, N) for M in (1, 16, 64) for K, N in ((3072, 3072), (3072, 12288),
                                                       (12288, 3072))]
 QUICK = [(1, 256, 128), (16, 128, 256), (64, 256, 192)]
+DEFAULT = [("Flux", 4608, 3072, 3072), ("Flux", 4608, 3072, 12288),
+           ("small M", 1, 3072, 3072), ("small M", 16, 3072, 3072)]
+DEFAULT_PROVIDERS = ("bf16 nn.Linear", "_scaled_mm rowwise (pre-quantized)", "pyops fp8 auto",
+                     "pyops fp8 cuda", "pyops fp8 triton", "pyops nvfp4 auto",
+                     "torchao fp8 rowwise compiled")
+DEFAULT_BUDGET_S = 45
 ACC_ROWS = 1024
+
+
+def select(mode: str, only=None):
+    """(shapes as (label, M, K, N), provider names or None for all) of a run size."""
+    if mode == "quick":
+        return [("quick", *s) for s in QUICK], None
+    if mode == "default" and only is None:
+        return list(DEFAULT), DEFAULT_PROVIDERS
+    groups = {"flux": [("Flux", *s) for s in FLUX], "wan": [("Wan", *s) for s in WAN],
+              "small": [("small M", *s) for s in SMALL]}
+    shapes = [s for g, ss in groups.items() if only in (None, g) for s in ss]
+    if mode == "default":  # --only without --full: that group's default shapes, if any
+        shapes = [s for s in shapes if s in DEFAULT] or shapes[:1]
+        return shapes, DEFAULT_PROVIDERS
+    return shapes, None
 
 
 def _norm_quant_fn():
@@ -90,7 +128,8 @@ def accuracy(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, sqnr
 
 
-def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, budget):
+def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, budget,
+              names=None):
     gen = torch.Generator(device=device).manual_seed(M * 7 + K * 3 + N)
     dt = torch.bfloat16
     x = torch.randn(M, K, device=device, dtype=dt, generator=gen)
@@ -160,6 +199,10 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
                 x, d4, s4sw, g4, K, b, "triton", "w4a4"), qw4.nbytes, False,
                 "incl. NVFP4 activation quantization"))
 
+    if names is not None:
+        providers = [pr for pr in providers if pr[0] in names]
+        # the compiled peer last: its compile is the part the soft budget may skip
+        providers.sort(key=lambda pr: pr[3])
     bf16_ms = ln_ms = None
     for name, fn, wbytes, slow, note in providers:
         row = dict(base, provider=name, **{"weight MB": wbytes / 1e6})
@@ -169,9 +212,11 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
             continue
         try:
             with torch.no_grad():
+                t_first = time.perf_counter()
                 y = fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
+                first_s = time.perf_counter() - t_first
                 fused = "norm_modulate" in name or "layernorm" in name
                 row["rel err"], row["SQNR dB"] = accuracy(y, ref_ln if fused else ref)
                 del y
@@ -185,6 +230,9 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
             base_ms = ln_ms if fused else bf16_ms
             if base_ms:
                 row["x bf16"] = base_ms / ms
+            if slow:  # the compile is in the first call
+                note = f"{note}; first call (compile) {first_s:.1f} s" if note else \
+                    f"first call (compile) {first_s:.1f} s"
             if note:
                 row["note"] = note
         except Exception as e:  # one broken provider must not lose the others' numbers
@@ -202,8 +250,9 @@ def main(argv=None) -> int:
     p = U.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--only", choices=("flux", "wan", "small"), default=None)
     args = p.parse_args(argv)
-    device = U.pick_device(args.device)
+    device = U.resolve_run(args, DEFAULT_BUDGET_S)
     env = U.env_record(device)
+    env["run"] = args.mode
     budget = U.Budget(args.budget_s)
     U.raise_compile_limits()
     table = U.Table("quantized linear (bf16 activations, bias)", COLUMNS, notes=[
@@ -214,16 +263,11 @@ def main(argv=None) -> int:
         f"weight, first {ACC_ROWS} output rows.",
         "pyops fp8 rows include the per-token activation quantization; _scaled_mm "
         "(pre-quantized) does not (the ceiling)."])
-    if args.quick:
-        shapes = [("quick", *s) for s in QUICK]
-    else:
-        groups = {"flux": [("Flux", *s) for s in FLUX], "wan": [("Wan", *s) for s in WAN],
-                  "small": [("small M", *s) for s in SMALL]}
-        shapes = [s for g, ss in groups.items() if args.only in (None, g) for s in ss]
+    shapes, names = select(args.mode, args.only)
+    U.autosave([table], args.out, NAME, env)
     for label, M, K, N in shapes:
         print(f"{label} M={M} K={K} N={N}", flush=True)
-        run_shape(table, label, M, K, N, device, args, budget)
-        U.write_results(args.out, NAME, [table], env)
+        run_shape(table, label, M, K, N, device, args, budget, names)
     U.write_results(args.out, NAME, [table], env)
     print(U.env_markdown(env) + "\n\n" + table.markdown())
     return 0

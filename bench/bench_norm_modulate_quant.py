@@ -1,7 +1,9 @@
 """Fused LayerNorm + adaLN modulate + per-token FP8: pyops cuda / triton vs unfused PyTorch.
 
-    python bench/bench_norm_modulate_quant.py [--out bench/out] [--quick] [--device cuda]
+    python bench/bench_norm_modulate_quant.py [--out bench/out] [--full | --quick] [--device cuda]
 
+Default run: Flux 1024² (1×4608×3072) and Wan 480p (1×32760×5120), every provider. ``--full``
+adds Flux at batch 2 and a 12288-wide row. ``--quick`` (the default on a CPU): tiny shapes.
 Providers: pyops cuda, pyops triton, and the unfused PyTorch path a DiT block would run
 (``F.layer_norm`` in fp32 -> ``x * (1 + scale) + shift`` -> per-row FP8 quantization as in
 ``pyops.reference.quantize_fp8``), eager and under ``torch.compile``.
@@ -10,6 +12,14 @@ and fp32 per-token scales written. Target (issue 3): >= 85% of the copy bandwidt
 the same run. Accuracy is not re-checked here (tests/test_norm_modulate_quant.py does it); the
 ``ok`` column says whether the provider's q/scale equal ``quantize_fp8`` of its own fp32 y.
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: ~20% of the 4.2 TB/s copy, i.e.
+# ~0.1 ms per call at Flux size and ~1 ms at Wan size):
+#   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 4 providers = 8 rows at ~0.5 s
+#     (do_bench, graph replays at Flux size, the self-consistency check) ~4 s + Triton compile
+#     ~2 s + torch.compile of the unfused path per shape: not measured, assumed ~8 s + ~4 s.
+#   --full, ~45 s: 4 shapes.
+# estimate-h200-s: 25
 from __future__ import annotations
 
 import argparse
@@ -34,6 +44,14 @@ COLUMNS = ["shape", "dtype", "provider", "ms", "GB/s", "% copy", "ms graph", "ok
 SHAPES = [("Flux 1024²", 1, 4608, 3072), ("Flux 1024² b2", 2, 4608, 3072),
           ("Wan 480p", 1, 32760, 5120), ("D 12288", 1, 4608, 12288)]
 QUICK_SHAPES = [("quick", 2, 64, 256), ("quick odd", 1, 33, 1000)]
+DEFAULT_SHAPES = [SHAPES[0], SHAPES[2]]  # Flux 1024², Wan 480p
+DEFAULT_BUDGET_S = 45
+
+
+def select(mode: str):
+    """(shapes, provider names or None for all) of a run size."""
+    return U.pick(mode, default=(DEFAULT_SHAPES, None), full=(SHAPES, None),
+                  quick=(QUICK_SHAPES, None))
 
 
 def nbytes_moved(B: int, N: int, D: int, elsize: int) -> int:
@@ -72,6 +90,14 @@ def providers(device: torch.device, compile_ok: bool, cache: dict):
     return ps
 
 
+def _ok_column(r: dict) -> None:
+    """The harness calls its check column "exact"; here it is self-consistency ("ok")."""
+    if "exact" in r:
+        r["ok"] = r.pop("exact")
+        if r.get("note") == "NOT bit-exact vs reference":
+            r["note"] = "q/scale NOT quantize_fp8 of its own y"
+
+
 def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
     t = U.Table("LayerNorm + adaLN modulate + per-token FP8 e4m3", COLUMNS, notes=[
         "GB/s = (x read once + shift/scale + e4m3 codes + fp32 per-token scales) / time; "
@@ -81,10 +107,13 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "ok: q/scale equal quantize_fp8(y, 'row') of the provider's own fp32 y (pyops only)."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
+    if progress:
+        t.on_add = progress  # rewrite the files after every row
+    shapes, _ = select(args.mode)
     cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16
-    for label, B, N, D in (QUICK_SHAPES if args.quick else SHAPES):
+    for label, B, N, D in shapes:
         mk = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=gen)  # noqa: E731
         x, sh, sc = mk(B, N, D), mk(B, D), mk(B, D)
         nbytes = nbytes_moved(B, N, D, 2)
@@ -98,12 +127,8 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
                 p.check = (lambda fn, b=b: _self_consistent(
                     lambda *a, **k: norm_modulate_quant(*a, backend=b, **k), x, sh, sc))
         U.bench_providers(t, base, ps, (x, sh, sc), nbytes, ceiling_gbps, device, budget,
-                          graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-        for r in t.rows:  # the harness calls its check column "exact"
-            if "exact" in r:
-                r["ok"] = r.pop("exact")
-                if r.get("note") == "NOT bit-exact vs reference":
-                    r["note"] = "q/scale NOT quantize_fp8 of its own y"
+                          graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                          finish_row=_ok_column)
         del x, sh, sc, graph_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -119,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return U.bandwidth_main(NAME, parser(), run, argv)
+    return U.bandwidth_main(NAME, parser(), run, argv, DEFAULT_BUDGET_S)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,27 @@
 """FP8 e4m3 dynamic quantization: pyops cuda / triton vs the reference under torch.compile
 (what Inductor gives you), the eager reference, and plain torch eager (per-tensor, per-row).
 
-    python bench/bench_quantize_fp8.py [--out bench/out] [--quick] [--device cuda]
+    python bench/bench_quantize_fp8.py [--out bench/out] [--full | --quick] [--device cuda]
 
+Default run: per-token ("row") scaling, the one the W8A8 linear layers use, at the Flux 1024²
+(4608×3072) and Wan 480p (32760×5120) activation sizes; providers pyops cuda, pyops triton,
+torch.compile(reference) and torch eager. ``--full``: every granularity (tensor, row, block1x128,
+block128x128) at five shapes, plus the eager reference. ``--quick`` (the default on a CPU): tiny
+shapes, every provider.
 GB/s counts the fewest bytes the op must move: the input once (twice for per-tensor scaling,
 whose amax must be known before any element is scaled), the e4m3 codes and the fp32 scales.
 ``exact``: the provider's codes and scales equal the reference's bit for bit on the same input
 (the whole input, or its first rows when it is larger than --check-elems).
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+#   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 4 providers = 8 rows; a call takes
+#     0.02-0.1 ms at Flux size (42% of the 4.2 TB/s copy for pyops cuda) and ~0.3 ms at Wan
+#     size, so do_bench (~80 ms of calls + an L2 flush per call) and the bit-exact check take
+#     ~0.5 s per row, ~4 s; Triton compiles ~2 s; torch.compile of the reference per shape:
+#     not measured, assumed ~8 s for the first and ~4 s for the second, ~12 s.
+#   --full, ~3 min: 5 shapes x 4 granularities x 4-5 providers, 20 compiles.
+# estimate-h200-s: 25
 from __future__ import annotations
 
 import argparse
@@ -31,7 +45,22 @@ COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms grap
 SHAPES = [("act Flux 1024²", 4608, 3072), ("act Wan 480p", 32760, 5120),
           ("act 75600 tok", 75600, 3072), ("weight", 4096, 4096), ("weight", 12288, 3072)]
 QUICK_SHAPES = [("quick", 256, 384), ("quick odd", 130, 200)]
+DEFAULT_SHAPES = SHAPES[:2]  # the Flux 1024² and Wan 480p activations
 GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
+DEFAULT_GRANULARITIES = ("row",)
+DEFAULT_PROVIDERS = ("pyops cuda", "pyops triton", "torch.compile(reference)", "torch eager")
+DEFAULT_BUDGET_S = 45
+
+
+def select(mode: str):
+    """(shapes, granularities, provider names or None for all) of a run size."""
+    return U.pick(mode, default=(DEFAULT_SHAPES, DEFAULT_GRANULARITIES, DEFAULT_PROVIDERS),
+                  full=(SHAPES, GRANULARITIES, None), quick=(QUICK_SHAPES, GRANULARITIES, None))
+
+
+def run_mode(args) -> str:
+    """The run size of parsed ``args`` (``utils.resolve_run`` sets ``args.mode``)."""
+    return getattr(args, "mode", None) or ("quick" if args.quick else "full")
 
 
 def nbytes_moved(M: int, K: int, elsize: int, g: str) -> int:
@@ -79,7 +108,8 @@ def _checker(x: torch.Tensor, g: str, check_elems: int):
     return check, rows
 
 
-def providers(g: str, device: torch.device, compile_ok: bool, check, compiled_cache: dict):
+def providers(g: str, device: torch.device, compile_ok: bool, check, compiled_cache: dict,
+              names=None):
     ps = []
     for b in ("cuda", "triton"):
         ok, why = _backend.available(OP, b, device)
@@ -96,7 +126,7 @@ def providers(g: str, device: torch.device, compile_ok: bool, check, compiled_ca
     ps.append(U.Provider("pyops reference (eager)",
                          lambda x: pyops.quantize_fp8(x, g, backend="reference"),
                          slow=True, graph=False, check=check))
-    return ps
+    return [p for p in ps if names is None or p.name in names]
 
 
 def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
@@ -108,17 +138,21 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "exact: codes and scales bit-identical to pyops.reference on the same input."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
+    if progress:
+        t.on_add = progress  # rewrite the files after every row
+    shapes, granularities, names = select(run_mode(args))
     compiled_cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(0)
-    for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
+    for label, M, K in shapes:
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
         graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
             torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
-        for g in GRANULARITIES:
+        for g in granularities:
             check, rows = _checker(x, g, args.check_elems)
             base = {"op": "quantize_fp8", "shape": f"{label} {M}x{K}", "config": g,
                     "M": M, "K": K, "dtype": "bfloat16", "check_rows": rows}
-            U.bench_providers(t, base, providers(g, device, compile_ok, check, compiled_cache),
+            U.bench_providers(t, base, providers(g, device, compile_ok, check, compiled_cache,
+                                                 names),
                               (x,), nbytes_moved(M, K, 2, g), ceiling_gbps, device, budget,
                               graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         del x, graph_inputs
@@ -139,7 +173,7 @@ def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParse
 
 
 def main(argv=None) -> int:
-    return U.bandwidth_main(NAME, parser(), run, argv)
+    return U.bandwidth_main(NAME, parser(), run, argv, DEFAULT_BUDGET_S)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,27 @@
 under torch.compile (what Inductor gives you) and the eager reference; computed and static global
 scale, swizzled scales on and off.
 
-    python bench/bench_quantize_nvfp4.py [--out bench/out] [--quick] [--device cuda]
+    python bench/bench_quantize_nvfp4.py [--out bench/out] [--full | --quick] [--device cuda]
 
+Default run: the dynamic case (global scale computed from the input, scales not swizzled) at the
+Flux 1024² (4608×3072) and Wan 480p (32760×5120) activation sizes; providers pyops cuda, pyops
+triton and torch.compile(reference). ``--full``: computed and static global scale, swizzle on and
+off, five shapes, plus the eager reference. ``--quick`` (the default on a CPU): tiny shapes, every
+provider.
 GB/s counts the fewest bytes the op must move: the input once (twice when the global scale is
 computed, whose amax must be known before any block is scaled), the packed codes, the E4M3
 scales (padded size when swizzled) and the 4-byte global scale (read when static, written when
 computed). ``exact``: codes, scale bytes and global scale bit-identical to the reference on the
 same input (the whole input, or its first rows when larger than --check-elems).
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+#   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 3 providers = 6 rows; a call takes
+#     ~0.05-0.2 ms at Flux size (17-28% of the copy bandwidth) and ~0.5-1 ms at Wan size, ~0.5 s
+#     per row with do_bench and the bit-exact check, ~3 s; Triton compiles ~2 s; torch.compile
+#     of the reference per shape: not measured, assumed ~8 s + ~4 s.
+#   --full, ~3 min: 5 shapes x 4 configurations x 4 providers, 20 compiles.
+# estimate-h200-s: 25
 from __future__ import annotations
 
 import argparse
@@ -20,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
-from bench_quantize_fp8 import COLUMNS, QUICK_SHAPES, SHAPES
+from bench_quantize_fp8 import COLUMNS, DEFAULT_SHAPES, QUICK_SHAPES, SHAPES, run_mode  # noqa
 from bench_quantize_fp8 import parser as fp8_parser  # noqa: E402
 
 import pyops  # noqa: E402
@@ -30,6 +43,15 @@ from pyops.reference import quantize_nvfp4 as ref  # noqa: E402
 NAME = "quantize_nvfp4"
 OP = "quantize_nvfp4"
 CONFIGS = [(False, False), (False, True), (True, False), (True, True)]  # (static global, swizzle)
+DEFAULT_CONFIGS = [(False, False)]  # computed global scale, plain scales: the dynamic case
+DEFAULT_PROVIDERS = ("pyops cuda", "pyops triton", "torch.compile(reference)")
+DEFAULT_BUDGET_S = 45
+
+
+def select(mode: str):
+    """(shapes, (static, swizzle) configurations, provider names or None for all)."""
+    return U.pick(mode, default=(DEFAULT_SHAPES, DEFAULT_CONFIGS, DEFAULT_PROVIDERS),
+                  full=(SHAPES, CONFIGS, None), quick=(QUICK_SHAPES, CONFIGS, None))
 
 
 def config_name(static: bool, swizzle: bool) -> str:
@@ -68,7 +90,7 @@ def _checker(x: torch.Tensor, gs, swizzle: bool, check_elems: int):
 
 
 def providers(static: bool, swizzle: bool, gs, device, compile_ok: bool, check,
-              compiled_cache: dict):
+              compiled_cache: dict, names=None):
     ps = []
     arg = gs if static else None
     for b in ("cuda", "triton"):
@@ -94,7 +116,7 @@ def providers(static: bool, swizzle: bool, gs, device, compile_ok: bool, check,
                          lambda x: pyops.quantize_nvfp4(x, arg, swizzle=swizzle,
                                                         backend="reference"),
                          slow=True, graph=False, check=check))
-    return ps
+    return [p for p in ps if names is None or p.name in names]
 
 
 def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
@@ -108,21 +130,24 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "exact: codes, scale bytes and global scale bit-identical to pyops.reference."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
+    if progress:
+        t.on_add = progress  # rewrite the files after every row
+    shapes, configs, names = select(run_mode(args))
     compiled_cache: dict = {}
     gen = torch.Generator(device=device).manual_seed(1)
-    for label, M, K in (QUICK_SHAPES if args.quick else SHAPES):
+    for label, M, K in shapes:
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
         gs = ref.global_scale_from_amax(x.abs().amax().float().reshape(1))
         graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
             torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
-        for static, swizzle in CONFIGS:
+        for static, swizzle in configs:
             check, rows = _checker(x, gs if static else None, swizzle, args.check_elems)
             base = {"op": "quantize_nvfp4", "shape": f"{label} {M}x{K}",
                     "config": config_name(static, swizzle), "M": M, "K": K,
                     "dtype": "bfloat16", "check_rows": rows}
             U.bench_providers(
                 t, base, providers(static, swizzle, gs, device, compile_ok, check,
-                                   compiled_cache),
+                                   compiled_cache, names),
                 (x,), nbytes_moved(M, K, 2, static, swizzle), ceiling_gbps, device, budget,
                 graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         del x, graph_inputs
@@ -138,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return U.bandwidth_main(NAME, parser(), run, argv)
+    return U.bandwidth_main(NAME, parser(), run, argv, DEFAULT_BUDGET_S)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Few-step sampler: non-model time per step (eager vs CUDA graph vs diffusers-style loops) and a
 4-step Flux-size transformer end to end (eager vs graph).
 
-    python bench/bench_sampler.py [--out bench/out] [--quick] [--device cuda] [--no-flux]
+    python bench/bench_sampler.py [--out bench/out] [--full | --quick] [--device cuda] [--no-flux]
+
+Default run: part 1 at 1024² latents, 4 steps, both rules; part 2 at 1024². ``--full``: part 1
+at 512² and 1024², 4 and 8 steps; part 2 at 512² and 1024². ``--quick`` (the default on a CPU):
+a tiny latent and a tiny Flux.
 
 Part 1 drives a trivial "model" (one elementwise negation) so the loop's own cost shows:
 ``µs/step non-model = (loop time − steps × model time) / steps``. Providers:
@@ -14,6 +18,15 @@ Part 1 drives a trivial "model" (one elementwise negation) so the loop's own cos
 Part 2: diffusers ``FluxTransformer2DModel`` at its default (Flux.1, ~12 B parameters) size with
 random bf16 weights, 4 steps at 512² and 1024² (1024 / 4096 image tokens, 512 text tokens).
 """
+# Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
+# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+#   default, ~30 s: start-up ~5 s; part 1: 2 rules x 4 providers at 0.03-0.65 ms per loop,
+#     ~0.2 s each with the graph captures, ~2 s; part 2: building the 11.9 B-parameter model on
+#     the GPU (not measured, assumed ~5 s), one forward timed (175 ms x 8 calls = 1.4 s), the
+#     eager loop (718 ms x 8 calls = 5.7 s), the capture and the graph loop (708 ms x 9 calls
+#     = 6.4 s), ~19 s.
+#   --full, ~45 s: part 1 x4 (512² and 8 steps), part 2 adds 512² (58 / 232 / 223 ms: ~4 s).
+# estimate-h200-s: 30
 from __future__ import annotations
 
 import argparse
@@ -75,41 +88,53 @@ def _sync_loop(shape, steps, rule, device, dtype, model):
     return run
 
 
+OVERHEAD_SHAPES = [("512² latents", (1, 1024, 64)), ("1024² latents", (1, 4096, 64))]
+FLUX_SIZES = [("512²", 32, 32), ("1024²", 64, 64)]  # latent h, w (tokens = h * w)
+
+
+def select(mode: str):
+    """(part-1 shapes, part-1 step counts, part-2 Flux sizes) of a run size; the quick Flux
+    size is built in ``flux_end_to_end``."""
+    return U.pick(mode, default=(OVERHEAD_SHAPES[1:], (4,), FLUX_SIZES[1:]),
+                  full=(OVERHEAD_SHAPES, (4, 8), FLUX_SIZES),
+                  quick=([("quick", (1, 64, 16))], (4,), None))
+
+
 def overhead(args, device, table):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = [("512² latents", (1, 1024, 64)), ("1024² latents", (1, 4096, 64))]
-    if args.quick:
-        shapes = [("quick", (1, 64, 16))]
+    shapes, step_counts, _ = select(args.mode)
     for label, shape in shapes:
         x = torch.randn(shape, device=device, dtype=dtype)
         t_model = U.time_ms(lambda: _trivial_model(x, None), device=device,
                             warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-        for steps in ((4,) if args.quick else (4, 8)):
+        for steps in step_counts:
             for rule in ("euler", "renoise"):
                 sched = S.flow_schedule(steps, shift=3.0)
                 smp = S.FewStepSampler(_trivial_model, sched, rule=rule, model_dtype=dtype)
                 provs = [("pyops eager", lambda: smp.sample(shape, device=device, dtype=dtype))]
-                note = ""
                 if device.type == "cuda":
-                    try:
-                        cap = smp.capture(shape, device=device, dtype=dtype)
-                        provs.append(("pyops graph", cap.replay))
-                    except Exception as e:  # report, never invent a number
-                        note = f"graph capture failed: {type(e).__name__}: {e}"[:120]
+                    provs.append(("pyops graph", lambda: smp.capture(shape, device=device,
+                                                                     dtype=dtype)))
                 d = _diffusers_loop(shape, steps, rule, device, dtype, _trivial_model)
                 if d is not None:
                     provs.append(("diffusers scheduler", d))
                 provs.append(("python loop + sync", _sync_loop(shape, steps, rule, device, dtype,
                                                                _trivial_model)))
                 for name, fn in provs:
-                    fn()
-                    ms = U.time_ms(fn, device=device, warmup_ms=args.warmup_ms,
-                                   rep_ms=args.rep_ms)
-                    table.add(part="overhead", shape=label, steps=steps, rule=rule,
-                              provider=name, ms=ms,
-                              **{"µs/step non-model": (ms - steps * t_model) * 1e3 / steps},
-                              note=note if name == "pyops graph" else "")
-                _print_row(table)
+                    row = dict(part="overhead", shape=label, steps=steps, rule=rule,
+                               provider=name)
+                    try:
+                        if name == "pyops graph":  # fn captures; time the replays
+                            fn = fn().replay
+                        fn()
+                        ms = U.time_ms(fn, device=device, warmup_ms=args.warmup_ms,
+                                       rep_ms=args.rep_ms)
+                        row.update(ms=ms, **{"µs/step non-model":
+                                             (ms - steps * t_model) * 1e3 / steps})
+                    except Exception as e:  # report, never invent a number
+                        row["note"] = f"error: {type(e).__name__}: {e}".splitlines()[0][:160]
+                    table.add(**row)
+                    _print_row(table)
 
 
 def flux_end_to_end(args, device, table):
@@ -119,7 +144,8 @@ def flux_end_to_end(args, device, table):
         table.notes.append(f"Flux end to end skipped: diffusers not importable ({e})")
         return
     if device.type != "cuda" and not args.quick:
-        table.notes.append("Flux end to end skipped: needs a GPU (or --quick for a tiny model)")
+        table.notes.append("Flux end to end skipped on a CPU: the 12 B-parameter model needs "
+                           "a GPU (the quick run uses a tiny one)")
         return
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.quick:
@@ -129,7 +155,7 @@ def flux_end_to_end(args, device, table):
         sizes, txt, jd, pd, cin = [("quick 64²", 4, 4)], 8, 32, 32, 16
     else:
         cfg = dict(num_layers=args.flux_layers, num_single_layers=args.flux_single_layers)
-        sizes, txt, jd, pd, cin = [("512²", 32, 32), ("1024²", 64, 64)], 512, 4096, 768, 64
+        sizes, txt, jd, pd, cin = select(args.mode)[2], 512, 4096, 768, 64
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -169,12 +195,17 @@ def flux_end_to_end(args, device, table):
                     note = f"graph capture failed: {type(e).__name__}: {e}"[:160]
                     table.notes.append(note)
             for name, fn in provs:
-                fn()
-                ms = U.time_ms(fn, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-                table.add(part="Flux 4-step", shape=f"{label} ({L} img + {txt} txt tok)",
-                          steps=4, rule="euler", provider=name, ms=ms,
-                          **{"µs/step non-model": (ms - 4 * t_fwd) * 1e3 / 4},
-                          note=f"one forward {t_fwd:.3f} ms")
+                row = dict(part="Flux 4-step", shape=f"{label} ({L} img + {txt} txt tok)",
+                           steps=4, rule="euler", provider=name,
+                           note=f"one forward {t_fwd:.3f} ms")
+                try:
+                    fn()
+                    ms = U.time_ms(fn, device=device, warmup_ms=args.warmup_ms,
+                                   rep_ms=args.rep_ms)
+                    row.update(ms=ms, **{"µs/step non-model": (ms - 4 * t_fwd) * 1e3 / 4})
+                except Exception as e:  # report, never invent a number
+                    row["note"] = f"error: {type(e).__name__}: {e}".splitlines()[0][:160]
+                table.add(**row)
                 _print_row(table)
 
 
@@ -189,13 +220,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    device = U.pick_device(args.device)
+    device = U.resolve_run(args)
     env = U.env_record(device)
+    env["run"] = args.mode
     table = U.Table("Few-step sampler (trivial model; Flux-size end to end)", COLS, notes=[
         "µs/step non-model: (loop ms − steps × one model call) / steps; for Flux the model "
         "call is one measured transformer forward",
         "diffusers scheduler: FlowMatchEulerDiscreteScheduler.step in the pipeline loop "
         "(set_timesteps included, as a pipeline call does)"])
+    U.autosave([table], args.out, NAME, env)
     overhead(args, device, table)
     U.write_results(args.out, NAME, [table], env)
     if not args.no_flux:

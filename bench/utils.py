@@ -14,11 +14,18 @@
 * ``Table``: rows of results; ``write_results`` writes ``<name>.json`` (records + env) and
   ``<name>.md`` (env header + markdown tables) under ``--out``.
 
-CLI conventions for every bench script (``add_common_args``): ``--out DIR`` (default bench/out),
-``--quick`` (tiny shapes, for CPU smoke tests), ``--device``, ``--budget-s``; each script prints
-its markdown table(s) and rewrites its files after every shape, so a run cut short keeps what it
-measured. Never write a number that was not measured: a value that could not be measured is None
-in JSON and blank in markdown.
+CLI conventions for every bench script (``add_common_args`` + ``resolve_run``): ``--out DIR``
+(default bench/out), ``--device``, ``--budget-s`` and the run size:
+
+* default: the headline shapes and the key providers, about a minute or less on an H100/H200
+  (each script's first comment gives its estimate);
+* ``--full``: every shape and provider;
+* ``--quick``: tiny shapes, every provider: a smoke test of the harness. On a CPU this is the
+  default, with a one-line notice that CPU times are not performance numbers.
+
+Each script rewrites its files after every row (``Table.on_add`` + ``autosave``), so a run cut
+short keeps every row it finished. Never write a number that was not measured: a value that could
+not be measured is None in JSON and blank in markdown.
 """
 from __future__ import annotations
 
@@ -298,6 +305,8 @@ def env_markdown(env: dict) -> str:
              f"{env['triton']}, pyops {env.get('pyops')} ({env.get('pyops_cuda_extension')}), "
              f"python {env['python']}, commit {env.get('git_commit')}",
              f"- command: `{env['command']}`"]
+    if env.get("run"):
+        lines.append(f"- run: {RUN_TEXT.get(env['run'], env['run'])}")
     if env.get("copy_gbps") is not None:
         lines.append(f"- measured copy bandwidth (read + write, {env['copy_bytes'] / 2**20:.0f} "
                      f"MiB copied, median): {env['copy_gbps']:.0f} GB/s")
@@ -332,9 +341,12 @@ class Table:
         self.columns = list(columns)
         self.rows: list[dict] = []
         self.notes = list(notes)
+        self.on_add: Optional[Callable[["Table"], Any]] = None  # called after every row
 
     def add(self, **row) -> dict:
         self.rows.append(row)
+        if self.on_add is not None:
+            self.on_add(self)
         return row
 
     def extend(self, other: "Table") -> None:
@@ -375,21 +387,48 @@ def write_results(out_dir, name: str, tables: Sequence[Table], env: dict,
     out.mkdir(parents=True, exist_ok=True)
     records = [{"bench": name, "table": t.title, **r} for t in tables for r in t.rows]
     jp = out / f"{name}.json"
-    jp.write_text(json.dumps({"env": env, "tables": [t.as_dict() for t in tables],
-                              "records": records}, indent=1, default=_json_default))
+    _write_atomic(jp, json.dumps({"env": env, "tables": [t.as_dict() for t in tables],
+                                  "records": records}, indent=1, default=_json_default))
     md = f"## {name}\n\n{env_markdown(env)}\n\n" + "\n\n".join(t.markdown() for t in tables) + "\n"
     mp = out / f"{name}.md"
-    mp.write_text(md)
+    _write_atomic(mp, md)
     return jp, mp
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a run killed mid-write leaves the previous,
+    complete file, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def autosave(tables: Sequence[Table], out_dir, name: str, env: dict) -> Callable[..., Any]:
+    """Rewrite ``<out>/<name>.json`` and ``.md`` after every row added to any of ``tables``
+    (so a run cut short keeps every finished row); returns the save function."""
+    def save(_table: Optional[Table] = None) -> None:
+        write_results(out_dir, name, tables, env)
+    for t in tables:
+        t.on_add = save
+    return save
 
 
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "bench" / "out"),
                    help="folder for <name>.json and <name>.md (default bench/out)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="tiny shapes, every provider: a smoke test of the harness (the "
+                           "default on a CPU)")
+    size.add_argument("--full", action="store_true",
+                      help="every shape and provider (minutes on a GPU); without it: the "
+                           "headline shapes and key providers, about a minute or less on an "
+                           "H100/H200")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="soft time budget: once spent, slow optional providers are skipped")
+                   help="soft time budget in seconds: once spent, slow optional providers "
+                        "(compiles, eager references) are skipped and marked so (default run: "
+                        "the script's own budget; --full and --quick: none)")
     p.add_argument("--warmup-ms", type=float, default=20, help="do_bench warmup (ms)")
     p.add_argument("--rep-ms", type=float, default=60, help="do_bench repetition time (ms)")
     return p
@@ -399,6 +438,52 @@ def pick_device(arg: Optional[str]) -> torch.device:
     if arg:
         return torch.device(arg)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+RUN_TEXT = {
+    "quick": "--quick (tiny shapes, every provider: a smoke test of the harness; the times mean "
+             "nothing)",
+    "default": "default (the headline shapes and the key providers; --full runs every shape and "
+               "provider)",
+    "full": "--full (every shape and provider)",
+}
+CPU_NOTICE = ("NOTE: CPU run: these times are NOT performance numbers, only a smoke test of the "
+              "benchmark harness (tiny --quick shapes); run on a CUDA GPU for real numbers.")
+CPU_FULL_WARNING = ("WARNING: --full on a CPU runs the GPU-size shapes through the PyTorch "
+                    "reference and the Triton interpreter: it can take hours, and the times "
+                    "still mean nothing.")
+
+
+def resolve_run(args, default_budget_s: Optional[float] = None) -> torch.device:
+    """Pick the device and the run size for a bench script (once, right after parsing).
+
+    Sets ``args.mode`` to ``"quick"``, ``"default"`` or ``"full"`` (and ``args.quick`` /
+    ``args.full`` to match) and returns the device. On a device other than CUDA the run is
+    ``--quick`` unless ``--full`` was given, and a one-line notice (``CPU_NOTICE``) says the
+    times are no performance numbers; ``--full`` there runs but prints ``CPU_FULL_WARNING``.
+    In the default run on CUDA, ``default_budget_s`` becomes ``--budget-s`` when none was
+    given (slow optional providers are then skipped and marked once it is spent).
+    """
+    device = pick_device(getattr(args, "device", None))
+    quick, full = bool(getattr(args, "quick", False)), bool(getattr(args, "full", False))
+    if quick and full:
+        raise SystemExit("--quick and --full exclude each other")
+    if device.type != "cuda":
+        print(CPU_NOTICE, flush=True)
+        if full:
+            print(CPU_FULL_WARNING, flush=True)
+        else:
+            quick = True
+    args.quick, args.full = quick, full
+    args.mode = "quick" if quick else "full" if full else "default"
+    if args.mode == "default" and getattr(args, "budget_s", None) is None:
+        args.budget_s = default_budget_s
+    return device
+
+
+def pick(mode: str, default, full, quick):
+    """``quick`` / ``default`` / ``full`` by the run size ``mode`` (see ``resolve_run``)."""
+    return {"quick": quick, "default": default, "full": full}[mode]
 
 
 def measure_ceiling(device: torch.device, quick: bool) -> dict:
@@ -441,15 +526,19 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                     nbytes: int, ceiling_gbps: Optional[float], device: torch.device,
                     budget: Optional[Budget] = None,
                     graph_inputs: Optional[Sequence[tuple]] = None,
-                    warmup_ms: float = 25, rep_ms: float = 100) -> None:
+                    warmup_ms: float = 25, rep_ms: float = 100,
+                    finish_row: Optional[Callable[[dict], Any]] = None) -> None:
     """Add one row per provider to ``table``: ms, ms (graph), GB/s, % copy, exact, note.
 
     A provider that raises gets a row with its error in ``note`` and no numbers.
+    ``finish_row(row)``, when given, completes a row (derived columns) before it is added.
     """
     for p in providers:
         row = dict(base, provider=p.name, bytes=int(nbytes))
         if p.slow and budget is not None and budget.spent():
             row["note"] = "skipped: time budget spent"
+            if finish_row is not None:
+                finish_row(row)
             table.add(**row)
             continue
         try:
@@ -486,6 +575,8 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                     torch.cuda.synchronize(device)
                 except Exception:
                     pass
+        if finish_row is not None:
+            finish_row(row)
         table.add(**row)
         print("  " + "  ".join(f"{k}={_fmt(row[k])}" for k in table.columns
                                if row.get(k) is not None), flush=True)
@@ -506,13 +597,16 @@ def raise_compile_limits() -> None:
         pass
 
 
-def bandwidth_main(name: str, parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
-    """The ``main`` of a one-table, memory-bound benchmark: parse args, record the environment,
-    measure the copy ceiling in the same run, call ``run(args, device, ceiling_gbps, budget,
-    progress=...)`` (rewriting the files after every shape), write and print the table."""
+def bandwidth_main(name: str, parser: argparse.ArgumentParser, run: Callable, argv=None,
+                   default_budget_s: Optional[float] = None) -> int:
+    """The ``main`` of a one-table, memory-bound benchmark: parse args, pick the run size
+    (``resolve_run``), record the environment, measure the copy ceiling in the same run, call
+    ``run(args, device, ceiling_gbps, budget, progress=...)`` (``progress(table)`` rewrites the
+    files; ``run`` calls it after every row), write and print the table."""
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_run(args, default_budget_s)
     env = env_record(device)
+    env["run"] = args.mode
     env.update(measure_ceiling(device, args.quick))
     budget = Budget(args.budget_s)
     t = run(args, device, env["copy_gbps"], budget,

@@ -1,5 +1,6 @@
-"""CPU smoke test of bench/bench_attention.py --quick (subprocess; pyops through the Triton
-interpreter: the numbers mean nothing on a CPU; checks files, providers, accuracy columns)."""
+"""CPU smoke test of bench/bench_attention.py (subprocess; pyops through the Triton
+interpreter: the numbers mean nothing on a CPU; checks files, providers, accuracy columns).
+Run with ``--device cpu`` and no size flag: on a CPU that is the quick run, with a notice."""
 import json
 import os
 import subprocess
@@ -12,12 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_attention_quick(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"), "--quick",
+    # no --quick: before, a CPU run without it refused to run (exit 2)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"),
                         "--device", "cpu", "--out", str(tmp_path), "--warmup-ms", "1",
                         "--rep-ms", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.splitlines()[0].startswith("NOTE: CPU run: these times are NOT performance")
     data = json.loads((tmp_path / "attention.json").read_text())
+    assert data["env"]["run"] == "quick"
+    assert {rec["shape"] for rec in data["records"]} == {"quick"}
     recs = {rec["provider"]: rec for rec in data["records"]}
     want = {"F.sdpa (CPU)", "pyops int8", "pyops fp8", "pyops int8_fp16pv", "pyops nvfp4",
             "pyops bf16"}
