@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Download the peer wheels the GPU benchmarks compare against into .whl/ (git-ignored), HERE, on a
-# machine with internet; the lent GPU machine has none. Then carry them with the call:
-#   run(command="bash bench/gpu_check.sh", timeout_s=600, carry=[".whl"])
-# bench/gpu_check.sh installs them with pip --target /tmp/site and puts that on PYTHONPATH.
-# The command is the one the device README gives (cp312, manylinux x86_64, no dependencies).
-# Never commit the wheels.
+# Download the peer wheels the GPU benchmarks compare against (sageattention, torchao) into
+# .whl/ (git-ignored), on a machine with internet, for a GPU machine without it:
+#   bash bench/fetch_wheels.sh                 # PEERS="name==version ..." to choose others
+# Copy the checkout with its .whl/ folder to the GPU machine; there `bash bench/gpu_check.sh`
+# installs them with pip --target /tmp/site and puts that on PYTHONPATH. The wheels are for
+# CPython 3.12 on manylinux x86_64, without dependencies. Never commit the wheels.
 set -eu
 cd "$(dirname "$0")/.."
 PEERS=${PEERS:-"sageattention==1.0.6 torchao==0.18.0"}

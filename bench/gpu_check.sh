@@ -1,57 +1,101 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs, on a bare lent GPU machine, through the device tool:
+# pyops GPU check: install pyops, print `python -m pyops info`, run the GPU tests and every
+# benchmark's default run on one CUDA machine, and write the results as it goes.
 #
-#   run(command="bash bench/gpu_check.sh", timeout_s=600)                  # no peer wheels
-#   run(command="bash bench/gpu_check.sh", timeout_s=600, carry=[".whl"])  # after bench/fetch_wheels.sh
+#   bash bench/gpu_check.sh                                  # everything; results in bench/out/
+#   OUT=/tmp/pyops-check bash bench/gpu_check.sh             # results in another folder
+#   GPU_CHECK_BENCH="attention linear" bash bench/gpu_check.sh   # only these benchmarks
+#   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh              # print the plan, run nothing
 #
-# Stages, each time-boxed with `timeout` so a failing or hanging stage never stops the rest, and
-# the whole run ends within GPU_CHECK_TOTAL_S (default 530 s, under 9 minutes):
-#   env      nvidia-smi, python/torch/triton versions, ninja
-#   wheels   peers from .whl/ (sageattention, torchao) into /tmp/site + PYTHONPATH, if present
-#   install  pip install --no-index --no-build-isolation --no-deps -e .  (builds pyops._C)
-#   info     python -m pyops info
-#   gpu      pytest -m gpu (every GPU test)
-#   bench    every bench/bench_*.py, full sizes (a script naming others on a
-#            '# bench-covers:' line runs them, so those are not run again)
-#   suite    pytest -m "not gpu" (the rest of the test suite)
-# Files back (device README: at most 8, at most 2 folders down), all in $OUT:
-#   results.md   stage summary + environment + every benchmark's markdown tables
-#   results.json {"stages": [...], "benches": {name: {env, tables, records}}}
-#   log.txt      everything printed, pip/ninja/pytest output included
-# GPU_CHECK_BENCH="quantize linear" runs only those benchmarks (bench_<name>.py), so the
-# 30 minutes of device time a session gets can be split over several calls.
-# Without the device tool, OUT defaults to bench/out/gpu_check. GPU_CHECK_SKIP_INSTALL=1 skips the
-# install (to try the script on a machine whose Python environment must not change).
+# Stages, in this order; each runs under `timeout`, so a stage that fails, crashes or hangs
+# never stops the ones after it:
+#   env          nvidia-smi; Python, torch, Triton, nvcc and ninja versions
+#   wheels       only when ./.whl/ holds wheel files: installed into /tmp/site, which goes on
+#                PYTHONPATH (for a machine without internet; bench/fetch_wheels.sh downloads
+#                the peers sageattention and torchao into .whl/ on one that has it)
+#   install      pip install --no-index --no-build-isolation --no-deps -e .
+#                (builds the CUDA extension pyops._C for the GPU present, with ninja)
+#   info         python -m pyops info
+#   gpu-tests    pytest -m gpu tests (a test that crashes the interpreter ends this stage only;
+#                the tests run their bad-argument checks in subprocesses themselves)
+#   bench NAME   python bench/bench_NAME.py, the default run (headline shapes, key providers;
+#                about a minute or less each), one stage per benchmark; a script that names
+#                others on a '# bench-covers:' line runs them (bench_quantize.py runs the FP8
+#                and NVFP4 quantizer benchmarks), so those are not run again
+#   suite        pytest -m "not gpu" tests, only with GPU_CHECK_SUITE=1
+#
+# Results, rewritten after every stage (a run cut short keeps every stage that finished):
+#   $OUT/results.md    stage table (status, seconds, exit code, GPU test counts), then every
+#                      benchmark's environment (card, date, versions, command) and tables
+#   $OUT/results.json  {"stages": [...], "gpu_tests": {...}, "benches": {NAME: {env, tables,
+#                      records}}}
+#   $OUT/log.txt       everything printed (pip, ninja, pytest and benchmark output)
+# Each benchmark also writes its own NAME.json and NAME.md after every row it measures, in
+# bench/out/gpu_check/ (GPU_CHECK_BENCH_DIR), so a benchmark cut by its limit keeps its rows.
+# A blank table cell was not measured; no number is ever filled in otherwise.
+#
+# Environment variables (all optional):
+#   OUT                        results folder (default: bench/out)
+#   PYTHON                     the Python to use (default: python3)
+#   GPU_CHECK_BENCH            benchmarks to run, by NAME (bench_NAME.py); default: all
+#   GPU_CHECK_BENCH_ARGS       extra arguments for every benchmark, e.g. "--full" (every shape
+#                              and provider: raise the two limits below too)
+#   GPU_CHECK_BENCH_TIMEOUT_S  hard limit per benchmark (default 90 s)
+#   GPU_CHECK_TOTAL_S          hard limit for the whole check (default 540 s); a stage that
+#                              would start with too little time left is skipped and marked so
+#   GPU_CHECK_SKIP_INSTALL=1   use the pyops already installed (no pip install)
+#   GPU_CHECK_SUITE=1          also run the CPU test suite at the end
+#   GPU_CHECK_DRY_RUN=1        print the stages, their limits and commands; run nothing
+#   MAX_JOBS                   parallel compile jobs for the extension (default: all cores)
+#
+# Expected run time on an H100 or H200: about 7 minutes. These are estimates, not measurements
+# of this version: install ~40 s and a (partial) GPU test run of ~90 s were measured on an H200
+# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~4 minutes by their
+# own estimates (the 'estimate-h200-s' line at the top of each bench script; the dry run prints
+# them). On an H100 the bandwidth-bound benchmarks take a little longer (~0.7x the bandwidth).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
-OUT=${OUT:-$ROOT/bench/out/gpu_check}
-mkdir -p "$OUT"
+OUT=${OUT:-$ROOT/bench/out}
+BENCH_DIR=${GPU_CHECK_BENCH_DIR:-$ROOT/bench/out/gpu_check}
 PY=${PYTHON:-python3}
-TOTAL_S=${GPU_CHECK_TOTAL_S:-530}
-SUITE_RESERVE_S=${GPU_CHECK_SUITE_S:-60}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
+BENCH_TIMEOUT_S=${GPU_CHECK_BENCH_TIMEOUT_S:-90}
+DRY=${GPU_CHECK_DRY_RUN:-}
+# run order: the headline benchmarks first; any other bench_*.py afterwards
+ORDER="attention linear quantize norm_modulate_quant block_similarity sampler cache"
 T0=$(date +%s)
-WORK=$(mktemp -d /tmp/pyops_gpu_check.XXXXXX)
-BENCH_OUT=$WORK/bench
-STAGES=$WORK/stages.tsv
-mkdir -p "$BENCH_OUT"
-: >"$STAGES"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+if [ -z "$DRY" ]; then
+    mkdir -p "$OUT" "$BENCH_DIR"
+    WORK=$(mktemp -d /tmp/pyops_gpu_check.XXXXXX)
+else
+    WORK=""
+fi
+STAGES=${WORK:+$WORK/stages.tsv}
+BENCHES_RUN=${WORK:+$WORK/benches.txt}
+[ -n "$WORK" ] && : >"$STAGES" && : >"$BENCHES_RUN"
 
 left() { echo $((TOTAL_S - ($(date +%s) - T0))); }
 
-# stage NAME MAX_SECONDS RESERVE_SECONDS cmd...: run cmd with a limit of
-# min(MAX_SECONDS, time left - RESERVE_SECONDS); record status, seconds, rc.
+# stage NAME MAX_SECONDS RESERVE_SECONDS cmd...: run cmd under a limit of
+# min(MAX_SECONDS, time left - RESERVE_SECONDS); record status, seconds and exit code; update
+# the results files. In a dry run: print the stage and its limit.
 stage() {
     local name=$1 max=$2 reserve=$3
     shift 3
     local l lim s rc d st
+    if [ -n "$DRY" ]; then
+        echo "[$name] limit ${max}s: $*"
+        return 0
+    fi
     l=$(left)
     lim=$((l - reserve < max ? l - reserve : max))
     if ((lim < 5)); then
-        echo "=== [$name] SKIPPED: no time left (${l}s left)"
+        echo "=== [$name] SKIPPED: no time left (${l}s of ${TOTAL_S}s left)"
         printf '%s\tskipped (no time left)\t0\t-\n' "$name" >>"$STAGES"
+        collect >/dev/null
         return 0
     fi
     echo "=== [$name] start, limit ${lim}s, $(date -u +%H:%M:%S): $*"
@@ -59,123 +103,191 @@ stage() {
     timeout -k 10 "$lim" "$@"
     rc=$?
     d=$(($(date +%s) - s))
-    if ((rc == 0)); then st=ok; elif ((rc == 124 || rc == 137)); then st="timeout (${lim}s)"; else st=failed; fi
+    if ((rc == 0)); then
+        st=ok
+    elif ((rc == 124 || rc == 137)); then
+        st="timeout (${lim}s)"
+    elif ((rc > 128)); then
+        st="crashed (signal $((rc - 128)))"
+    else
+        st=failed
+    fi
     echo "=== [$name] $st rc=$rc ${d}s"
     printf '%s\t%s\t%s\t%s\n' "$name" "$st" "$d" "$rc" >>"$STAGES"
+    collect >/dev/null
     return 0
 }
 
+# the benchmark scripts to run, in ORDER, without those another script covers
+bench_scripts() {
+    local covered="" f b n ordered=()
+    for f in bench/bench_*.py; do
+        covered+=" $(sed -n 's/^# bench-covers://p' "$f")"
+    done
+    for n in $ORDER; do [ -f "bench/bench_$n.py" ] && ordered+=("bench/bench_$n.py"); done
+    for f in bench/bench_*.py; do
+        case " ${ordered[*]} " in *" $f "*) ;; *) ordered+=("$f") ;; esac
+    done
+    for f in "${ordered[@]}"; do
+        b=$(basename "$f")
+        case " $covered " in *" $b "*) continue ;; esac
+        if [ -n "${GPU_CHECK_BENCH:-}" ]; then
+            n=${b#bench_}
+            case " $GPU_CHECK_BENCH " in *" ${n%.py} "*) ;; *) continue ;; esac
+        fi
+        echo "$f"
+    done
+}
+
+estimate_s() { sed -n 's/^# estimate-h200-s: *\([0-9]*\).*/\1/p' "$1" | head -1; }
+
 main() {
-    echo "pyops gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) host $(hostname) in $ROOT, budget ${TOTAL_S}s"
+    local f n lim est total_est=0
+    if [ -n "$DRY" ]; then
+        echo "pyops gpu_check, dry run: the plan (nothing is run)"
+    else
+        echo "pyops gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) host $(hostname) in $ROOT, limit ${TOTAL_S}s"
+    fi
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'n/a (no .git)')"
+    echo "results: $OUT/results.md, $OUT/results.json, $OUT/log.txt; per benchmark: $BENCH_DIR/"
 
     # ---- env ----------------------------------------------------------------------------------
     stage env 30 0 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())'; \
 $PY -c 'import triton; print(\"triton\", triton.__version__)'; nvcc --version | tail -2; \
 command -v ninja && ninja --version || echo 'ninja: not on PATH'"
-    if ! command -v ninja >/dev/null 2>&1; then
-        # the pip package 'ninja' ships the binary; torch's builder falls back to setuptools without it
-        nb=$($PY -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null) && [ -x "$nb/ninja" ] &&
+    if [ -z "$DRY" ] && ! command -v ninja >/dev/null 2>&1; then
+        # the pip package 'ninja' ships the binary; torch's builder compiles serially without it
+        nb=$($PY -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null) && [ -x "$nb/ninja" ] &&
             export PATH="$nb:$PATH" && echo "ninja: using $nb/ninja"
         command -v ninja >/dev/null 2>&1 || echo "ninja: none; the extension builds serially (slow)"
     fi
+    if [ -z "$DRY" ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "WARNING: no CUDA GPU visible to torch: the GPU tests will skip and the benchmarks"
+        echo "         run their CPU smoke test (tiny shapes; the times are not performance numbers)."
+    fi
 
-    # ---- peer wheels --------------------------------------------------------------------------
+    # ---- peer wheels (optional) ---------------------------------------------------------------
     if compgen -G ".whl/*.whl" >/dev/null; then
         stage wheels 90 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target /tmp/site .whl/*.whl
-        if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
-        ls .whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
-        echo "=== [wheels] none in .whl/ (run bench/fetch_wheels.sh here and carry .whl): peers skipped"
-        printf 'wheels\tskipped (no .whl/)\t0\t-\n' >>"$STAGES"
+        echo "[wheels] none in .whl/: peers are used only if already installed"
     fi
 
     # ---- install (builds the CUDA extension) --------------------------------------------------
     if [ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
-        echo "=== [install] skipped: GPU_CHECK_SKIP_INSTALL is set"
-        printf 'install\tskipped (GPU_CHECK_SKIP_INSTALL)\t0\t-\n' >>"$STAGES"
-    elif [ -f setup.py ] || [ -f pyproject.toml ]; then
-        stage install 240 200 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
+        echo "[install] skipped: GPU_CHECK_SKIP_INSTALL is set"
+        [ -n "$DRY" ] || printf 'install\tskipped (GPU_CHECK_SKIP_INSTALL)\t0\t-\n' >>"$STAGES"
     else
-        echo "=== [install] no setup.py/pyproject.toml: running from the source tree"
-        printf 'install\tskipped (no setup.py)\t0\t-\n' >>"$STAGES"
+        stage install 240 200 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
     fi
-    if ! (cd /tmp && "$PY" -c 'import pyops' 2>/dev/null); then
+    if [ -z "$DRY" ] && ! (cd /tmp && "$PY" -c 'import pyops' 2>/dev/null); then
         echo "pyops not importable after install: using PYTHONPATH=$ROOT"
         export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
     fi
-    [ -f pyops/_build_info.json ] && { echo "--- pyops/_build_info.json"; cat pyops/_build_info.json; echo; }
+    [ -z "$DRY" ] && [ -f pyops/_build_info.json ] &&
+        { echo "--- pyops/_build_info.json"; cat pyops/_build_info.json; echo; }
 
     stage info 60 150 "$PY" -m pyops info
 
     # ---- GPU tests ----------------------------------------------------------------------------
     PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider)
     if "$PY" -c 'import pytest_timeout' 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-    stage gpu-tests 150 $((SUITE_RESERVE_S + 90)) "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" tests
+    stage gpu-tests 180 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
+        --junitxml="${WORK:-<work dir>}/gpu-tests.xml" tests
 
-    # ---- benchmarks ---------------------------------------------------------------------------
-    local covered="" f b scripts=() n i lim
-    for f in bench/bench_*.py; do
-        covered+=" $(sed -n 's/^# bench-covers://p' "$f")"
-    done
-    for f in bench/bench_*.py; do
-        b=$(basename "$f")
-        case " $covered " in *" $b "*) echo "bench: $b is run by another script"; continue ;; esac
-        if [ -n "${GPU_CHECK_BENCH:-}" ]; then
-            n=${b#bench_}
-            case " $GPU_CHECK_BENCH " in *" ${n%.py} "*) ;; *) continue ;; esac
+    # ---- benchmarks: the default run of each, rows written as they complete -----------------
+    for f in $(bench_scripts); do
+        n=$(basename "$f" .py)
+        n=${n#bench_}
+        est=$(estimate_s "$f")
+        total_est=$((total_est + ${est:-60}))
+        if [ -n "$DRY" ]; then
+            echo "[bench $n] limit ${BENCH_TIMEOUT_S}s (estimate on an H200: ${est:-?} s): $PY $f --out $BENCH_DIR ${GPU_CHECK_BENCH_ARGS:-}"
+            continue
         fi
-        scripts+=("$f")
+        rm -f "$BENCH_DIR/$n.json" "$BENCH_DIR/$n.md"  # no stale rows from an earlier check
+        echo "$n" >>"$BENCHES_RUN"
+        lim=$(left)
+        # squeezed by the total limit: a soft budget inside the script skips its slow peers
+        if ((lim < BENCH_TIMEOUT_S)); then
+            # shellcheck disable=SC2086
+            stage "bench $n" "$BENCH_TIMEOUT_S" 5 "$PY" "$f" --out "$BENCH_DIR" \
+                --budget-s $((lim * 2 / 3)) ${GPU_CHECK_BENCH_ARGS:-}
+        else
+            # shellcheck disable=SC2086
+            stage "bench $n" "$BENCH_TIMEOUT_S" 5 "$PY" "$f" --out "$BENCH_DIR" \
+                ${GPU_CHECK_BENCH_ARGS:-}
+        fi
     done
-    n=${#scripts[@]}
-    i=0
-    for f in "${scripts[@]}"; do
-        lim=$((($(left) - SUITE_RESERVE_S) / (n - i)))
-        i=$((i + 1))
-        # soft budget inside the script (skips slow peers once spent), hard limit outside
-        stage "bench $(basename "$f" .py)" "$lim" "$SUITE_RESERVE_S" \
-            "$PY" "$f" --out "$BENCH_OUT" --budget-s $((lim > 90 ? lim - 45 : lim / 2))
-    done
+    echo "benchmarks: estimated ~${total_est} s on an H200 in all (default runs)"
 
-    # ---- the rest of the suite ----------------------------------------------------------------
-    stage suite 150 5 "$PY" -m pytest -m "not gpu" "${PYTEST_ARGS[@]}" tests
-
-    echo "=== done in $(($(date +%s) - T0))s"
+    # ---- the CPU test suite (optional) --------------------------------------------------------
+    if [ -n "${GPU_CHECK_SUITE:-}" ]; then
+        stage suite 300 5 "$PY" -m pytest -m "not gpu" "${PYTEST_ARGS[@]}" tests
+    fi
+    if [ -n "$DRY" ]; then
+        echo "total limit: ${TOTAL_S}s (GPU_CHECK_TOTAL_S)"
+    else
+        echo "=== done in $(($(date +%s) - T0))s; results in $OUT/results.md"
+    fi
 }
 
+# results.md / results.json from the stages so far and the benchmarks' own files
 collect() {
-    # results.md: stages + every bench's markdown; results.json: stages + every bench's JSON
-    "$PY" - "$STAGES" "$BENCH_OUT" "$OUT" <<'EOF'
+    "$PY" - "$STAGES" "$BENCH_DIR" "$BENCHES_RUN" "$OUT" "$WORK/gpu-tests.xml" <<'EOF'
 import json, sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
-stages_p, bench, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+stages_p, bench, names_p, out, junit = map(Path, sys.argv[1:6])
 stages = []
 for line in stages_p.read_text().splitlines():
     parts = line.split("\t")
     if len(parts) == 4:
         stages.append({"stage": parts[0], "status": parts[1], "seconds": parts[2], "rc": parts[3]})
+tests = None
+if junit.exists():
+    try:
+        root = ET.parse(junit).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    except Exception as e:  # a crashed run leaves no or a broken file
+        tests = {"error": f"unreadable: {type(e).__name__}"}
 md = ["# pyops gpu_check results", "",
       "Every number below was measured in this run; a blank cell was not measured.", "",
       "| stage | status | seconds | rc |", "|---|---|---|---|"]
 md += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['rc']} |" for s in stages]
+if tests and "error" not in tests:
+    md += ["", f"GPU tests: {tests['tests']} collected, {tests['failures']} failed, "
+               f"{tests['errors']} errors, {tests['skipped']} skipped (log.txt has the details)."]
+elif any(s["stage"] == "gpu-tests" for s in stages):
+    md += ["", "GPU tests: no summary (pytest did not finish; see log.txt)."]
+names = names_p.read_text().split() if names_p.exists() else []
 benches = {}
-for j in sorted(bench.glob("*.json")):
-    try:
-        benches[j.stem] = json.loads(j.read_text())
-    except ValueError as e:
-        benches[j.stem] = {"error": f"unreadable: {e}"}
-for m in sorted(bench.glob("*.md")):
-    md += ["", m.read_text()]
-if not benches:
-    md += ["", "No benchmark wrote results (see log.txt)."]
+for n in names:
+    j, m = bench / f"{n}.json", bench / f"{n}.md"
+    if j.exists():
+        try:
+            benches[n] = json.loads(j.read_text())
+        except ValueError as e:
+            benches[n] = {"error": f"unreadable: {e}"}
+    if m.exists():
+        md += ["", m.read_text()]
+    elif names:
+        md += ["", f"## {n}", "", "No rows were written (see log.txt)."]
 (out / "results.md").write_text("\n".join(md) + "\n")
-(out / "results.json").write_text(json.dumps({"stages": stages, "benches": benches}, indent=1))
-print("\n".join(md[:len(stages) + 6]))
+(out / "results.json").write_text(json.dumps({"stages": stages, "gpu_tests": tests,
+                                              "benches": benches}, indent=1))
+print("\n".join(md[:len(stages) + 8]))
 EOF
 }
 
+if [ -n "$DRY" ]; then
+    main
+    exit 0
+fi
 main 2>&1 | tee "$OUT/log.txt"
 collect 2>&1 | tee -a "$OUT/log.txt"
 rm -rf "$WORK"

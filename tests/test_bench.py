@@ -1,11 +1,16 @@
-"""CPU smoke test of the benchmark harness and bench/bench_quantize.py --quick.
+"""CPU tests of the benchmark harness (bench/utils.py), bench/bench_quantize.py, the run sizes
+of every bench script and bench/gpu_check.sh.
 
-The benchmark runs as a subprocess on the CPU with TRITON_INTERPRET unset, so only the PyTorch
-reference and plain-torch providers run (a few seconds); the CPU numbers mean nothing, the test
-checks that the files are written, the columns are there and the reference is bit-exact.
+The benchmark runs as a subprocess on the CPU with TRITON_INTERPRET unset and no size flag, which
+on a CPU means the quick run, so only the PyTorch reference and plain-torch providers run (a few
+seconds); the CPU numbers mean nothing, the test checks that the files are written, the columns
+are there, the reference is bit-exact and the notice says the times are no performance numbers.
 """
+import argparse
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +29,32 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), "--quick", "--device",
+    # no --quick: on a CPU the default is the quick run (before, it ran the GPU shapes for minutes)
+    r = subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), "--device",
                         "cpu", "--out", str(out), "--warmup-ms", "2", "--rep-ms", "10"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, r.stdout
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_cpu_without_flags_runs_quick_and_says_so(quick_run):
+    out, stdout = quick_run
+    notice = [line for line in stdout.splitlines() if "NOT performance numbers" in line]
+    assert len(notice) == 1 and "smoke test" in notice[0], stdout[:2000]
+    shapes = {r["shape"].split()[0] for r in json.loads((out / "quantize.json").read_text())
+              ["records"]}
+    assert shapes == {"quick"}
+    data = json.loads((out / "quantize.json").read_text())
+    assert data["env"]["run"] == "quick"
+    assert "- run: --quick (tiny shapes" in (out / "quantize.md").read_text()
 
 
 def test_files_and_columns(quick_run):
@@ -95,3 +121,150 @@ def test_harness_units():
     assert fp4_bytes(M, K, 2, static=True, swizzle=False) == M * K * 2 + M * nb * 8 + M * nb + 4
     assert fp4_bytes(M, K, 2, static=False, swizzle=True) == \
         2 * M * K * 2 + M * nb * 8 + 256 * 24 + 4
+
+
+# ---- run sizes ----------------------------------------------------------------------------------
+def _args(*argv):
+    U = _bench_module("utils")
+    return U, U.add_common_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_resolve_run_cpu_defaults_to_quick_with_notice(capsys):
+    U, a = _args("--device", "cpu")
+    dev = U.resolve_run(a, default_budget_s=45)
+    assert dev.type == "cpu" and a.mode == "quick" and a.quick and not a.full
+    assert a.budget_s is None  # the default run's budget applies to the default run only
+    out = capsys.readouterr().out
+    assert out.strip() == U.CPU_NOTICE and "not performance numbers".upper() in out.upper()
+
+
+def test_resolve_run_cpu_full_is_allowed_but_warns(capsys):
+    U, a = _args("--device", "cpu", "--full")
+    U.resolve_run(a)
+    assert a.mode == "full" and a.full and not a.quick
+    out = capsys.readouterr().out
+    assert U.CPU_NOTICE in out and U.CPU_FULL_WARNING in out
+
+
+def test_resolve_run_gpu_default_run_and_budget(capsys):
+    U, a = _args("--device", "cuda")  # no GPU is touched: only the device type is read
+    U.resolve_run(a, default_budget_s=45)
+    assert a.mode == "default" and not a.quick and not a.full and a.budget_s == 45
+    assert capsys.readouterr().out == ""
+    U, a = _args("--device", "cuda", "--budget-s", "7")
+    U.resolve_run(a, default_budget_s=45)
+    assert a.budget_s == 7
+    U, a = _args("--device", "cuda", "--full")
+    U.resolve_run(a, default_budget_s=45)
+    assert a.mode == "full" and a.budget_s is None
+    with pytest.raises(SystemExit):
+        _args("--quick", "--full")
+
+
+BENCH_SCRIPTS = sorted(p.stem for p in BENCH.glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("name", BENCH_SCRIPTS)
+def test_every_bench_states_its_default_run_length(name):
+    """Each script's first comment estimates its default run on an H200, at most 60 s."""
+    text = (BENCH / f"{name}.py").read_text()
+    m = re.search(r"^# estimate-h200-s: (\d+)$", text, re.M)
+    assert m, f"{name}: no '# estimate-h200-s: N' line"
+    assert 0 < int(m.group(1)) <= 60
+    assert "--full" in text and "Run length on an H200" in text
+
+
+@pytest.mark.parametrize("name", [n for n in BENCH_SCRIPTS if n != "bench_quantize"])
+def test_default_run_is_a_subset_of_full(name):
+    """select(mode): the default run takes fewer shapes (or configurations) than --full, every
+    one of them also in --full, and the quick run takes neither."""
+    mod = _bench_module(name)
+    default, full, quick = (mod.select(m) for m in ("default", "full", "quick"))
+    assert default != full and quick != default
+    d_shapes, f_shapes = list(default[0]), list(full[0])
+    assert d_shapes and set(map(repr, d_shapes)) <= set(map(repr, f_shapes))
+    assert any(len(d) < len(f) for d, f in zip(default, full)
+               if isinstance(d, (list, tuple)) and isinstance(f, (list, tuple))), (default, full)
+    names = default[-1]
+    if isinstance(names, tuple) and names and isinstance(names[0], str) and full[-1] is None:
+        assert len(names) >= 2  # pyops' path and a peer at least
+
+
+def test_headline_shapes_in_default_runs():
+    att = _bench_module("bench_attention").select("default")
+    assert {s[1:] for s in att[0]} == {(1, 24, 4608, 128), (1, 40, 32760, 128)}
+    assert {"cuDNN SDPA", "pyops int8"} <= set(att[1])
+    lin = _bench_module("bench_linear").select("default")
+    assert {s[1:] for s in lin[0]} == {(4608, 3072, 3072), (4608, 3072, 12288),
+                                       (1, 3072, 3072), (16, 3072, 3072)}
+    assert {"bf16 nn.Linear", "pyops fp8 auto", "torchao fp8 rowwise compiled"} <= set(lin[1])
+    for q in ("bench_quantize_fp8", "bench_quantize_nvfp4"):
+        assert {s[1:] for s in _bench_module(q).select("default")[0]} == {(4608, 3072),
+                                                                          (32760, 5120)}
+
+
+def test_rows_are_written_as_they_complete(tmp_path):
+    U = _bench_module("utils")
+    t = U.Table("t", ["a", "b"])
+    U.autosave([t], tmp_path, "x", {"date": "d", "host": "h", "command": "c", "python": "p",
+                                    "torch": "t", "triton": None, "cuda_runtime": None})
+    t.add(a=1, b=2.0)
+    assert len(json.loads((tmp_path / "x.json").read_text())["records"]) == 1
+    assert "| 1 | 2.000 |" in (tmp_path / "x.md").read_text()
+    t.add(a=3, b=None)
+    assert len(json.loads((tmp_path / "x.json").read_text())["records"]) == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a rename, nothing left over
+
+
+# ---- bench/gpu_check.sh ---------------------------------------------------------------------------
+def test_gpu_check_syntax():
+    r = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _dry_run(tmp_path, **env_extra):
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), **env_extra)
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_gpu_check_dry_run_plan(tmp_path):
+    out = _dry_run(tmp_path)
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    lines = out.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(f"[{s}]"))
+             for s in ("install", "info", "gpu-tests", "bench attention")]
+    assert order == sorted(order)
+    assert "pip install --no-index --no-build-isolation --no-deps -v -e ." in out
+    assert "-m pyops info" in out and "-m pytest -m gpu" in out
+    bench_lines = [line for line in lines if line.startswith("[bench ")]
+    names = {line.split()[1].rstrip("]") for line in bench_lines}
+    # every benchmark once; the FP8 / NVFP4 quantizer scripts run inside bench_quantize.py
+    assert names == {n[len("bench_"):] for n in BENCH_SCRIPTS} - {"quantize_fp8",
+                                                                  "quantize_nvfp4"}
+    for line in bench_lines:
+        assert "limit 90s" in line and "--out" in line and "--full" not in line
+    assert "[suite]" not in out
+    total = int(re.search(r"estimated ~(\d+) s on an H200", out).group(1))
+    assert total <= 60 * len(names)
+
+
+def test_gpu_check_dry_run_subset_and_args(tmp_path):
+    out = _dry_run(tmp_path, GPU_CHECK_BENCH="linear cache", GPU_CHECK_BENCH_ARGS="--full",
+                   GPU_CHECK_SKIP_INSTALL="1", GPU_CHECK_SUITE="1")
+    bench_lines = [line for line in out.splitlines() if line.startswith("[bench ")]
+    assert [line.split()[1] for line in bench_lines] == ["linear]", "cache]"]
+    assert all(line.rstrip().endswith("--full") for line in bench_lines)
+    assert "[install] skipped" in out and "[suite]" in out
+
+
+def test_user_docs_speak_shell():
+    """gpu_check.sh and RESULTS.md are for a user at a shell: no tool-call syntax."""
+    for f in (BENCH / "gpu_check.sh", BENCH / "RESULTS.md", BENCH / "run.sh",
+              BENCH / "fetch_wheels.sh"):
+        text = f.read_text()
+        for bad in ("run(command", "carry=", "timeout_s=", "device minutes", "device time",
+                    "session"):
+            assert bad not in text, (f.name, bad)
