@@ -1,30 +1,48 @@
 // Binding of pyops::_block_similarity_cuda and pyops::_cache_apply_cuda: tensor checks, then the
 // torch-free launchers on the current stream. No math here
 // (spec: pyops/reference/block_similarity.py).
+//
+// block_similarity touches, for a viewed as (rows = a.size(0), row_len = a.numel() / rows) and
+// cells = groups * chunks:
+//   a            read flat [0, rows*row_len): contiguous fp32/fp16/bf16, not empty;
+//   ref          read and written flat at the same offsets: contiguous, a's shape and dtype,
+//                sharing no memory with a;
+//   state        (cells, 4) float32, metric (cells,) float32, reuse (cells,) int32: contiguous,
+//                indexed with int arithmetic in the finalize kernel (cells * 4 <= INT_MAX);
+//   grid         (rows*chunks, ceil(row_len/chunks / 16384)): rows*chunks <= INT_MAX and at
+//                most 65535 splits;
+//   rule 0/1, write_ref 0/1/2; warmup, max_reuse, num_steps, last_steps are narrowed to int.
+// cache_apply touches out/x/residual flat [0, rows*row_len) (contiguous, one shape) and
+// reuse[row / (rows/groups)] (contiguous int32 (groups,)); grid.x = rows <= INT_MAX.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../pyops_block_similarity.h"
+#include "binding_utils.h"
 
 namespace {
+
+constexpr int64_t kSplitElems = 16384;  // elements per stage-1 block (csrc/block_similarity.cu)
+constexpr int64_t kMaxGridY = 65535;
 
 int dtype_code(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return PYOPS_BS_FLOAT32;
     case at::kBFloat16: return PYOPS_BS_BFLOAT16;
     case at::kHalf: return PYOPS_BS_FLOAT16;
-    default: TORCH_CHECK(false, "pyops.", op, ": ", name, " has dtype ", t.scalar_type(),
+    default: TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
                          "; supported: float32, bfloat16, float16");
   }
   return -1;
 }
 
-void check_cuda(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "pyops.", op, ": ", name,
-              " must be a CUDA tensor on ", ref.device());
-  TORCH_CHECK(t.is_contiguous(), "pyops.", op, ": ", name, " must be contiguous");
+// A CUDA tensor on `ref`'s device, contiguous (every buffer here is indexed flat).
+void check_flat(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  pyops_bind::check_cuda(t, ref, op, name);
+  pyops_bind::check_contiguous(t, op, name);
+  pyops_bind::check_aligned(t, static_cast<int64_t>(t.element_size()), op, name);
 }
 
 void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::Tensor metric,
@@ -32,28 +50,56 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
                            int64_t warmup, int64_t max_reuse, int64_t num_steps,
                            int64_t last_steps, int64_t chunks, int64_t groups, bool all_groups,
                            int64_t write_ref) {
-  const char* op = "block_similarity";
-  TORCH_CHECK(a.is_cuda(), "pyops.block_similarity: a must be a CUDA tensor");
-  check_cuda(a, a, op, "a");
-  check_cuda(a, ref, op, "ref");
-  check_cuda(a, state, op, "state");
-  check_cuda(a, metric, op, "metric");
-  check_cuda(a, reuse, op, "reuse");
-  TORCH_CHECK(a.sizes() == ref.sizes() && a.scalar_type() == ref.scalar_type(),
-              "pyops.block_similarity: ref must match a in shape and dtype");
-  TORCH_CHECK(a.dim() >= 1 && a.numel() > 0, "pyops.block_similarity: a is empty");
-  TORCH_CHECK(groups >= 1 && chunks >= 1, "pyops.block_similarity: groups, chunks must be >= 1");
-  const int64_t cells = groups * chunks;
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.numel() == cells * 4,
-              "pyops.block_similarity: state must be (", cells, ", 4) float32");
-  TORCH_CHECK(metric.scalar_type() == at::kFloat && metric.numel() == cells,
-              "pyops.block_similarity: metric must be (", cells, ",) float32");
-  TORCH_CHECK(reuse.scalar_type() == at::kInt && reuse.numel() == cells,
-              "pyops.block_similarity: reuse must be (", cells, ",) int32");
+  using namespace pyops_bind;
+  const char* op = "pyops.block_similarity";
+  check_input(a, op, "a");
+  check_flat(a, a, op, "a");
+  check_flat(a, ref, op, "ref");
+  check_flat(a, state, op, "state");
+  check_flat(a, metric, op, "metric");
+  check_flat(a, reuse, op, "reuse");
+  const int dtype = dtype_code(a, op, "a");
+  TORCH_CHECK(a.sizes() == ref.sizes() && a.scalar_type() == ref.scalar_type(), op,
+              ": ref must match a in shape and dtype, got ", ref.sizes(), " ", ref.scalar_type(),
+              " vs ", a.sizes(), " ", a.scalar_type());
+  TORCH_CHECK(a.dim() >= 1 && a.numel() > 0, op, ": a is empty (shape ", a.sizes(), ")");
+  check_int(groups, 1, kIntMax, op, "groups");
+  check_int(chunks, 1, kIntMax, op, "chunks");
   const int64_t rows = a.size(0), row_len = a.numel() / rows;
-  TORCH_CHECK(rows % groups == 0 && row_len % chunks == 0,
-              "pyops.block_similarity: batch must divide by groups and rows by chunks");
+  TORCH_CHECK(rows % groups == 0, op, ": batch ", rows, " is not divisible by groups=", groups);
+  TORCH_CHECK(row_len % chunks == 0, op, ": row length ", row_len,
+              " is not divisible by chunks=", chunks);
+  // groups <= rows and chunks <= row_len now, so these products cannot overflow int64.
+  const int64_t cells = groups * chunks;
+  TORCH_CHECK(cells <= kIntMax / 4, op, ": groups*chunks = ", cells, " cells is too many (max ",
+              kIntMax / 4, ")");
+  TORCH_CHECK(rows * chunks <= kIntMax, op, ": rows*chunks = ", rows * chunks,
+              " exceeds the grid limit ", kIntMax);
+  const int64_t splits = (row_len / chunks + kSplitElems - 1) / kSplitElems;
+  TORCH_CHECK(splits <= kMaxGridY, op, ": a chunk of ", row_len / chunks,
+              " elements is too long (max ", kMaxGridY * kSplitElems, "); use more chunks");
+  check_dtype(state, at::kFloat, op, "state");
+  check_shape(state, {cells, 4}, op, "state");
+  check_dtype(metric, at::kFloat, op, "metric");
+  check_shape(metric, {cells}, op, "metric");
+  check_dtype(reuse, at::kInt, op, "reuse");
+  check_shape(reuse, {cells}, op, "reuse");
+  const int rule_i = check_int(rule, 0, 1, op, "rule");
+  const int write_ref_i = check_int(write_ref, 0, 2, op, "write_ref");
+  const int warmup_i = check_int(warmup, kIntMin, kIntMax, op, "warmup");
+  const int max_reuse_i = check_int(max_reuse, kIntMin, kIntMax, op, "max_reuse");
+  const int num_steps_i = check_int(num_steps, kIntMin, kIntMax, op, "num_steps");
+  const int last_steps_i = check_int(last_steps, kIntMin, kIntMax, op, "last_steps");
+  TORCH_CHECK(threshold >= 0.0, op, ": threshold must be >= 0, got ", threshold);
+  TORCH_CHECK(eps > 0.0 && static_cast<float>(eps) > 0.0f, op,
+              ": eps must be > 0 (as a float32), got ", eps);
+  const std::pair<const char*, const at::Tensor*> bufs[] = {
+      {"a", &a}, {"ref", &ref}, {"state", &state}, {"metric", &metric}, {"reuse", &reuse}};
+  for (size_t i = 0; i < 5; ++i)
+    for (size_t j = i + 1; j < 5; ++j)
+      check_no_overlap(*bufs[i].second, *bufs[j].second, op, bufs[i].first, bufs[j].first);
   const int64_t ws = pyops_block_similarity_workspace(rows, row_len, static_cast<int>(chunks));
+  const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor workspace = at::empty({ws}, a.options().dtype(at::kFloat));
   pyops_block_similarity_params p{};
   p.a = a.data_ptr();
@@ -62,54 +108,65 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   p.metric = metric.data_ptr<float>();
   p.reuse = reuse.data_ptr<int32_t>();
   p.workspace = workspace.data_ptr<float>();
-  p.dtype = dtype_code(a, op, "a");
+  p.dtype = dtype;
   p.rows = rows;
   p.row_len = row_len;
   p.chunks = static_cast<int>(chunks);
   p.groups = static_cast<int>(groups);
   p.threshold = static_cast<float>(threshold);
   p.eps = static_cast<float>(eps);
-  p.rule = static_cast<int>(rule);
-  p.warmup = static_cast<int>(warmup);
-  p.max_reuse = static_cast<int>(max_reuse);
-  p.num_steps = static_cast<int>(num_steps);
-  p.last_steps = static_cast<int>(last_steps);
+  p.rule = rule_i;
+  p.warmup = warmup_i;
+  p.max_reuse = max_reuse_i;
+  p.num_steps = num_steps_i;
+  p.last_steps = last_steps_i;
   p.all_groups = all_groups ? 1 : 0;
-  p.write_ref = static_cast<int>(write_ref);
-  const c10::cuda::CUDAGuard guard(a.device());
+  p.write_ref = write_ref_i;
   const int err = pyops_block_similarity(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "pyops.block_similarity: launch failed: ",
+  TORCH_CHECK(err == 0, op, ": launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 void cache_apply_cuda(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor reuse,
                       int64_t groups) {
-  const char* op = "cache_apply";
-  TORCH_CHECK(out.is_cuda(), "pyops.cache_apply: out must be a CUDA tensor");
-  check_cuda(out, out, op, "out");
-  check_cuda(out, x, op, "x");
-  check_cuda(out, residual, op, "residual");
-  check_cuda(out, reuse, op, "reuse");
-  TORCH_CHECK(x.sizes() == out.sizes() && residual.sizes() == out.sizes(),
-              "pyops.cache_apply: x and residual must have out's shape");
-  TORCH_CHECK(reuse.scalar_type() == at::kInt && reuse.numel() == groups,
-              "pyops.cache_apply: reuse must be (", groups, ",) int32");
-  TORCH_CHECK(out.dim() >= 1 && out.numel() > 0 && out.size(0) % groups == 0,
-              "pyops.cache_apply: batch must divide by groups");
+  using namespace pyops_bind;
+  const char* op = "pyops.cache_apply";
+  check_input(out, op, "out");
+  check_flat(out, out, op, "out");
+  check_flat(out, x, op, "x");
+  check_flat(out, residual, op, "residual");
+  check_flat(out, reuse, op, "reuse");
+  const int out_dtype = dtype_code(out, op, "out");
+  const int x_dtype = dtype_code(x, op, "x");
+  const int residual_dtype = dtype_code(residual, op, "residual");
+  TORCH_CHECK(x.sizes() == out.sizes() && residual.sizes() == out.sizes(), op,
+              ": x and residual must have out's shape ", out.sizes(), ", got ", x.sizes(),
+              " and ", residual.sizes());
+  TORCH_CHECK(out.dim() >= 1 && out.numel() > 0, op, ": out is empty (shape ", out.sizes(), ")");
+  check_int(groups, 1, kIntMax, op, "groups");
+  check_dtype(reuse, at::kInt, op, "reuse");
+  check_shape(reuse, {groups}, op, "reuse");
+  const int64_t rows = out.size(0);
+  TORCH_CHECK(rows % groups == 0, op, ": batch ", rows, " is not divisible by groups=", groups);
+  TORCH_CHECK(rows <= kIntMax, op, ": batch ", rows, " exceeds the grid limit ", kIntMax);
+  // out = x + residual element by element: out may be x or residual itself, never a shifted view.
+  check_no_partial_overlap(out, x, op, "out", "x");
+  check_no_partial_overlap(out, residual, op, "out", "residual");
+  check_no_overlap(out, reuse, op, "out", "reuse");
   pyops_cache_apply_params p{};
   p.out = out.data_ptr();
   p.x = x.data_ptr();
   p.residual = residual.data_ptr();
   p.reuse = reuse.data_ptr<int32_t>();
-  p.out_dtype = dtype_code(out, op, "out");
-  p.x_dtype = dtype_code(x, op, "x");
-  p.residual_dtype = dtype_code(residual, op, "residual");
-  p.rows = out.size(0);
-  p.row_len = out.numel() / p.rows;
+  p.out_dtype = out_dtype;
+  p.x_dtype = x_dtype;
+  p.residual_dtype = residual_dtype;
+  p.rows = rows;
+  p.row_len = out.numel() / rows;
   p.groups = static_cast<int>(groups);
   const c10::cuda::CUDAGuard guard(out.device());
   const int err = pyops_cache_apply(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "pyops.cache_apply: launch failed: ",
+  TORCH_CHECK(err == 0, op, ": launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 

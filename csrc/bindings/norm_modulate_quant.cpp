@@ -1,5 +1,16 @@
 // Binding of pyops::_norm_modulate_quant_cuda: tensor checks, then the torch-free launcher on the
 // current stream. No math here (spec: pyops/reference/norm_modulate_quant.py).
+//
+// What the kernel touches (so what is checked before the launch), for x (M, D):
+//   x             read at m*stride(0) + d*stride(1): any 2-D CUDA view (fp32/fp16/bf16);
+//   weight, bias  read at [0, D): contiguous (D,);
+//   shift, scale  row r = m / (M / Bm) read at r*stride(0) + d: (Bm, D) with unit stride along D,
+//                 Bm dividing M (stride(0) passed as 0 when Bm == 1); both with the same Bm
+//                 when both have more than one row; weight/bias/shift/scale of one float dtype;
+//   q             written at m*D + d: contiguous float8_e4m3fn (M, D);
+//   q_scale       written at m: contiguous float32 (M,);
+//   y (optional)  written at m*D + d: contiguous (M, D) fp32/fp16/bf16;
+//   the outputs share no memory with each other or with any input.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,42 +19,26 @@
 #include <optional>
 
 #include "../pyops_norm_modulate_quant.h"
+#include "binding_utils.h"
 
 namespace {
 
 constexpr const char* kOp = "pyops.norm_modulate_quant";
-
-pyops_dtype_t dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return PYOPS_DTYPE_F32;
-    case at::kHalf: return PYOPS_DTYPE_F16;
-    case at::kBFloat16: return PYOPS_DTYPE_BF16;
-    default:
-      TORCH_CHECK(false, kOp, ": ", name, " has dtype ", t.scalar_type(),
-                  "; supported: float32, float16, bfloat16");
-  }
-  return PYOPS_DTYPE_F32;
-}
-
-void check_on(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), kOp, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-}
 
 void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& shift,
                               const std::optional<at::Tensor>& scale, int64_t norm, double eps,
                               at::Tensor q, at::Tensor q_scale, std::optional<at::Tensor> y) {
-  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor");
+  using namespace pyops_bind;
+  check_input(x, kOp, "x");
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be a 2-D (M, D) view, got ", x.sizes());
   TORCH_CHECK(norm == PYOPS_NORM_LAYER || norm == PYOPS_NORM_RMS, kOp, ": norm code ", norm,
               " is not 0 (layer) or 1 (rms)");
-  TORCH_CHECK(eps >= 0.0, kOp, ": eps must be >= 0");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, kOp, ": eps must be finite and >= 0, got ", eps);
   const int64_t M = x.size(0), D = x.size(1);
   pyops_norm_modulate_quant_params p{};
-  p.x = x.data_ptr();
-  p.x_dtype = dtype_code(x, "x");
+  p.x_dtype = float_dtype(x, kOp, "x");
   p.M = M;
   p.D = D;
   p.stride_m = x.stride(0);
@@ -53,31 +48,27 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   p.rows_per_mod = M > 0 ? M : 1;
   p.param_dtype = PYOPS_DTYPE_F32;
   std::optional<at::ScalarType> pdt;
-  auto param_dtype = [&](const at::Tensor& t, const char* name) {
-    check_on(x, t, name);
+  auto param = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, x, kOp, name);
+    p.param_dtype = float_dtype(t, kOp, name);
     if (pdt.has_value()) {
       TORCH_CHECK(t.scalar_type() == *pdt, kOp, ": weight/bias/shift/scale must share one dtype, ",
                   name, " is ", t.scalar_type(), " and another is ", *pdt);
     }
     pdt = t.scalar_type();
-    p.param_dtype = dtype_code(t, name);
   };
-  if (weight.has_value()) {
-    param_dtype(*weight, "weight");
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == D && weight->is_contiguous(), kOp,
-                ": weight must be contiguous (", D, ",), got ", weight->sizes());
-    p.weight = weight->data_ptr();
-  }
-  if (bias.has_value()) {
-    param_dtype(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D && bias->is_contiguous(), kOp,
-                ": bias must be contiguous (", D, ",), got ", bias->sizes());
-    p.bias = bias->data_ptr();
-  }
+  auto vector = [&](const at::Tensor& t, const char* name) {
+    param(t, name);
+    check_shape(t, {D}, kOp, name);
+    check_contiguous(t, kOp, name);
+    return t.data_ptr();
+  };
+  if (weight.has_value()) p.weight = vector(*weight, "weight");
+  if (bias.has_value()) p.bias = vector(*bias, "bias");
   int64_t mod_rows = 1;
   auto modulation = [&](const at::Tensor& t, const char* name, int64_t* stride) {
-    param_dtype(t, name);
-    TORCH_CHECK(t.dim() == 2 && t.size(1) == D && (t.stride(1) == 1 || D == 1), kOp, ": ", name,
+    param(t, name);
+    TORCH_CHECK(t.dim() == 2 && t.size(1) == D && (t.stride(1) == 1 || D <= 1), kOp, ": ", name,
                 " must be (Bm, ", D, ") with unit stride along D, got sizes ", t.sizes(),
                 " strides ", t.strides());
     const int64_t bm = t.size(0);
@@ -95,24 +86,40 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   if (scale.has_value()) p.scale = modulation(*scale, "scale", &p.scale_stride);
   if (M > 0) p.rows_per_mod = M / mod_rows;
 
-  check_on(x, q, "q");
-  TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn && q.dim() == 2 && q.size(0) == M &&
-                  q.size(1) == D && q.is_contiguous(),
-              kOp, ": q must be contiguous float8_e4m3fn (", M, ", ", D, ")");
-  check_on(x, q_scale, "q_scale");
-  TORCH_CHECK(q_scale.scalar_type() == at::kFloat && q_scale.numel() == M &&
-                  q_scale.is_contiguous(),
-              kOp, ": q_scale must be contiguous float32 with ", M, " elements");
+  check_out(q, x, at::kFloat8_e4m3fn, kOp, "q");
+  check_shape(q, {M, D}, kOp, "q");
+  check_out(q_scale, x, at::kFloat, kOp, "q_scale");
+  check_shape(q_scale, {M}, kOp, "q_scale");
   p.q = reinterpret_cast<uint8_t*>(q.data_ptr());
   p.q_scale = q_scale.data_ptr<float>();
   if (y.has_value()) {
-    check_on(x, *y, "y");
-    TORCH_CHECK(y->dim() == 2 && y->size(0) == M && y->size(1) == D && y->is_contiguous(), kOp,
-                ": y must be contiguous (", M, ", ", D, ")");
+    check_cuda(*y, x, kOp, "y");
+    p.y_dtype = float_dtype(*y, kOp, "y");
+    check_shape(*y, {M, D}, kOp, "y");
+    check_contiguous(*y, kOp, "y");
+    check_aligned(*y, static_cast<int64_t>(y->element_size()), kOp, "y");
     p.y = y->data_ptr();
-    p.y_dtype = dtype_code(*y, "y");
   }
+  // Outputs: disjoint from every input and from each other.
+  const std::pair<const char*, const at::Tensor*> ins[] = {
+      {"x", &x},
+      {"weight", weight.has_value() ? &*weight : nullptr},
+      {"bias", bias.has_value() ? &*bias : nullptr},
+      {"shift", shift.has_value() ? &*shift : nullptr},
+      {"scale", scale.has_value() ? &*scale : nullptr}};
+  const std::pair<const char*, const at::Tensor*> outs[] = {
+      {"q", &q}, {"q_scale", &q_scale}, {"y", y.has_value() ? &*y : nullptr}};
+  for (const auto& o : outs) {
+    if (o.second == nullptr) continue;
+    for (const auto& i : ins)
+      if (i.second != nullptr) check_no_overlap(*o.second, *i.second, kOp, o.first, i.first);
+  }
+  for (size_t i = 0; i < 3; ++i)
+    for (size_t j = i + 1; j < 3; ++j)
+      if (outs[i].second != nullptr && outs[j].second != nullptr)
+        check_no_overlap(*outs[i].second, *outs[j].second, kOp, outs[i].first, outs[j].first);
   if (M == 0 || D == 0) return;
+  p.x = x.data_ptr();
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err =
       pyops_norm_modulate_quant(&p, c10::cuda::getCurrentCUDAStream().stream());

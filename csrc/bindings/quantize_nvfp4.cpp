@@ -1,5 +1,16 @@
 // Torch binding of pyops_quantize_nvfp4 (csrc/quantize_nvfp4.cu): checks, then one C ABI call on
 // the current stream. Spec: pyops/reference/quantize_nvfp4.py; Python: pyops/ops/quantize_nvfp4.py.
+//
+// What the kernel touches (so what is checked before the launch), nb = ceil(K/16):
+//   x             read at m*stride(0) + k*stride(1): any 2-D CUDA view (fp32/fp16/bf16);
+//   data          written at m*nb*8 + j with 2- or 4-byte stores: contiguous uint8 (M, nb*8),
+//                 4-byte aligned;
+//   scales        written at m*nb + b, or at the 128x4-tile offset inside the padded
+//                 (roundup(M,128), roundup(nb,4)) buffer when swizzled: contiguous uint8 of that
+//                 shape (the caller zero-fills the swizzled padding: not checkable without a sync);
+//   global_scale  one float, read (static) or memset + atomicMax + rewritten (computed):
+//                 contiguous float32 with one element, 4-byte aligned;
+//   none of x, data, scales, global_scale may share memory.
 #include <torch/library.h>
 
 #include "binding_utils.h"
@@ -11,7 +22,7 @@ constexpr const char* kOp = "pyops::_quantize_nvfp4_cuda";
 void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scales,
                          at::Tensor& global_scale, bool compute_global, bool swizzle) {
   using namespace pyops_bind;
-  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
+  check_input(x, kOp, "x");
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (M, K), got ", x.dim(), " dims");
   const pyops_dtype_t dtype = input_dtype(x, kOp);
   check_out(data, x, at::ScalarType::Byte, kOp, "data");
@@ -19,17 +30,20 @@ void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scal
   check_out(global_scale, x, at::ScalarType::Float, kOp, "global_scale");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t nb = (K + 15) / 16;
-  TORCH_CHECK(data.dim() == 2 && data.size(0) == M && data.size(1) == nb * 8, kOp,
-              ": data must have shape (", M, ", ", nb * 8, "), got ", data.sizes());
+  check_shape(data, {M, nb * 8}, kOp, "data");
   const int64_t sm = swizzle ? (M + 127) / 128 * 128 : M;
   const int64_t sn = swizzle ? (nb + 3) / 4 * 4 : nb;
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == sm && scales.size(1) == sn, kOp,
-              ": scales must have shape (", sm, ", ", sn, ")", swizzle ? " (swizzled)" : "",
-              ", got ", scales.sizes());
-  TORCH_CHECK(global_scale.numel() == 1, kOp, ": global_scale must hold one float, got ",
+  check_shape(scales, {sm, sn}, kOp, swizzle ? "scales (swizzled)" : "scales");
+  TORCH_CHECK(global_scale.numel() == 1, kOp, ": global_scale must hold one float, got shape ",
               global_scale.sizes());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(data.data_ptr()) % 4 == 0, kOp,
-              ": data must be 4-byte aligned");
+  check_aligned(data, 4, kOp, "data");
+  check_aligned(global_scale, 4, kOp, "global_scale");
+  check_no_overlap(data, x, kOp, "data", "x");
+  check_no_overlap(scales, x, kOp, "scales", "x");
+  check_no_overlap(global_scale, x, kOp, "global_scale", "x");
+  check_no_overlap(data, scales, kOp, "data", "scales");
+  check_no_overlap(data, global_scale, kOp, "data", "global_scale");
+  check_no_overlap(scales, global_scale, kOp, "scales", "global_scale");
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();

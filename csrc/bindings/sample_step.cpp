@@ -1,72 +1,87 @@
 // Binding of pyops::_sample_step_cuda: tensor checks, then the torch-free launcher on the
 // current stream. No math here (spec: pyops/reference/sample_step.py).
+//
+// The kernel reads and writes element i < n = state.numel() of every buffer as a flat array:
+//   state          read and written: contiguous fp32/fp16/bf16 CUDA tensor;
+//   x_out (opt.)   written: contiguous, state's shape, sharing no memory with state;
+//   cond, uncond (opt.), noise (opt.)  read: contiguous, state's shape, on state's device; they
+//                  may be state / x_out themselves (element i is read before it is written by
+//                  the same thread) but never a shifted view of them.
+//   alpha, beta, zeta, guidance are passed on as float32 and must be finite there.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "../pyops_sample_step.h"
+#include "binding_utils.h"
 
 namespace {
+
+constexpr const char* kOp = "pyops.sample_step";
 
 int dtype_code(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return PYOPS_SS_FLOAT32;
     case at::kBFloat16: return PYOPS_SS_BFLOAT16;
     case at::kHalf: return PYOPS_SS_FLOAT16;
-    default: TORCH_CHECK(false, "pyops.sample_step: ", name, " has dtype ", t.scalar_type(),
+    default: TORCH_CHECK(false, kOp, ": ", name, " has dtype ", t.scalar_type(),
                          "; supported: float32, bfloat16, float16");
   }
   return -1;
 }
 
-void check_like(const at::Tensor& state, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "pyops.sample_step: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == state.device(), "pyops.sample_step: ", name, " is on ", t.device(),
-              " but state is on ", state.device());
-  TORCH_CHECK(t.numel() == state.numel(), "pyops.sample_step: ", name, " has ", t.numel(),
-              " elements, state has ", state.numel());
-  TORCH_CHECK(t.is_contiguous(), "pyops.sample_step: ", name, " must be contiguous");
+// A buffer of the step: CUDA on state's device, state's shape, contiguous, element-aligned.
+int check_like(const at::Tensor& state, const at::Tensor& t, const char* name) {
+  using namespace pyops_bind;
+  check_cuda(t, state, kOp, name);
+  const int code = dtype_code(t, name);
+  TORCH_CHECK(t.sizes() == state.sizes(), kOp, ": ", name, " has shape ", t.sizes(),
+              ", state has ", state.sizes());
+  check_contiguous(t, kOp, name);
+  check_aligned(t, static_cast<int64_t>(t.element_size()), kOp, name);
+  return code;
 }
 
 void sample_step_cuda(at::Tensor state, std::optional<at::Tensor> x_out, at::Tensor cond,
                       std::optional<at::Tensor> uncond, std::optional<at::Tensor> noise,
                       double alpha, double beta, double zeta, double guidance) {
-  TORCH_CHECK(state.is_cuda(), "pyops.sample_step: state must be a CUDA tensor");
-  TORCH_CHECK(state.is_contiguous(), "pyops.sample_step: state must be contiguous");
-  check_like(state, cond, "cond");
+  using namespace pyops_bind;
+  check_input(state, kOp, "state");
   pyops_sample_step_params p{};
-  p.state = state.data_ptr();
-  p.state_dtype = dtype_code(state, "state");
-  p.cond = cond.data_ptr();
-  p.cond_dtype = dtype_code(cond, "cond");
+  p.state_dtype = check_like(state, state, "state");
+  p.cond_dtype = check_like(state, cond, "cond");
   if (x_out.has_value()) {
-    check_like(state, *x_out, "x_out");
-    TORCH_CHECK(x_out->data_ptr() != state.data_ptr(),
-                "pyops.sample_step: x_out must not alias state");
-    p.x_out = x_out->data_ptr();
-    p.x_out_dtype = dtype_code(*x_out, "x_out");
+    p.x_out_dtype = check_like(state, *x_out, "x_out");
+    check_no_overlap(*x_out, state, kOp, "x_out", "state");
   }
-  if (uncond.has_value()) {
-    check_like(state, *uncond, "uncond");
-    p.uncond = uncond->data_ptr();
-    p.uncond_dtype = dtype_code(*uncond, "uncond");
+  if (uncond.has_value()) p.uncond_dtype = check_like(state, *uncond, "uncond");
+  if (noise.has_value()) p.noise_dtype = check_like(state, *noise, "noise");
+  const std::pair<const char*, const at::Tensor*> reads[] = {
+      {"cond", &cond},
+      {"uncond", uncond.has_value() ? &*uncond : nullptr},
+      {"noise", noise.has_value() ? &*noise : nullptr}};
+  for (const auto& r : reads) {
+    if (r.second == nullptr) continue;
+    check_no_partial_overlap(*r.second, state, kOp, r.first, "state");
+    if (x_out.has_value()) check_no_partial_overlap(*r.second, *x_out, kOp, r.first, "x_out");
   }
-  if (noise.has_value()) {
-    check_like(state, *noise, "noise");
-    p.noise = noise->data_ptr();
-    p.noise_dtype = dtype_code(*noise, "noise");
-  }
+  p.alpha = check_finite_float(alpha, kOp, "alpha");
+  p.beta = check_finite_float(beta, kOp, "beta");
+  p.zeta = check_finite_float(zeta, kOp, "zeta");
+  p.guidance = check_finite_float(guidance, kOp, "guidance");
   p.n = state.numel();
-  p.alpha = static_cast<float>(alpha);
-  p.beta = static_cast<float>(beta);
-  p.zeta = static_cast<float>(zeta);
-  p.guidance = static_cast<float>(guidance);
+  if (p.n == 0) return;
+  p.state = state.data_ptr();
+  p.cond = cond.data_ptr();
+  if (x_out.has_value()) p.x_out = x_out->data_ptr();
+  if (uncond.has_value()) p.uncond = uncond->data_ptr();
+  if (noise.has_value()) p.noise = noise->data_ptr();
   const c10::cuda::CUDAGuard guard(state.device());
   const int err = pyops_sample_step(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "pyops.sample_step: launch failed: ",
+  TORCH_CHECK(err == 0, kOp, ": launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
