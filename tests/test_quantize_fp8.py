@@ -9,7 +9,7 @@ import pyops
 from pyops.reference import quantize_fp8 as ref
 
 from _util import (BACKENDS, DEVICE, HAS_CUDA, assert_bits_equal, make_input, need_backend,
-                   non_contiguous)
+                   non_contiguous, registered_backends)
 
 GRANS = list(ref.GRANULARITIES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -131,9 +131,22 @@ def test_backend_bit_exact(backend, gran, shape):
         want = pyops.quantize_fp8(x.cpu(), gran, backend="reference")
         assert_bits_equal(got.data, want.data, f"q {dtype} {kind}")
         assert_bits_equal(got.scale, want.scale, f"scale {dtype} {kind}")
+
+
+# Only the backends dequantize_fp8 registers (a "cuda" one is picked up once it exists).
+@pytest.mark.parametrize("backend", registered_backends("dequantize_fp8"))
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_backend_bit_exact(backend, gran, shape):
+    need_backend("dequantize_fp8", backend)
+    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
+                        (torch.float32, "wide")]:
+        t = pyops.quantize_fp8(make_input(shape, dtype, kind, device="cpu"), gran,
+                               backend="reference")
+        data, scale = t.data.to(DEVICE), t.scale.to(DEVICE)
         for out in DTYPES:
-            assert_bits_equal(got.dequantize(out, backend=backend),
-                              want.dequantize(out, backend="reference"), f"deq {out}")
+            assert_bits_equal(pyops.dequantize_fp8(data, scale, gran, out, backend=backend),
+                              t.dequantize(out, backend="reference"), f"deq {dtype} {out}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

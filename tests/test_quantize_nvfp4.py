@@ -9,7 +9,7 @@ import pyops
 from pyops.reference import quantize_nvfp4 as ref
 
 from _util import (BACKENDS, DEVICE, assert_bits_equal, make_input, need_backend,
-                   non_contiguous)
+                   non_contiguous, registered_backends)
 
 E2M1 = torch.tensor(ref.E2M1_VALUES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -163,9 +163,25 @@ def test_backend_bit_exact(backend, shape, swizzle, static):
         assert_bits_equal(got.data, want.data, f"data {dtype} {kind}")
         assert_bits_equal(got.scales, want.scales, f"scales {dtype} {kind}")
         assert_bits_equal(got.global_scale, want.global_scale, "global")
+
+
+# Only the backends dequantize_nvfp4 registers (a "cuda" one is picked up once it exists).
+@pytest.mark.parametrize("backend", registered_backends("dequantize_nvfp4"))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("swizzle", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_dequantize_backend_bit_exact(backend, shape, swizzle, static):
+    need_backend("dequantize_nvfp4", backend)
+    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
+                        (torch.float32, "wide")]:
+        x = make_input(shape, dtype, kind, device="cpu")
+        gs = (x.float().abs().amax() / 1000.0 + 1e-30) if static else None
+        t = q(x, global_scale=gs, swizzle=swizzle, backend="reference")
+        dev = [a.to(DEVICE) for a in (t.data, t.scales, t.global_scale)]
         for out in DTYPES:
-            assert_bits_equal(got.dequantize(out, backend=backend),
-                              want.dequantize(out, backend="reference"), f"deq {out}")
+            assert_bits_equal(pyops.dequantize_nvfp4(*dev, shape[1], swizzled=swizzle, dtype=out,
+                                                     backend=backend),
+                              t.dequantize(out, backend="reference"), f"deq {dtype} {out}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
