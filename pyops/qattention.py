@@ -206,6 +206,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     precision: "int8" | "fp8" | "int8_fp16pv" | "nvfp4" (native dot_scaled QK^T on sm_100 /
     sm_120, emulated elsewhere) | "bf16".
     backend: "triton" | "reference" | None (auto: Triton on CUDA, the reference on CPU).
+    head_dim: any D >= 1 in every precision (the kernel pads 1..127, larger runs the reference
+    with a warning; see the module docstring).
+
+    inf / NaN (no host sync to check; the spec is ``pyops/reference/attention.py``): every
+    statistic over tokens (Q's per-channel amax for the Q/K smoothing, K's per-channel max/min
+    for its shift and the smoothing) leaves out token rows holding inf/NaN, and such a row gets
+    per-token scale NaN and codes 0. So a bad query row gives NaN in its own output row and lse
+    only, the other rows are computed exactly as without it (SDPA: the same); a bad key row
+    gives NaN in every query row that attends to it (SDPA: the same for NaN; for inf SDPA can
+    keep rows whose score is -inf, here they are NaN too). V is scaled per channel over all
+    keys: a V channel holding inf/NaN gets scale NaN, i.e. that channel is NaN in every output
+    row of its kv head (non-causal SDPA: the same; causal SDPA keeps the earlier rows).
+    "bf16" quantizes nothing and follows the same softmax arithmetic as SDPA.
+
+    Raises TypeError / ValueError (before any launch) for: dtypes other than bf16/fp16 or
+    differing, tensors that are not 4-D or empty, devices that differ, an unknown layout or
+    precision, mismatched batch / head_dim / k-v shapes, Hq not a multiple of Hk, a scale that
+    is not finite and > 0, head_dim > 128 with an explicit ``backend="triton"``, and (Triton)
+    batch * heads > 65535.
     """
     _check(q, k, v, layout, precision, scale)
     D = q.shape[-1]

@@ -130,6 +130,35 @@ def test_prepass_matches_reference(prec):
         assert bad <= (2e-3 if rotate or prec != "fp8" else 0.0), bad
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("prec", ["fp8", "int8", "int8_fp16pv", "nvfp4"])
+def test_prepass_nonfinite_matches_reference(prec, rotate):
+    """The inf/NaN rule in the pre-pass, kernel vs reference: a bad Q or K token row gets codes 0
+    and scale NaN (Q: lse correction NaN too) and leaves the other rows' scales and codes as
+    they are; a V channel holding inf/NaN gets scale NaN and codes 0."""
+    from pyops.triton_kernels import attention_quant as tq
+    q, k, v = R.make_inputs(1, 4, 2, 37, 50, 64, "outlier", seed=8, device=DEVICE)
+    q[0, 1, 3, 7], q[0, 2, 30, 0] = float("nan"), float("-inf")
+    k[0, 0, 11, 5], k[0, 1, 49, 63] = float("inf"), float("nan")
+    v[0, 1, 20, 9] = float("nan")
+    out = tq.quantize_qkv(q, k, v, prec, 0.125, rotate=rotate, block_t=16)
+    qc, qs, kc, ks, vc, vs, qb = R.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), prec, 0.125,
+                                                rotate=rotate)
+    o = {n: t.cpu() for n, t in out.items() if torch.is_tensor(t)}
+    for n, want in (("qs", qs), ("ks", ks), ("qb", qb), ("vs", vs)):
+        bad = torch.isnan(want)
+        assert torch.equal(torch.isnan(o[n]), bad), n
+        torch.testing.assert_close(o[n][~bad], want[~bad], rtol=1e-5, atol=1e-4)
+    assert [tuple(i) for i in torch.isnan(qs).nonzero().tolist()] == [(0, 1, 3), (0, 2, 30)]
+    assert [tuple(i) for i in torch.isnan(ks).nonzero().tolist()] == [(0, 0, 11), (0, 1, 49)]
+    assert [tuple(i) for i in torch.isnan(vs).nonzero().tolist()] == [(0, 1, 9)]
+    assert torch.equal(_dec(o["vt"][..., :50]).transpose(-1, -2), vc)
+    assert (vc[0, 1, :, 9] == 0).all()
+    for got, want, s_ in ((_dec(o["qc"]), qc, qs), (_dec(o["kc"]), kc, ks)):
+        assert (got[torch.isnan(s_)] == 0).all() and (want[torch.isnan(s_)] == 0).all()
+        assert (got != want).float().mean().item() <= (2e-3 if rotate else 0.0)
+
+
 # ---- kernel vs the simulated reference --------------------------------------------------------
 def _lse_slack(q, k, v, prec, scale, causal):
     """Per query row, how far the lse may move from the simulated reference's because the
@@ -389,6 +418,116 @@ def test_errors():
             attention(*big)
     out = attention(*big)  # auto on CPU: the reference (no kernel involved)
     assert out.shape == big[0].shape
+
+
+# ---- inf / NaN inputs ------------------------------------------------------------------------------
+# The rule (pyops.attention's docstring): statistics over tokens (Q's channel amax for the Q/K
+# smoothing, K's channel max/min for its shift, the smoothing and the group scales) leave out a
+# token row holding inf/NaN; that row itself gets scale NaN and codes 0, so a bad query row
+# gives NaN in its own output row and lse only, and a bad key row NaN in every query row that
+# attends to it (as SDPA). V is quantized per channel over all keys: a non-finite V value makes
+# its channel's scale NaN, i.e. that channel of every output row (as non-causal SDPA).
+_BAD = {"nan": float("nan"), "inf": float("inf")}
+
+
+def _nf_inputs(seed):
+    return R.make_inputs(1, 4, 2, 20, 24, 64, "outlier", dtype=torch.float16, seed=seed,
+                         device=DEVICE)
+
+
+def _nf_run(q, k, v, prec, causal, backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o, lse = attention(q, k, v, precision=prec, causal=causal, return_lse=True,
+                           backend=backend)
+    return o.cpu().float(), lse.cpu()
+
+
+def _sdpa_nonfinite(q, k, v, causal):
+    o = F.scaled_dot_product_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(),
+                                       is_causal=causal, enable_gqa=True)
+    return ~torch.isfinite(o)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("prec", PRECS)
+def test_nonfinite_query_row(prec, bad, backend, small_blocks):
+    """One inf/NaN in one query row: that row (and its lse) non-finite, as in SDPA; every other
+    row equals the run where the bad row is a copy of its neighbour (a duplicate row changes no
+    amax: the same statistics)."""
+    q, k, v = _nf_inputs(21)
+    h, r, c = 1, 6, 5  # query head 1 shares kv head 0 (and the Q/K smoothing) with head 0
+    qb = q.clone()
+    qb[0, h, r, c] = _BAD[bad]
+    qc = q.clone()
+    qc[0, h, r] = q[0, h, r - 1]
+    for causal in (False, True):
+        o, lse = _nf_run(qb, k, v, prec, causal, backend)
+        oc, lc = _nf_run(qc, k, v, prec, causal, backend)
+        want = torch.zeros_like(o, dtype=torch.bool)
+        want[0, h, r] = True
+        assert torch.equal(~torch.isfinite(o), want), (causal, (~torch.isfinite(o)).nonzero())
+        assert torch.equal(_sdpa_nonfinite(qb, k, v, causal), want)
+        assert not torch.isfinite(lse[0, h, r]) and torch.isfinite(lse).sum() == lse.numel() - 1
+        keep = ~want[..., 0]
+        assert torch.equal(o[keep], oc[keep]), causal
+        assert torch.equal(lse[keep], lc[keep]), causal
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("prec", PRECS)
+def test_nonfinite_key_row(prec, bad, backend, small_blocks):
+    """One inf/NaN in key row j of kv head 0: non-finite output exactly in the query rows that
+    attend to key j (heads 0 and 1; causal: rows >= j) -- SDPA's pattern for NaN (for inf SDPA
+    can give finite rows where q . k_j = -inf; the quantized path makes every attending row
+    NaN). The other kv head's rows, and causally earlier rows, equal the run with key j a copy
+    of key j - 1."""
+    q, k, v = _nf_inputs(22)
+    j, c = 9, 30
+    kb = k.clone()
+    kb[0, 0, j, c] = _BAD[bad]
+    kc = k.clone()
+    kc[0, 0, j] = k[0, 0, j - 1]
+    for causal in (False, True):
+        o, lse = _nf_run(q, kb, v, prec, causal, backend)
+        oc, lc = _nf_run(q, kc, v, prec, causal, backend)
+        rows = torch.zeros(q.shape[:3], dtype=torch.bool)
+        rows[0, :2, j if causal else 0:] = True  # the query rows attending to key j
+        bad_rows = ~torch.isfinite(o).all(-1)
+        sd = _sdpa_nonfinite(q, kb, v, causal).any(-1)
+        if bad == "nan" or prec == "bf16":
+            assert torch.equal(bad_rows, sd), causal
+        else:
+            assert torch.equal(bad_rows, rows) and not (sd & ~rows).any(), causal
+        assert (~torch.isfinite(o[bad_rows])).all()  # a bad row is non-finite throughout
+        assert torch.equal(~torch.isfinite(lse), bad_rows)
+        keep = ~rows
+        assert torch.equal(o[keep], oc[keep]), causal
+        assert torch.equal(lse[keep], lc[keep]), causal
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("prec", PRECS)
+def test_nonfinite_value(prec, bad, backend, small_blocks):
+    """One inf/NaN in V (kv head 1, key j, channel c), non-causal: channel c of every row of
+    heads 2 and 3 non-finite (as SDPA); all other outputs equal the run with that value a copy
+    of the previous key's."""
+    q, k, v = _nf_inputs(23)
+    j, c = 4, 17
+    vb = v.clone()
+    vb[0, 1, j, c] = _BAD[bad]
+    vc = v.clone()
+    vc[0, 1, j, c] = v[0, 1, j - 1, c]
+    o, lse = _nf_run(q, k, vb, prec, False, backend)
+    oc, lc = _nf_run(q, k, vc, prec, False, backend)
+    want = torch.zeros_like(o, dtype=torch.bool)
+    want[0, 2:, :, c] = True
+    assert torch.equal(~torch.isfinite(o), want)
+    assert torch.equal(_sdpa_nonfinite(q, k, vb, False), want)
+    assert torch.equal(o[~want], oc[~want]) and torch.equal(lse, lc)
 
 
 # ---- SDPA wrapper ------------------------------------------------------------------------------

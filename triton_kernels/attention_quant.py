@@ -19,6 +19,11 @@ Both read the inputs with any strides (int64 offsets). Reads: Q once... K and V 
 quantize); writes one byte per element (fp8/int8) or two (fp16 codes). Counted in every
 benchmark number of pyops.attention.
 
+inf/NaN (the reference's rule): the statistics leave out Q and K token rows holding inf/NaN; such
+a row, after the transforms, is quantized as zeros and gets scale NaN (Q: lse correction NaN); a
+V channel holding inf/NaN (its partial amax stored as NaN) gets scale NaN and codes 0. Explicit
+selects, not NaN propagation: tl.max / tl.maximum drop NaN (maxNum, GPU and interpreter alike).
+
 QK kinds: 1 fp8 e4m3 (uint8 bytes), 2 int8, 3 nvfp4 (E2M1 x E4M3-per-16 decoded exactly to fp16;
 per-token fp32 second level in the scale). PV kinds: 1 fp8 e4m3 bytes, 2 fp16.
 """
@@ -43,6 +48,12 @@ PV_KIND = {"fp8": 1, "int8": 1, "int8_fp16pv": 2, "nvfp4": 1}
 
 
 @triton.jit
+def _finite_rows(x):
+    """x (R, C) -> (R,) bool: the row holds no inf and no NaN."""
+    return tl.min(tl.where(tl.abs(x) < float("inf"), 1, 0), axis=1) > 0
+
+
+@triton.jit
 def _qkv_stats_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
                       n_qh, Hq, Hk, Sq, Sk, chq, chk, NCH,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -62,6 +73,7 @@ def _qkv_stats_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
             rows = t0 + tt.to(tl.int64)
             m = (rows < t_hi)[:, None]
             x = load_f32(q_ptr, base + rows[:, None] * sqs + d[None, :] * sqd, m, IS_BF16)
+            x = tl.where(_finite_rows(x)[:, None], x, 0.0)  # non-finite tokens left out
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         tl.store(qa_ptr + (pid.to(tl.int64) * NCH + ch) * D + d, amax)
     else:
@@ -73,20 +85,23 @@ def _qkv_stats_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         kmx = tl.full([D], float("-inf"), dtype=tl.float32)
         kmn = tl.full([D], float("inf"), dtype=tl.float32)
         va = tl.zeros([D], dtype=tl.float32)
+        vbad = tl.zeros([D], dtype=tl.int32)
         t_lo = ch * chk
         t_hi = tl.minimum(t_lo + chk, Sk)
         for t0 in range(t_lo, t_hi, BT):
             rows = t0 + tt.to(tl.int64)
             m = (rows < t_hi)[:, None]
             x = load_f32(k_ptr, kbase + rows[:, None] * sks + d[None, :] * skd, m, IS_BF16)
-            kmx = tl.maximum(kmx, tl.max(tl.where(m, x, float("-inf")), axis=0))
-            kmn = tl.minimum(kmn, tl.min(tl.where(m, x, float("inf")), axis=0))
+            ok = m & _finite_rows(x)[:, None]  # non-finite tokens left out
+            kmx = tl.maximum(kmx, tl.max(tl.where(ok, x, float("-inf")), axis=0))
+            kmn = tl.minimum(kmn, tl.min(tl.where(ok, x, float("inf")), axis=0))
             y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, m, IS_BF16)
             va = tl.maximum(va, tl.max(tl.abs(y), axis=0))
+            vbad = tl.maximum(vbad, tl.max(tl.where(tl.abs(y) < float("inf"), 0, 1), axis=0))
         o = (p.to(tl.int64) * NCH + ch) * D + d
         tl.store(kmx_ptr + o, kmx)
         tl.store(kmn_ptr + o, kmn)
-        tl.store(va_ptr + o, va)
+        tl.store(va_ptr + o, tl.where(vbad > 0, float("nan"), va))  # NaN: channel not finite
 
 
 @triton.jit
@@ -229,6 +244,8 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if ROTATE:
             x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
                        else "tf32")
+        ok = _finite_rows(x)  # a row holding inf/NaN: codes 0, scale and lse correction NaN
+        x = tl.where(ok[:, None], x, 0.0)
         obh = bh.to(tl.int64)
         if NATIVE:  # packed E2M1 codes (Sq, D/2) + E4M3 scale bytes (Sq, D/16)
             s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
@@ -241,8 +258,8 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         else:
             c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
             tl.store(qc_ptr + (obh * Sq + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
-        tl.store(qs_ptr + obh * Sq + rows, s * c_log2, mask=rm)
-        tl.store(qb_ptr + obh * Sq + rows, qb, mask=rm)
+        tl.store(qs_ptr + obh * Sq + rows, tl.where(ok, s * c_log2, float("nan")), mask=rm)
+        tl.store(qb_ptr + obh * Sq + rows, tl.where(ok, qb, float("nan")), mask=rm)
     else:
         rows = tb.to(tl.int64) * BT + tt
         rm = rows < Sk
@@ -255,6 +272,8 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if ROTATE:
             x = tl.dot(x, _hadamard(D, LOG_D, RSQRT_D), input_precision="ieee" if INTERPRET
                        else "tf32")
+        ok = _finite_rows(x)  # a row holding inf/NaN: codes 0, scale NaN
+        x = tl.where(ok[:, None], x, 0.0)
         if NATIVE:
             s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
             dh = tl.arange(0, D // 2)
@@ -266,10 +285,13 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         else:
             c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
             tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * D + d[None, :], c, mask=rm[:, None])
-        tl.store(ks_ptr + bhk * Sk + rows, s, mask=rm)
-        # V: per-channel scale over all tokens, codes written transposed (B, Hk, D, Sk_pad)
-        va = tl.max(tl.load(va_ptr + sofs, mask=cm, other=0.0), axis=0)
-        vs = tl.maximum(tl.math.div_rn(va, FP8_MAX), FLT_MIN)
+        tl.store(ks_ptr + bhk * Sk + rows, tl.where(ok, s, float("nan")), mask=rm)
+        # V: per-channel scale over all tokens, codes written transposed (B, Hk, D, Sk_pad);
+        # a channel holding inf/NaN (a NaN partial): scale NaN, codes 0
+        vp = tl.load(va_ptr + sofs, mask=cm, other=0.0)
+        vnan = tl.max(tl.where(vp == vp, 0, 1), axis=0) > 0
+        vs = tl.maximum(tl.math.div_rn(tl.max(vp, axis=0), FP8_MAX), FLT_MIN)
+        vs = tl.where(vnan, float("nan"), vs)
         vbase = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
         y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, rm[:, None], IS_BF16)
         y = tl.math.div_rn(y, vs[None, :])
@@ -278,6 +300,7 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
             yc = e4m3_bits(y, SOFT)
         else:
             yc = y.to(tl.float16)
+        yc = tl.where(vnan[None, :], tl.zeros_like(yc), yc)
         tl.store(vt_ptr + (bhk * D + d[None, :]) * Sk_pad + rows[:, None], yc, mask=rm[:, None])
         if tb == 0:
             tl.store(vs_ptr + bhk * D + d, vs)

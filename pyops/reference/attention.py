@@ -31,6 +31,13 @@ computes in fp32, key block by key block, the way the kernel does. The recipe (p
            (the "promotion once per key block"); l = l * alpha + rowsum(p) (unquantized p)
     O      = acc / l * s_v / p_scale;   lse = (m + log2 l) * ln 2 + scale * Q . shift
 
+Non-finite inputs (the kernels follow the same rule): a token row of Q or K holding inf/NaN is
+left out of every statistic over tokens (Q's channel amax, K's channel max/min or mean), and
+after the transforms gets scale NaN and codes 0 (its lse correction qb NaN too): a bad query
+row is NaN in its own output row and lse only, a bad key row makes every query row attending to
+it NaN (as SDPA with a NaN key). A V channel
+holding inf/NaN gets scale NaN and codes 0, i.e. it is NaN in every output row of its kv head.
+
 Defaults: all three transforms on. Options for studying the recipe: ``smooth_k``, ``rotate``
 (a shared orthonormal Hadamard rotation of Q and K along D: Q K^T is unchanged, outlier
 channels are spread over all channels),
@@ -135,17 +142,29 @@ def quant_nvfp4_tokens(x: torch.Tensor):
 
 
 def quant_v_channels(v: torch.Tensor, kind: str):
-    """v (B, H, S, D) fp32 -> (codes as fp32, scale (B, H, D)), per channel over all tokens."""
+    """v (B, H, S, D) fp32 -> (codes as fp32, scale (B, H, D)), per channel over all tokens.
+    A channel holding inf/NaN gets scale NaN and codes 0 (the FP8 quantizers' group rule)."""
+    bad = ~torch.isfinite(v).all(dim=-2)
     s = torch.clamp_min(v.abs().amax(dim=-2) / FP8_MAX, FLT_MIN)
     x = (v / s[..., None, :]).clamp(-FP8_MAX, FP8_MAX)
     if kind == "fp8":
-        return x.to(torch.float8_e4m3fn).float(), s
-    if kind == "fp16":
-        return x.to(torch.float16).float(), s
-    raise ValueError(kind)
+        x = x.to(torch.float8_e4m3fn).float()
+    elif kind == "fp16":
+        x = x.to(torch.float16).float()
+    else:
+        raise ValueError(kind)
+    return x.masked_fill(bad[..., None, :], 0.0), s.masked_fill(bad, float("nan"))
 
 
 def quantize_qk(x: torch.Tensor, kind: str, group: int = 1):
+    """Per-token codes and scales of x (..., S, D). A token row holding inf/NaN gets scale NaN and
+    codes 0 and is left out of the group amax of the others (``group`` > 1)."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    c, s = _quantize_qk(x.masked_fill(bad[..., None], 0.0), kind, group)
+    return c.masked_fill(bad[..., None], 0.0), s.masked_fill(bad, float("nan"))
+
+
+def _quantize_qk(x: torch.Tensor, kind: str, group: int):
     if kind == "fp8":
         return quant_fp8_tokens(x, group)
     if kind == "int8":
@@ -168,23 +187,28 @@ def qkv_transform(q, k, *, smooth_k=True, smooth_qk=True, rotate=True):
     power of two first: Q' and K' may then be wider than D)."""
     D = q.shape[-1]
     qf, kf = q.float(), k.float()
-    kmax, kmin = kf.amax(dim=-2), kf.amin(dim=-2)  # (B, Hk, D)
+    # statistics over tokens leave out token rows holding inf/NaN (their own outputs are NaN)
+    qok = torch.isfinite(qf).all(dim=-1, keepdim=True)
+    kok = torch.isfinite(kf).all(dim=-1, keepdim=True)
+    kmax = kf.masked_fill(~kok, float("-inf")).amax(dim=-2)  # (B, Hk, D)
+    kmin = kf.masked_fill(~kok, float("inf")).amin(dim=-2)
     shift = None
     if smooth_k in (True, "mid"):
         shift = (kmax + kmin) * 0.5
         kf = kf - shift[..., None, :]
         ka = (kmax - kmin) * 0.5
     elif smooth_k == "mean":
-        shift = kf.mean(dim=-2)
+        shift = kf.masked_fill(~kok, 0.0).sum(dim=-2) / kok.sum(dim=-2)
         kf = kf - shift[..., None, :]
-        ka = kf.abs().amax(dim=-2)
+        ka = kf.abs().masked_fill(~kok, 0.0).amax(dim=-2)
     elif not smooth_k:
         ka = torch.maximum(kmax.abs(), kmin.abs())
     else:
         raise ValueError(f"smooth_k must be True, 'mid', 'mean' or False, got {smooth_k!r}")
     if smooth_qk:
         hq, hk = q.shape[1], k.shape[1]
-        qa = qf.abs().amax(dim=-2).view(q.shape[0], hk, hq // hk, D).amax(dim=2)  # (B, Hk, D)
+        qa = qf.abs().masked_fill(~qok, 0.0).amax(dim=-2)
+        qa = qa.view(q.shape[0], hk, hq // hk, D).amax(dim=2)  # (B, Hk, D)
         t = torch.sqrt(torch.clamp_min(ka, FLT_MIN) / torch.clamp_min(qa, FLT_MIN))
         kf = kf / t[..., None, :]
         qf = qf * expand_kv(t[..., None, :], hq)
@@ -217,6 +241,7 @@ def quantize_qkv(q, k, v, precision: str, scale=None, *, smooth_k=True, smooth_q
         qb = torch.zeros(q.shape[:-1], device=q.device)
     else:  # lse correction: the shifted-away part of the scores, natural-log units
         qb = (q.float() * expand_kv(shift[..., None, :], q.shape[1])).sum(-1) * (c * LN2)
+    qb = qb.masked_fill(torch.isnan(qs), float("nan"))  # a non-finite query row: lse NaN
     return qc, qs * c, kc, ks, vc, vs, qb
 
 
