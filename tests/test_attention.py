@@ -420,7 +420,7 @@ def test_errors():
     assert out.shape == big[0].shape
 
 
-# ---- inf / NaN inputs ------------------------------------------------------------------------------
+# ---- inf / NaN inputs --------------------------------------------------------------------------
 # The rule (pyops.attention's docstring): statistics over tokens (Q's channel amax for the Q/K
 # smoothing, K's channel max/min for its shift, the smoothing and the group scales) leave out a
 # token row holding inf/NaN; that row itself gets scale NaN and codes 0, so a bad query row
