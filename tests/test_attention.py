@@ -171,7 +171,7 @@ def _lse_slack(q, k, v, prec, scale, causal):
     1-Lipschitz in the max norm of a row's scores, so |lse_kernel - lse_ref| <= max_j
     |S_kernel - S_ref| + |qb_kernel - qb_ref| + the fp32 summation error; this returns the
     first two terms, computed from both pre-passes' codes and scales. The code flips themselves
-    are bounded (<= 0.2%) here and in test_prepass_matches_reference."""
+    are bounded (<= 0.2%, CPU) here and in test_prepass_matches_reference."""
     if prec == "bf16":
         return torch.zeros(q.shape[:3], dtype=torch.float64)
     from pyops.triton_kernels import attention_quant as tq

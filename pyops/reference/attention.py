@@ -35,8 +35,8 @@ Non-finite inputs (the kernels follow the same rule): a token row of Q or K hold
 left out of every statistic over tokens (Q's channel amax, K's channel max/min or mean), and
 after the transforms gets scale NaN and codes 0 (its lse correction qb NaN too): a bad query
 row is NaN in its own output row and lse only, a bad key row makes every query row attending to
-it NaN (as SDPA with a NaN key). A V channel
-holding inf/NaN gets scale NaN and codes 0, i.e. it is NaN in every output row of its kv head.
+it NaN (as SDPA with a NaN key). A V channel holding inf/NaN gets scale NaN and codes 0, i.e. it
+is NaN in every output row of its kv head.
 
 Defaults: all three transforms on. Options for studying the recipe: ``smooth_k``, ``rotate``
 (a shared orthonormal Hadamard rotation of Q and K along D: Q K^T is unchanged, outlier
