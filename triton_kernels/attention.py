@@ -25,7 +25,29 @@ head h to kv head h // (Hq // Hk)). Main loop over BLOCK_N keys:
 Tails are masked (keys j >= Sk get -inf, rows i >= Sq are not stored); causal is top-left.
 Offsets are int64. Under the interpreter (CPU) the operands are decoded to fp32 with exact bit
 arithmetic and the dots run in fp32 (the interpreter's fp8/bf16 casts and bf16 dot are wrong);
-on a GPU the dots take the fp8/int8/fp16/bf16 operands natively.
+on a GPU the dots take the fp8/int8/fp16/bf16 operands natively. Conversions follow SOFT
+(``_cvt.use_soft_cvt``), not INTERPRET, so the GPU branch can also run under the interpreter
+(test hook ``GPU_BRANCH_IN_INTERPRETER``) and ``PYOPS_TRITON_SOFT_CVT=1`` reaches every cast.
+
+NVFP4 on sm_90 (the emulated path). Measured on an H200 (Triton 3.6): "nvfp4" gave cos 0.728 (D
+64) / 0.832 (D 128) against fp32 at (1, 2, 256, D) where the simulated reference gives 0.986,
+while int8, fp8 and int8_fp16pv were right (/work/shared/measured/h200-2026-11-30.md); the
+interpreter tests passed. Read against the compiled semantics, the nvfp4 path is made of pieces
+shared with those correct precisions (loads, V's e4m3 bytes, the fp32 softmax, the hardware fp32
+-> e4m3 cast, which the quantizer GPU tests of that run compared bit for bit with the host
+reference without a failure), exact steps (fp16 MMAs of e2m1 x e4m3 values; V's e4m3 -> fp16
+decode, one cvt.rn.f16x2.e4m3x2 per pair whose element order Triton's lowering keeps) and one
+construct no other precision used: a rank-3 ``tl.reshape`` of a dot result to (rows, n/16, 16),
+reduced along the 16s and broadcast back -- P here (from the QK^T MMA layout), Q/K in the
+pre-pass (from the Hadamard dot) -- a layout path the interpreter (numpy) cannot exercise and
+Triton's 3-D reduce/reshape lowering has had wrong-result bugs in before (e.g.
+triton-lang/triton#4116: right under TRITON_INTERPRET=1, wrong compiled). Both kernels now
+compute each 16-element group's scale as a masked row max on the 2-D tile (one more row
+reduction per group) and build no rank-3 tensor (tests/test_attention_build.py compiles both for
+sm_90 and checks). This is the cause by elimination, NOT verified on hardware (no GPU here);
+tests/test_attention_nvfp4.py holds the GPU checks that name the failing stage (pre-pass codes
+bit for bit, this kernel against the recipe on the pre-pass's own buffers, the op against the
+simulated reference on the same input).
 
 Config: starting points for the H100, unmeasured (no GPU was available): D=128: BLOCK_M 128,
 BLOCK_N 128 (fp8/int8) or 64, 8 warps, 3 stages; D=64: BLOCK_M 128, BLOCK_N 128, 4 warps.
@@ -45,6 +67,11 @@ from ._cvt import (as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32, f3
 
 LN2 = tl.constexpr(0.6931471805599453)
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
+# test hook: under the interpreter, run the kernel's GPU branch (native operand dtypes: fp16
+# codes, fp8 bytes bitcast and decoded to fp16, fp16 dots) instead of its fp32 decode. Exact
+# for "nvfp4" (the interpreter multiplies fp16 operands exactly); conversions still follow
+# SOFT, since the interpreter's own fp8 casts are inexact.
+GPU_BRANCH_IN_INTERPRETER = False
 # precision -> (QK kind, PV kind): QK 0 raw 16-bit, 1 fp8, 2 int8, 3 fp16 (nvfp4 decoded);
 # PV 0 raw 16-bit, 1 fp8 (P x 448), 2 fp16, 3 two-level NVFP4 P x fp8 V (emulated: decoded
 # exactly to fp16 operands)
@@ -98,7 +125,7 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
                 QK: tl.constexpr, PV: tl.constexpr, IS_BF16: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, P_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, NATIVE_FP4: tl.constexpr,
-                D: tl.constexpr):
+                D: tl.constexpr, SOFT: tl.constexpr):
     """One key block of the online softmax. MASK: the block may hold keys >= Sk or (CAUSAL)
     keys past the diagonal; unmasked blocks skip every per-score select."""
     cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -158,15 +185,20 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
             pq = p.to(tl.float16)
     elif PV == 3:  # NVFP4 P: fp32 per row (block row max / 2688), E4M3 per 16 keys, E2M1
         g = tl.maximum(tl.math.div_rn(tl.max(p, axis=1), 2688.0), FLT_MIN)
-        pb = tl.reshape(p, [p.shape[0], BLOCK_N // 16, 16])
-        sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(pb, axis=2), 6.0), g[:, None]),
-                        448.0)
-        sb = e4m3_to_f32(e4m3_bits(sb, INTERPRET), INTERPRET)
+        # The E4M3 scale of each 16-key group, broadcast back over its keys. Kept 2-D on
+        # purpose: no rank-3 reshape of the dot result (see the module docstring, "NVFP4 on
+        # sm_90"); one masked row max per group (p >= 0, so 0 is neutral outside the group).
+        grp = (tl.arange(0, BLOCK_N) // 16)[None, :]
+        sb = tl.zeros_like(p)
+        for j in tl.static_range(BLOCK_N // 16):
+            in_j = grp == j
+            sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, p, 0.0), axis=1),
+                                                          6.0), g), 448.0)
+            sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
+            sb = tl.where(in_j, sj[:, None], sb)
         den = sb * g[:, None]
-        e = _e2m1_rne_value(tl.minimum(tl.math.div_rn(pb, tl.where(den > 0, den, 1.0)[:, :, None]),
-                                       6.0))
-        pq = tl.reshape(tl.where((sb > 0)[:, :, None], e * sb[:, :, None], 0.0),
-                        [p.shape[0], BLOCK_N])
+        e = _e2m1_rne_value(tl.minimum(tl.math.div_rn(p, tl.where(den > 0, den, 1.0)), 6.0))
+        pq = tl.where(sb > 0, e * sb, 0.0)
         if not INTERPRET:
             pq = pq.to(tl.float16)  # e2m1 x e4m3: exact in fp16
             v = v.to(tl.float16)  # e4m3 -> fp16: exact
@@ -237,12 +269,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
                                     v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
                                     qsb, ksb_ptr, QK, PV, IS_BF16, False, CAUSAL, P_SCALE,
-                                    BLOCK_N, INTERPRET, NATIVE_FP4, D)
+                                    BLOCK_N, INTERPRET, NATIVE_FP4, D, SOFT)
     for n0 in range(n_full, hi, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd,
                                     v_ptr, vbase, svs, svd, ks_ptr, bhk * Sk, c_raw, d,
                                     qsb, ksb_ptr, QK, PV, IS_BF16, True, CAUSAL, P_SCALE,
-                                    BLOCK_N, INTERPRET, NATIVE_FP4, D)
+                                    BLOCK_N, INTERPRET, NATIVE_FP4, D, SOFT)
     o = acc / l_i[:, None]
     if PV != 0:
         vsc = tl.load(vs_ptr + bhk * D + d)
@@ -291,6 +323,7 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
     Hk, Sk = k.shape[1], k.shape[2]
     interp = q.device.type != "cuda"
     soft = use_soft_cvt(out)
+    kinterp = interp and not GPU_BRANCH_IN_INTERPRETER
     QK, PV = KINDS[precision]
     cfg = pick_config(D, precision, interp)
     is_bf16 = out.dtype == torch.bfloat16
@@ -314,5 +347,5 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         QK=QK, PV=PV, IS_BF16=is_bf16, OUT_KIND=out_kind(out.dtype), CAUSAL=bool(causal),
         HAS_LSE=lse is not None, P_SCALE=P_SCALE[PV], D=D, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], INTERPRET=interp, SOFT=soft, NATIVE_FP4=native,
+        BLOCK_N=cfg["BLOCK_N"], INTERPRET=kinterp, SOFT=soft, NATIVE_FP4=native,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

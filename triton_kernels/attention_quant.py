@@ -159,6 +159,36 @@ def _nvfp4_parts(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
+def _nvfp4_values_2d(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
+                     POW2: tl.constexpr):
+    """The emulated path's NVFP4 quantization, without rank-3 tensors: x (BT, D) fp32 ->
+    (decoded values e2m1 * E4M3 block scale (BT, D) fp32, per-token second level s (BT,)).
+
+    The same arithmetic as ``_nvfp4_parts`` (the native path, which needs the packed codes and
+    the scale bytes), element for element. The E4M3 scale of each 16-channel block is computed
+    from a masked row max and broadcast back over its 16 channels, so x (on the GPU the result
+    of the Hadamard dot) is never reshaped to (BT, D/16, 16): see ``attention.py``'s module
+    docstring, "NVFP4 on sm_90"."""
+    a = tl.abs(x)
+    s = tl.maximum(tl.math.div_rn(tl.max(a, axis=1), 2688.0), FLT_MIN)
+    grp = (tl.arange(0, D) // 16)[None, :]
+    sb = tl.zeros_like(x)
+    for j in tl.static_range(D // 16):
+        in_j = grp == j
+        sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, a, 0.0), axis=1),
+                                                      6.0), s), FP8_MAX)
+        if POW2:
+            sj = tl.where(sj > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
+                tl.maximum(sj, 0.001953125)))), 256.0), 0.0)
+        sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
+        sb = tl.where(in_j, sj[:, None], sb)
+    den = sb * s[:, None]
+    v = tl.math.div_rn(x, tl.where(den > 0, den, 1.0))
+    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    return tl.where(sb > 0, _e2m1_rne_value(v) * sb, 0.0), s
+
+
+@triton.jit
 def _pack_e2m1(v, R: tl.constexpr, C: tl.constexpr):
     """E2M1 values v (any shape with R * C elements) -> (R, C/2) uint8 codes, element 2i in the
     low nibble (the NVFP4 / tl.dot_scaled packing along the reduction dim)."""
@@ -183,9 +213,8 @@ def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D
         v = (v + RNE_MAGIC) - RNE_MAGIC
         c = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX).to(tl.int8)
     else:  # nvfp4 emulated: per-token fp32 s, E4M3 per 16 channels, E2M1; stored decoded (fp16)
-        s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
-        val = _e2m1_rne_value(v) * sb[:, :, None]
-        c = tl.reshape(val, [BT, D]).to(tl.float16)
+        val, s = _nvfp4_values_2d(x, SOFT, BT, D, POW2)
+        c = val.to(tl.float16)  # e2m1 x e4m3: exact in fp16
     return c, s
 
 
