@@ -1,5 +1,16 @@
-"""Shared test helpers: backends to parametrize over, input makers, bit comparisons."""
+"""Shared test helpers: backends to parametrize over, input makers, bit comparisons, bad-argument
+cases run in a child interpreter, a float8-arithmetic guard and a byte-wise schema check."""
 from __future__ import annotations
+
+import dataclasses as _dc
+import json as _json
+import os as _os
+import re as _re
+import signal as _signal
+import subprocess as _subprocess
+import sys as _sys
+from pathlib import Path as _Path
+from typing import Optional as _Optional, Sequence as _Sequence
 
 import pytest
 import torch
@@ -107,16 +118,6 @@ def capture_graph(fn, *static_inputs):
 # fault). Running the cases of one binding in a fresh interpreter turns such a crash into one
 # failed test with the case that was running and the faulthandler traceback, instead of the end of
 # the test run.
-import dataclasses as _dc  # noqa: E402
-import json as _json  # noqa: E402
-import os as _os  # noqa: E402
-import re as _re  # noqa: E402
-import signal as _signal  # noqa: E402
-import subprocess as _subprocess  # noqa: E402
-import sys as _sys  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-from typing import Optional as _Optional, Sequence as _Sequence  # noqa: E402
-
 ROOT = _Path(__file__).resolve().parent.parent
 
 
