@@ -317,9 +317,10 @@ def test_triton_min_capability(monkeypatch):
     """A Triton kernel with fp8 operands is not offered below sm_89 (auto falls back)."""
     from pyops import _backend
     dev = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    # the capability is read once per device and cached (pyops._backend.device_capability)
+    monkeypatch.setattr(_backend, "_CAPABILITY", {0: (8, 0)})
     ok, why = _backend.available("fp8_linear", "triton", dev)
     assert not ok and "sm_89" in why
     assert _backend.available("quantize_fp8", "triton", dev)[0]  # uint8 views: any arch
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(_backend, "_CAPABILITY", {0: (9, 0)})
     assert _backend.available("fp8_linear", "triton", dev)[0]
