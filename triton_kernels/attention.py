@@ -31,7 +31,8 @@ on a GPU the dots take the fp8/int8/fp16/bf16 operands natively. Conversions fol
 
 NVFP4 on sm_90 (the emulated path). Measured on an H200 (Triton 3.6): "nvfp4" gave cos 0.728 (D
 64) / 0.832 (D 128) against fp32 at (1, 2, 256, D) where the simulated reference gives 0.986,
-while int8, fp8 and int8_fp16pv were right (/work/shared/measured/h200-2026-11-30.md); the
+while int8, fp8 and int8_fp16pv were right (the GPU test run of 2026-11-30; the benchmark's
+accuracy columns in bench/RESULTS.md section 1 show the same: cos ~0.83 / ~0.73); the
 interpreter tests passed. Read against the compiled semantics, the nvfp4 path is made of pieces
 shared with those correct precisions (loads, V's e4m3 bytes, the fp32 softmax, the hardware fp32
 -> e4m3 cast, which the quantizer GPU tests of that run compared bit for bit with the host

@@ -74,7 +74,7 @@ _backend.register_availability(  # shape-independent part, for pyops.info() and 
 
 # ---- auto policy: which GEMM to prefer, per device and shape ------------------------------------
 # Measured: NVIDIA H200 (sm_90), 2026-11-30, torch 2.11, Triton 3.6, pyops 8d8b3ea,
-# /work/shared/measured/h200-2026-11-30.md, table "Linear" (bench/bench_linear.py; x bf16 =
+# bench/RESULTS.md section 1, table "Linear" (bench/bench_linear.py; x bf16 =
 # cuBLAS bf16 ms / ms, the per-token activation quantization included). "cuda"
 # (torch._scaled_mm) vs "triton", x bf16:
 #   M K N             cuda  triton        M K N              cuda  triton

@@ -181,7 +181,7 @@ _backend.register(OP, "triton", _triton)
 
 # ---- auto policy: which variant, per device and shape --------------------------------------------
 # Measured: NVIDIA H200 (sm_90), 2026-11-30, torch 2.11, Triton 3.6, pyops 8d8b3ea,
-# /work/shared/measured/h200-2026-11-30.md, table "Linear" (bench/bench_linear.py; x bf16 =
+# bench/RESULTS.md section 1, table "Linear" (bench/bench_linear.py; x bf16 =
 # cuBLAS bf16 ms / ms). "fused" (W4A16 kernel) vs "dequant" (Triton dequantize + cuBLAS), x bf16:
 #   M K N             fused  dequant       M K N              fused  dequant
 #   4608 3072 3072    0.17   0.88          9216 3072 3072     0.18   0.95
