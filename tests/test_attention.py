@@ -366,8 +366,10 @@ def test_head_dim_sweep(prec, small_blocks, monkeypatch):
             assert (lse.cpu() - rl).abs().max() < (0.5 if prec == "nvfp4" else 0.1), (D, backend)
             outs[backend] = out.cpu()
         if "triton" in outs:
+            # summation order; on a GPU also the tf32 Hadamard rotation, whose rare code flips
+            # weigh more in a 9 x 11 problem (the GPU bound of test_kernel_fuzz_vs_simulated)
             e = R.error_stats(outs["triton"], outs["reference"].double())
-            assert e["rel_l1"] < 3e-3, (D, e)
+            assert e["rel_l1"] < (3e-3 if not HAS_CUDA else 2e-2), (D, e)
 
 
 # ---- registration ------------------------------------------------------------------------------
