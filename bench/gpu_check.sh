@@ -195,7 +195,7 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
     # ---- GPU tests ----------------------------------------------------------------------------
     PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider)
     if "$PY" -c 'import pytest_timeout' 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-    stage gpu-tests 180 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
+    stage gpu-tests 240 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
         --junitxml="${WORK:-<work dir>}/gpu-tests.xml" tests
 
     # ---- benchmarks: the default run of each, rows written as they complete -----------------
