@@ -57,12 +57,13 @@ print(json.dumps(res))
 '''
 
 
-def _compile(targets):
+def _run_aot(script, args, timeout):
+    """Run an ahead-of-time compile script in a child (no interpreter); its last JSON line."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, *targets], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=timeout)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
         pytest.skip(f"AOT compile unavailable: rc {r.returncode}: {r.stderr[-400:]}")
@@ -70,6 +71,10 @@ def _compile(targets):
     if "skip" in out:
         pytest.skip(out["skip"])
     return out
+
+
+def _compile(targets):
+    return _run_aot(_SCRIPT, targets, 300)
 
 
 def test_native_nvfp4_kernel_compiles_for_blackwell():
@@ -151,18 +156,7 @@ print(json.dumps(res))
 
 
 def _compile_sm90(dims):
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT_SM90, *map(str, dims)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if r.returncode != 0 or not lines:
-        pytest.skip(f"AOT compile unavailable: rc {r.returncode}: {r.stderr[-400:]}")
-    out = json.loads(lines[-1])
-    if "skip" in out:
-        pytest.skip(out["skip"])
-    return out
+    return _run_aot(_SCRIPT_SM90, list(map(str, dims)), 600)
 
 
 def test_emulated_nvfp4_compiles_for_sm90_without_rank3_tensors():

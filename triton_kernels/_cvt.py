@@ -129,3 +129,27 @@ def f32_to_out(v, OUT_KIND: tl.constexpr, SOFT: tl.constexpr):
         else:
             res = v.to(tl.bfloat16)
     return res
+
+
+@triton.jit
+def nvfp4_block_scales(a, s, N: tl.constexpr, SOFT: tl.constexpr, POW2: tl.constexpr = False):
+    """NVFP4 first-level scales, broadcast: ``a`` (R, N) fp32 magnitudes (>= 0), ``s`` (R,) fp32
+    second-level scale (> 0) -> (R, N) fp32 where each element holds the decoded E4M3 scale of
+    its 16-element block, ``e4m3(min(block_amax / 6 / s, 448))`` (the NVFP4 recipe, README
+    "Formats"). POW2 rounds each scale up to a power of two in [2^-9, 256] first (a test hook).
+
+    Kept 2-D on purpose: one masked row max per block instead of a rank-3 reshape of ``a``
+    (which on the GPU is usually a dot result; see ``attention.py``, "NVFP4 on sm_90")."""
+    grp = (tl.arange(0, N) // 16)[None, :]
+    sb = tl.zeros_like(a)
+    for j in tl.static_range(N // 16):
+        in_j = grp == j
+        sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, a, 0.0), axis=1),
+                                                      6.0), s), 448.0)
+        if POW2:
+            sj = tl.where(sj > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
+                tl.maximum(sj, 0.001953125)))), 256.0), 0.0)
+        sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
+        sb = tl.where(in_j, sj[:, None], sb)
+    return sb
+

@@ -64,7 +64,7 @@ import triton.language as tl
 
 from .attention_quant import _e2m1_rne_value
 from ._cvt import (as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out,
-                   load_f32, out_kind, use_soft_cvt)
+                   load_f32, nvfp4_block_scales, out_kind, use_soft_cvt)
 
 LN2 = tl.constexpr(0.6931471805599453)
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
@@ -186,17 +186,9 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
             pq = p.to(tl.float16)
     elif PV == 3:  # NVFP4 P: fp32 per row (block row max / 2688), E4M3 per 16 keys, E2M1
         g = tl.maximum(tl.math.div_rn(tl.max(p, axis=1), 2688.0), FLT_MIN)
-        # The E4M3 scale of each 16-key group, broadcast back over its keys. Kept 2-D on
-        # purpose: no rank-3 reshape of the dot result (see the module docstring, "NVFP4 on
-        # sm_90"); one masked row max per group (p >= 0, so 0 is neutral outside the group).
-        grp = (tl.arange(0, BLOCK_N) // 16)[None, :]
-        sb = tl.zeros_like(p)
-        for j in tl.static_range(BLOCK_N // 16):
-            in_j = grp == j
-            sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, p, 0.0), axis=1),
-                                                          6.0), g), 448.0)
-            sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
-            sb = tl.where(in_j, sj[:, None], sb)
+        # the E4M3 scale of each 16-key group, broadcast back over its keys; kept 2-D (no
+        # rank-3 reshape of the dot result: module docstring, "NVFP4 on sm_90")
+        sb = nvfp4_block_scales(p, g, BLOCK_N, SOFT)  # p >= 0
         den = sb * g[:, None]
         e = _e2m1_rne_value(tl.minimum(tl.math.div_rn(p, tl.where(den > 0, den, 1.0)), 6.0))
         pq = tl.where(sb > 0, e * sb, 0.0)

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cvt import as_kernel_input, e4m3_bits, e4m3_to_f32, load_f32, use_soft_cvt
+from ._cvt import (as_kernel_input, e4m3_bits, e4m3_to_f32, load_f32, nvfp4_block_scales,
+                   use_soft_cvt)
 
 FP8_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
@@ -171,17 +172,7 @@ def _nvfp4_values_2d(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     docstring, "NVFP4 on sm_90"."""
     a = tl.abs(x)
     s = tl.maximum(tl.math.div_rn(tl.max(a, axis=1), 2688.0), FLT_MIN)
-    grp = (tl.arange(0, D) // 16)[None, :]
-    sb = tl.zeros_like(x)
-    for j in tl.static_range(D // 16):
-        in_j = grp == j
-        sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, a, 0.0), axis=1),
-                                                      6.0), s), FP8_MAX)
-        if POW2:
-            sj = tl.where(sj > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
-                tl.maximum(sj, 0.001953125)))), 256.0), 0.0)
-        sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
-        sb = tl.where(in_j, sj[:, None], sb)
+    sb = nvfp4_block_scales(a, s, D, SOFT, POW2)
     den = sb * s[:, None]
     v = tl.math.div_rn(x, tl.where(den > 0, den, 1.0))
     v = tl.minimum(tl.maximum(v, -6.0), 6.0)
