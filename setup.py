@@ -159,8 +159,13 @@ def editable_cmdclass() -> dict:
         def _select_strategy(self, name, tag, build_lib):
             if self.mode not in (None, "", "lenient"):
                 return super()._select_strategy(name, tag, build_lib)
-            folder = os.path.join(ROOT, "build", "editable")
-            link = os.path.join(folder, "pyops")
+            # .editable/pyops -> ../pyops is tracked by git, so `rm -rf build` or `git clean -xdf`
+            # cannot break the install; a checkout without symlinks gets a fresh link instead
+            for folder in (os.path.join(ROOT, ".editable"), os.path.join(ROOT, "build", "editable")):
+                link = os.path.join(folder, "pyops")
+                if os.path.isfile(os.path.join(link, "__init__.py")) and \
+                        os.path.samefile(link, os.path.join(ROOT, "pyops")):
+                    return PathEntry(name, folder)
             try:
                 os.makedirs(folder, exist_ok=True)
                 if os.path.lexists(link):
@@ -186,6 +191,8 @@ setup(
               + ["pyops.triton_kernels"]
               + [f"pyops.triton_kernels.{p}" for p in find_packages("triton_kernels")]),
     package_dir={"pyops": "pyops", "pyops.triton_kernels": "triton_kernels"},
+    # why the CUDA extension was (not) built, for `python -m pyops info` in non-editable installs
+    package_data={"pyops": ["_build_info.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={

@@ -36,7 +36,10 @@ def info(file=None, device: Optional[torch.device] = None) -> dict:
         major, minor = torch.cuda.get_device_capability(device)
         d["gpu"] = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     else:
-        d["gpu"] = "none (CPU: PyTorch reference backend; Triton kernels with TRITON_INTERPRET=1)"
+        d["gpu"] = ("none (CPU: PyTorch reference backend; Triton kernels with TRITON_INTERPRET=1)"
+                    if _backend.triton_status()[0] else
+                    "none (CPU: PyTorch reference backend; `pip install triton` to run the Triton "
+                    "kernels in its interpreter with TRITON_INTERPRET=1)")
     d["backends"] = {}
     for op in _backend.ops():
         try:

@@ -132,3 +132,12 @@ def test_linear_resolution_under_compile_fullgraph(fake_sm90):
     assert got.tolist() == expected
     # sm_90: torch._scaled_mm ("cuda") at every shape (the measured winner)
     assert expected[0::3] == [0.0] * len(shapes)
+
+
+def test_info_without_triton_says_how_to_get_it(monkeypatch):
+    import pyops
+    monkeypatch.setattr(_backend, "_TRITON", (False, "triton not importable (test)"))
+    d = pyops.info(file=False, device=torch.device("cpu"))
+    assert "pip install triton" in d["gpu"] and d["triton"] == "triton not importable (test)"
+    monkeypatch.setattr(_backend, "_TRITON", (True, "triton (test)"))
+    assert "pip install triton" not in pyops.info(file=False, device=torch.device("cpu"))["gpu"]

@@ -40,6 +40,7 @@ def test_editable_install_imports_from_the_clone_parent(tmp_path):
     code = ("import pyops, pyops.triton_kernels as tk, os;"
             "print(os.path.realpath(pyops.__file__)); print(os.path.realpath(tk.__file__));"
             "print(callable(pyops.info))")
+    shutil.rmtree(clone / "build", ignore_errors=True)  # `rm -rf build` must not break it
     for cwd in (tmp_path, tmp_path.parent, clone / "tests"):
         r = subprocess.run([py, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                            timeout=300)
@@ -52,3 +53,20 @@ def test_editable_install_imports_from_the_clone_parent(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "backends on" in r.stdout
+
+
+def test_plain_install_keeps_the_build_reason(tmp_path):
+    """`pip install .` (not editable) ships _build_info.json, so `python -m pyops info` can say
+    why the CUDA extension was not built."""
+    clone = tmp_path / "src"
+    _copy_clone(clone)
+    site = tmp_path / "site"
+    env = dict(os.environ, PYOPS_SKIP_CUDA_BUILD="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-build-isolation", "--no-index", "--target", str(site), str(clone)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = site / "pyops" / "_build_info.json"
+    assert info.is_file()
+    assert "PYOPS_SKIP_CUDA_BUILD" in info.read_text()
+    assert (site / "pyops" / "triton_kernels" / "__init__.py").is_file()
