@@ -21,7 +21,8 @@ CLI conventions for every bench script (``add_common_args`` + ``resolve_run``): 
   (each script's first comment gives its estimate);
 * ``--full``: every shape and provider;
 * ``--quick``: tiny shapes, every provider: a smoke test of the harness. On a CPU this is the
-  default, with a one-line notice that CPU times are not performance numbers.
+  default, with a one-line notice that CPU times are not performance numbers (``--full`` on a
+  CPU gets a notice naming ``--full`` instead, and a warning that it is slow).
 
 Each script rewrites its files after every row (``Table.on_add`` + ``autosave``), so a run cut
 short keeps every row it finished. Never write a number that was not measured: a value that could
@@ -449,9 +450,17 @@ RUN_TEXT = {
 }
 CPU_NOTICE = ("NOTE: CPU run: these times are NOT performance numbers, only a smoke test of the "
               "benchmark harness (tiny --quick shapes); run on a CUDA GPU for real numbers.")
+CPU_FULL_NOTICE = ("NOTE: CPU run: these times are NOT performance numbers, only a smoke test of "
+                   "the benchmark harness (--full: every shape and provider, at GPU size); run "
+                   "on a CUDA GPU for real numbers.")
 CPU_FULL_WARNING = ("WARNING: --full on a CPU runs the GPU-size shapes through the PyTorch "
                     "reference and the Triton interpreter: it can take hours, and the times "
                     "still mean nothing.")
+
+
+def cpu_notice(mode: str) -> str:
+    """The first line a run off CUDA prints for run size ``mode`` (``"quick"`` or ``"full"``)."""
+    return CPU_FULL_NOTICE if mode == "full" else CPU_NOTICE
 
 
 def resolve_run(args, default_budget_s: Optional[float] = None) -> torch.device:
@@ -459,8 +468,9 @@ def resolve_run(args, default_budget_s: Optional[float] = None) -> torch.device:
 
     Sets ``args.mode`` to ``"quick"``, ``"default"`` or ``"full"`` (and ``args.quick`` /
     ``args.full`` to match) and returns the device. On a device other than CUDA the run is
-    ``--quick`` unless ``--full`` was given, and a one-line notice (``CPU_NOTICE``) says the
-    times are no performance numbers; ``--full`` there runs but prints ``CPU_FULL_WARNING``.
+    ``--quick`` unless ``--full`` was given, and a one-line notice (``cpu_notice(mode)``:
+    ``CPU_NOTICE`` for the quick run, ``CPU_FULL_NOTICE`` for ``--full``) says the times are no
+    performance numbers; ``--full`` there runs, and also prints ``CPU_FULL_WARNING``.
     In the default run on CUDA, ``default_budget_s`` becomes ``--budget-s`` when none was
     given (slow optional providers are then skipped and marked once it is spent).
     """
@@ -469,11 +479,11 @@ def resolve_run(args, default_budget_s: Optional[float] = None) -> torch.device:
     if quick and full:
         raise SystemExit("--quick and --full exclude each other")
     if device.type != "cuda":
-        print(CPU_NOTICE, flush=True)
+        if not full:
+            quick = True
+        print(cpu_notice("full" if full else "quick"), flush=True)
         if full:
             print(CPU_FULL_WARNING, flush=True)
-        else:
-            quick = True
     args.quick, args.full = quick, full
     args.mode = "quick" if quick else "full" if full else "default"
     if args.mode == "default" and getattr(args, "budget_s", None) is None:

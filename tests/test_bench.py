@@ -143,7 +143,26 @@ def test_resolve_run_cpu_full_is_allowed_but_warns(capsys):
     U.resolve_run(a)
     assert a.mode == "full" and a.full and not a.quick
     out = capsys.readouterr().out
-    assert U.CPU_NOTICE in out and U.CPU_FULL_WARNING in out
+    assert U.CPU_FULL_WARNING in out
+
+
+@pytest.mark.parametrize("size", [[], ["--quick"], ["--full"]])
+def test_resolve_run_cpu_notice_names_the_run_size(capsys, size):
+    """The notice's first line says which shapes run: the tiny --quick ones by default and with
+    --quick; with --full it must not claim tiny --quick shapes (the warning after it says the
+    shapes are GPU-size: before, the two lines contradicted each other)."""
+    U, a = _args("--device", "cpu", *size)
+    U.resolve_run(a)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "NOT performance numbers" in lines[0] and "smoke test" in lines[0], lines
+    if size == ["--full"]:
+        assert "tiny" not in lines[0] and "--quick" not in lines[0], lines[0]
+        assert "--full" in lines[0], lines[0]
+        assert len(lines) == 2 and lines[1] == U.CPU_FULL_WARNING, lines
+        assert "GPU-size" in lines[1]
+    else:
+        assert "tiny --quick shapes" in lines[0] and "--full" not in lines[0], lines[0]
+        assert len(lines) == 1, lines
 
 
 def test_resolve_run_gpu_default_run_and_budget(capsys):
