@@ -16,8 +16,15 @@
 #   install      pip install --no-index --no-build-isolation --no-deps -e .
 #                (builds the CUDA extension pyops._C for the GPU present, with ninja)
 #   info         python -m pyops info
+#   test-deps    only when pytest or numpy is not importable (the GPU tests need both; a fresh
+#                CUDA virtual environment has neither): pip install the missing ones, from the
+#                wheels in ./.whl/test/ without an index when it holds any (bench/fetch_wheels.sh
+#                puts them there), otherwise from your pip index. Nothing is installed, and no
+#                index is contacted, when both are importable.
 #   gpu-tests    pytest -m gpu tests (a test that crashes the interpreter ends this stage only;
-#                the tests run their bad-argument checks in subprocesses themselves)
+#                the tests run their bad-argument checks in subprocesses themselves); recorded
+#                as skipped, with the reason and the command that fixes it, when pytest or numpy
+#                is still not importable
 #   bench NAME   python bench/bench_NAME.py, the default run (headline shapes, key providers;
 #                about a minute or less each), one stage per benchmark; a script that names
 #                others on a '# bench-covers:' line runs them (bench_quantize.py runs the FP8
@@ -43,7 +50,8 @@
 #   GPU_CHECK_BENCH_TIMEOUT_S  hard limit per benchmark (default 90 s)
 #   GPU_CHECK_TOTAL_S          hard limit for the whole check (default 540 s); a stage that
 #                              would start with too little time left is skipped and marked so
-#   GPU_CHECK_SKIP_INSTALL=1   use the pyops already installed (no pip install)
+#   GPU_CHECK_SKIP_INSTALL=1   use the pyops already installed (no pip install, neither of
+#                              pyops nor of pytest/numpy)
 #   GPU_CHECK_SUITE=1          also run the CPU test suite at the end
 #   GPU_CHECK_DRY_RUN=1        print the stages, their limits and commands; run nothing
 #   MAX_JOBS                   parallel compile jobs for the extension (default: all cores)
@@ -141,6 +149,15 @@ bench_scripts() {
 
 estimate_s() { sed -n 's/^# estimate-h200-s: *\([0-9]*\).*/\1/p' "$1" | head -1; }
 
+# the GPU tests' own dependencies that $PY cannot import, space-separated (none: empty)
+missing_test_deps() {
+    local m out=""
+    for m in pytest numpy; do
+        "$PY" -c "import $m" >/dev/null 2>&1 || out+="$m "
+    done
+    echo "${out% }"
+}
+
 main() {
     local f n lim est total_est=0
     if [ -n "$DRY" ]; then
@@ -192,11 +209,48 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
 
     stage info 60 150 "$PY" -m pyops info
 
+    # ---- test dependencies: pytest and numpy, only when missing -------------------------------
+    local missing
+    if [ -n "$DRY" ]; then
+        echo "[test-deps] only if pytest or numpy is not importable: $PY -m pip install" \
+            "<the missing ones> (from .whl/test/ without an index when it holds wheels)"
+    else
+        missing=$(missing_test_deps)
+        if [ -z "$missing" ]; then
+            echo "[test-deps] pytest and numpy importable: nothing to install"
+        elif [ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+            echo "[test-deps] not importable: $missing; not installed (GPU_CHECK_SKIP_INSTALL is set)"
+        elif compgen -G ".whl/test/*.whl" >/dev/null; then
+            # shellcheck disable=SC2086
+            stage test-deps 120 150 "$PY" -m pip install -q --disable-pip-version-check \
+                --no-index --find-links .whl/test --no-compile --target /tmp/site $missing
+            case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *)
+                export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+        else
+            # shellcheck disable=SC2086
+            stage test-deps 120 150 "$PY" -m pip install -q --disable-pip-version-check \
+                --retries 1 --timeout 20 $missing
+        fi
+    fi
+
     # ---- GPU tests ----------------------------------------------------------------------------
     PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider)
-    if "$PY" -c 'import pytest_timeout' 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-    stage gpu-tests 240 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
-        --junitxml="${WORK:-<work dir>}/gpu-tests.xml" tests
+    if [ -z "$DRY" ] && "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+        PYTEST_ARGS+=(--timeout=120)
+    fi
+    missing=""
+    [ -n "$DRY" ] || missing=$(missing_test_deps)
+    if [ -n "$missing" ]; then
+        echo "=== [gpu-tests] SKIPPED: the GPU tests need pytest and numpy; not importable by $PY:" \
+            "$missing. Install them with: $PY -m pip install pytest numpy (without internet: run" \
+            "bash bench/fetch_wheels.sh where there is internet, copy .whl/ here, run this again)"
+        printf 'gpu-tests\tskipped (not importable: %s; needs: %s -m pip install pytest numpy)\t0\t-\n' \
+            "$missing" "$PY" >>"$STAGES"
+        collect >/dev/null
+    else
+        stage gpu-tests 240 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
+            --junitxml="${WORK:-<work dir>}/gpu-tests.xml" tests
+    fi
 
     # ---- benchmarks: the default run of each, rows written as they complete -----------------
     for f in $(bench_scripts); do
@@ -226,7 +280,12 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
 
     # ---- the CPU test suite (optional) --------------------------------------------------------
     if [ -n "${GPU_CHECK_SUITE:-}" ]; then
-        stage suite 300 5 "$PY" -m pytest -m "not gpu" "${PYTEST_ARGS[@]}" tests
+        if [ -n "$missing" ]; then
+            echo "=== [suite] SKIPPED: pytest/numpy not importable ($missing), as for the GPU tests"
+            printf 'suite\tskipped (not importable: %s)\t0\t-\n' "$missing" >>"$STAGES"
+        else
+            stage suite 300 5 "$PY" -m pytest -m "not gpu" "${PYTEST_ARGS[@]}" tests
+        fi
     fi
     if [ -n "$DRY" ]; then
         echo "total limit: ${TOTAL_S}s (GPU_CHECK_TOTAL_S)"
@@ -262,6 +321,9 @@ md += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['rc']} |" for s in
 if tests and "error" not in tests:
     md += ["", f"GPU tests: {tests['tests']} collected, {tests['failures']} failed, "
                f"{tests['errors']} errors, {tests['skipped']} skipped (log.txt has the details)."]
+elif any(s["stage"] == "gpu-tests" and s["status"].startswith("skipped") for s in stages):
+    st = next(s["status"] for s in stages if s["stage"] == "gpu-tests")
+    md += ["", f"GPU tests: not run, {st}."]
 elif any(s["stage"] == "gpu-tests" for s in stages):
     md += ["", "GPU tests: no summary (pytest did not finish; see log.txt)."]
 names = names_p.read_text().split() if names_p.exists() else []

@@ -279,6 +279,94 @@ def test_gpu_check_dry_run_subset_and_args(tmp_path):
     assert "[install] skipped" in out and "[suite]" in out
 
 
+_FAKE_PYTHON = r"""#!/usr/bin/env bash
+# A stand-in for python3 in gpu_check.sh: pytest/numpy importable or not (FAKE_HAS_TEST_DEPS),
+# pip and pytest only logged (pip answers FAKE_PIP_RC), pyops info a no-op, the results
+# collector (a script on stdin) run by the real Python; any other check fails fast.
+if [ "$1" = "-c" ]; then
+    case "$2" in
+        "import pytest"|"import numpy") [ "$FAKE_HAS_TEST_DEPS" = 1 ]; exit ;;
+        *) exit 1 ;;
+    esac
+fi
+case "$1 $2" in
+    "-m pip") echo "pip $*" >>"$FAKE_LOG"; exit "$FAKE_PIP_RC" ;;
+    "-m pytest") echo "pytest $*" >>"$FAKE_LOG"; exit 0 ;;
+    "-m pyops") exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _gpu_check_with_fake_python(tmp_path, has_test_deps, pip_rc=0):
+    fake = tmp_path / "python3"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_LOG=str(log),
+               FAKE_HAS_TEST_DEPS="1" if has_test_deps else "0", FAKE_PIP_RC=str(pip_rc),
+               OUT=str(tmp_path / "out"), GPU_CHECK_BENCH_DIR=str(tmp_path / "bench"),
+               GPU_CHECK_BENCH="none-selected", GPU_CHECK_TOTAL_S="300")
+    env.pop("GPU_CHECK_DRY_RUN", None)
+    env.pop("GPU_CHECK_SKIP_INSTALL", None)
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    stages = {s["stage"]: s["status"] for s in results["stages"]}
+    return r.stdout, log.read_text().splitlines(), stages, tmp_path / "out" / "results.md"
+
+
+@pytest.mark.skipif(not (BENCH / "gpu_check.sh").exists() or os.name != "posix",
+                    reason="bash script")
+def test_gpu_check_installs_missing_pytest_or_says_how(tmp_path):
+    """A fresh CUDA venv has no pytest/numpy: gpu_check.sh tries `pip install pytest numpy` and,
+    when that fails, records the GPU tests as skipped with the reason and the command, instead of
+    running pytest into a confusing failure (before: it never tried and ran `-m pytest`)."""
+    out, calls, stages, md = _gpu_check_with_fake_python(tmp_path, has_test_deps=False,
+                                                         pip_rc=1)
+    pip = [c for c in calls if c.startswith("pip ")]
+    assert any(c.split()[-2:] == ["pytest", "numpy"] and " install " in c for c in pip), calls
+    assert not [c for c in calls if c.startswith("pytest ")], calls  # pytest never started
+    assert stages.get("test-deps") == "failed", stages
+    assert stages["gpu-tests"].startswith("skipped (not importable: pytest numpy"), stages
+    assert "pip install pytest numpy" in stages["gpu-tests"]
+    line = next(x for x in out.splitlines() if x.startswith("=== [gpu-tests] SKIPPED"))
+    assert "need pytest and numpy" in line and "-m pip install pytest numpy" in line, line
+    assert "GPU tests: not run, skipped (not importable" in md.read_text()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_gpu_check_with_pytest_present_contacts_no_index(tmp_path):
+    """Offline machines with pytest installed (the H200 one): no pip call for the test
+    dependencies, and the GPU tests run."""
+    out, calls, stages, _ = _gpu_check_with_fake_python(tmp_path, has_test_deps=True)
+    pip = [c for c in calls if c.startswith("pip ")]
+    assert len(pip) == 1 and "--no-index" in pip[0] and pip[0].endswith("-e ."), pip
+    assert "test-deps" not in stages and stages["gpu-tests"] == "ok", stages
+    assert [c for c in calls if c.startswith("pytest ") and " -m gpu " in c], calls
+    assert "[test-deps] pytest and numpy importable: nothing to install" in out
+
+
+def test_gpu_check_dry_run_names_the_test_deps_step(tmp_path):
+    out = _dry_run(tmp_path)
+    lines = out.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(f"[{s}]"))
+             for s in ("install", "info", "test-deps", "gpu-tests")]
+    assert order == sorted(order)
+    assert "pip install" in lines[order[2]] and "pytest or numpy" in lines[order[2]]
+
+
+def test_fetch_wheels_fetches_the_test_dependencies():
+    """gpu_check.sh installs pytest/numpy offline from .whl/test/: fetch_wheels.sh puts them
+    there (with their dependencies, which `pip install --no-index` needs too)."""
+    text = (BENCH / "fetch_wheels.sh").read_text()
+    assert re.search(r"^TEST_WHEELS=\$\{TEST_WHEELS:-\"pytest numpy\"\}$", text, re.M), text
+    assert "-d .whl/test" in text
+    assert ".whl/test" in (BENCH / "gpu_check.sh").read_text()
+
+
 def test_user_docs_speak_shell():
     """gpu_check.sh and RESULTS.md are for a user at a shell: no tool-call syntax."""
     for f in (BENCH / "gpu_check.sh", BENCH / "RESULTS.md", BENCH / "run.sh",
