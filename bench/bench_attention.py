@@ -28,7 +28,7 @@ per-channel means and x20 outlier channels, 3x Q with x5 channels): cosine and r
 being ``F.scaled_dot_product_attention`` on fp32 copies of those rows and all keys.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+# (bench/RESULTS.md, section 1: the Attention table and "Run length at 8d8b3ea"):
 #   default, ~30 s: start-up (imports, environment) ~5 s + Triton compiles of two precisions
 #     (kernel + pre-pass) ~10 s + 8 rows. Flux rows: 0.4-1.1 ms per call, ~0.3 s per row
 #     (do_bench ~80 calls, kernel-only and pre-pass timings, accuracy on two inputs). Wan rows:

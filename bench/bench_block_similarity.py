@@ -12,12 +12,12 @@ written only on recompute), what diffusers' First-Block Cache runs per step:
 and (``--full`` and ``--quick`` only) the PyTorch reference backend (device-side, several
 kernels).
 Two cases: "reuse" (decision reuse: a and ref read, nothing written) and "recompute" (threshold
-0: a and ref read, ref written). GB/s counts exactly those bytes. Target (issue 5): >= 90% of
+0: a and ref read, ref written). GB/s counts exactly those bytes. Target: >= 90% of
 copy bandwidth on >= 64 MB features.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: 64 µs per check at Flux size, ~0.1 ms
-# for the diffusers-style check with its sync, Wan size ~0.1-0.2 ms):
+# (bench/RESULTS.md, section 1, "Memory-bound kernels": 64 µs per check at Flux size, ~0.1 ms
+# for the diffusers-style check with its sync; Wan size ~0.1-0.2 ms):
 #   default, ~20 s: start-up + copy ceiling ~6 s + 2 shapes x 2 cases x 3 providers = 12 rows,
 #     ~0.6 s each (do_bench ~80 ms of calls plus one L2 flush per call: ~1000 calls at Flux size;
 #     CUDA-graph replays with rotating inputs at Flux size) ~8 s + Triton compile ~2 s.

@@ -27,7 +27,8 @@ for anything to be skipped at usual thresholds: the speed-up of caching needs tr
 these runs measure the cost of the check and that threshold 0 reproduces the uncached output.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: one 28-step generation 4.9-5.1 s):
+# (bench/RESULTS.md, section 1, "Cache on a Flux-size transformer": one 28-step generation
+# 4.9-5.1 s):
 #   default, ~35 s: start-up incl. diffusers ~5 s + building the 11.9 B-parameter model on the
 #     GPU (not measured, assumed ~5 s) + 4 providers (uncached, pyops eager, pyops graph,
 #     diffusers FBC) x (2-step warm-up ~0.4 s + one 28-step generation ~5 s) ~22 s + one graph

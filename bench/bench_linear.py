@@ -31,7 +31,7 @@ weight MB (the stored weight and its scales), accuracy vs fp32 math on the origi
 operands over the first rows of the output: relative error ||y - ref|| / ||ref|| and SQNR (dB).
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+# (bench/RESULTS.md, section 1: the Linear table and "Run length at 8d8b3ea"):
 #   default, ~45 s: start-up (imports incl. torchao, environment) ~5 s + 4 shapes x 7 providers
 #     = 28 rows at 0.01-0.5 ms per call, ~0.3 s per row (first call + accuracy + do_bench
 #     ~80 ms of calls + the L2 flushes) ~8 s + Triton compiles (FP8 GEMM, activation quantizer,

@@ -8,13 +8,14 @@ Providers: pyops cuda, pyops triton, and the unfused PyTorch path a DiT block wo
 (``F.layer_norm`` in fp32 -> ``x * (1 + scale) + shift`` -> per-row FP8 quantization as in
 ``pyops.reference.quantize_fp8``), eager and under ``torch.compile``.
 GB/s counts the fewest bytes the op must move: x read once, shift/scale read once, e4m3 codes
-and fp32 per-token scales written. Target (issue 3): >= 85% of the copy bandwidth measured in
+and fp32 per-token scales written. Target: >= 85% of the copy bandwidth measured in
 the same run. Accuracy is not re-checked here (tests/test_norm_modulate_quant.py does it); the
 ``ok`` column says whether the provider's q/scale equal ``quantize_fp8`` of its own fp32 y.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md: ~20% of the 4.2 TB/s copy, i.e.
-# ~0.1 ms per call at Flux size and ~1 ms at Wan size):
+# (measured on an H200 on 2026-11-30 at 18432x3072 (side check, not in RESULTS.md): ~20% of the
+# 4.2 TB/s copy (bench/RESULTS.md, section 1, run record), i.e. ~0.1 ms per call at Flux size
+# and ~1 ms at Wan size):
 #   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 4 providers = 8 rows at ~0.5 s
 #     (do_bench, graph replays at Flux size, the self-consistency check) ~4 s + Triton compile
 #     ~2 s + torch.compile of the unfused path per shape: not measured, assumed ~8 s + ~4 s.

@@ -14,7 +14,7 @@ whose amax must be known before any element is scaled), the e4m3 codes and the f
 (the whole input, or its first rows when it is larger than --check-elems).
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+# (bench/RESULTS.md, section 1, "Memory-bound kernels" and the run record's copy bandwidth):
 #   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 4 providers = 8 rows; a call takes
 #     0.02-0.1 ms at Flux size (42% of the 4.2 TB/s copy for pyops cuda) and ~0.3 ms at Wan
 #     size, so do_bench (~80 ms of calls + an L2 flush per call) and the bit-exact check take

@@ -16,7 +16,7 @@ computed). ``exact``: codes, scale bytes and global scale bit-identical to the r
 same input (the whole input, or its first rows when larger than --check-elems).
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+# (bench/RESULTS.md, section 1, "Memory-bound kernels"):
 #   default, ~25 s: start-up + copy ceiling ~6 s + 2 shapes x 3 providers = 6 rows; a call takes
 #     ~0.05-0.2 ms at Flux size (17-28% of the copy bandwidth) and ~0.5-1 ms at Wan size, ~0.5 s
 #     per row with do_bench and the bit-exact check, ~3 s; Triton compiles ~2 s; torch.compile

@@ -19,7 +19,7 @@ Part 2: diffusers ``FluxTransformer2DModel`` at its default (Flux.1, ~12 B param
 random bf16 weights, 4 steps at 512² and 1024² (1024 / 4096 image tokens, 512 text tokens).
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
-# (bench/RESULTS.md; shared/measured/h200-2026-11-30.md):
+# (bench/RESULTS.md, section 1, "Sampler"):
 #   default, ~30 s: start-up ~5 s; part 1: 2 rules x 4 providers at 0.03-0.65 ms per loop,
 #     ~0.2 s each with the graph captures, ~2 s; part 2: building the 11.9 B-parameter model on
 #     the GPU (not measured, assumed ~5 s), one forward timed (175 ms x 8 calls = 1.4 s), the

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
-# torch is never pinned by the package (2.11+ works). A machine without one gets the CPU build
-# that this project's CPU machines carry; override with PYOPS_TORCH_SPEC.
+# torch is never pinned by the package (2.11+ works). Without an importable torch this installs
+# torch==2.13.0 from your pip index; set PYOPS_TORCH_SPEC to choose another (e.g. a CUDA build).
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "${PYOPS_TORCH_SPEC:-torch==2.13.0}"
 fi

@@ -367,6 +367,24 @@ def test_fetch_wheels_fetches_the_test_dependencies():
     assert ".whl/test" in (BENCH / "gpu_check.sh").read_text()
 
 
+def test_user_docs_cite_what_users_have():
+    """Users have neither the project's internal issue numbers nor its private measurement
+    notes: bench/RESULTS.md and the comments of bench/ and tests/ cite RESULTS.md sections,
+    commit hashes and the targets themselves."""
+    results = (BENCH / "RESULTS.md").read_text()
+    assert not re.search(r"\(#\d+\)|target \(issue\)", results)
+    assert "the commit that adds" not in results
+    private = ("shared/" + "measured", "/work" + "/")
+    files = [*BENCH.glob("*.py"), *BENCH.glob("*.sh"), BENCH / "RESULTS.md",
+             *ROOT.joinpath("tests").glob("*.py"), ROOT / "tests" / "run.sh"]
+    for f in files:
+        text = f.read_text()
+        for bad in private:
+            assert bad not in text, (f.name, bad)
+        assert not re.search(r"\bissue \d+\b", text, re.I), f.name
+    assert "this project's CPU machines" not in (ROOT / "tests" / "run.sh").read_text()
+
+
 def test_user_docs_speak_shell():
     """gpu_check.sh and RESULTS.md are for a user at a shell: no tool-call syntax."""
     for f in (BENCH / "gpu_check.sh", BENCH / "RESULTS.md", BENCH / "run.sh",
