@@ -293,12 +293,12 @@ FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2"
                                                   "float8_e8m0fnu") if hasattr(torch, n))
 
 # aten ops (overload packets, in-place '_' stripped) that compute with their inputs' values.
-# CUDA has no float8 kernels for arithmetic ("mul_cuda" not implemented for 'Float8_e4m3fn' on the
-# H200, /work/shared/measured/h200-2026-11-30.md) and the CPU only a few (torch 2.13: abs and the
-# product of two float8 tensors, but not a product with a scalar, add, div or torch.equal): code
-# must upcast (``x.float()``) or compare bytes (``x.view(torch.uint8)``). Moves, views, casts,
-# copies, fills, indexing and eq/ne (what torch.testing.assert_close uses on float8 tensors) are
-# not listed.
+# CUDA has no float8 kernels for arithmetic ("mul_cuda" not implemented for 'Float8_e4m3fn' in the
+# GPU test run on an H200 on 2026-11-30, not in bench/RESULTS.md) and the CPU only a few (torch
+# 2.13: abs and the product of two float8 tensors, but not a product with a scalar, add, div or
+# torch.equal): code must upcast (``x.float()``) or compare bytes (``x.view(torch.uint8)``).
+# Moves, views, casts, copies, fills, indexing and eq/ne (what torch.testing.assert_close uses on
+# float8 tensors) are not listed.
 FLOAT8_ARITHMETIC_OPS = frozenset("""
     abs absolute neg negative sign sgn add sub rsub subtract mul multiply div divide true_divide
     floor_divide fmod remainder reciprocal pow float_power sqrt rsqrt exp exp2 expm1 log log2 log10

@@ -165,7 +165,8 @@ def test_emulated_nvfp4_compiles_for_sm90_without_rank3_tensors():
 
     The CPU tests run these kernels in the interpreter, whose reshape and reduce are numpy's and
     always right; on the H200 this path was wrong (cos 0.73 / 0.83 vs fp32 where the simulated
-    reference gives 0.986, /work/shared/measured/h200-2026-11-30.md) while int8/fp8 were right.
+    reference gives 0.986; GPU test run on an H200 on 2026-11-30, not in bench/RESULTS.md, whose
+    section 1 shows the same kernel's benchmark rows at cos ~0.83) while int8/fp8 were right.
     The constructs only the nvfp4 path had were rank-3 reshapes of dot results (P after the QK
     MMA, the Hadamard-rotated Q/K in the pre-pass) reduced along the 16-element groups; both
     kernels now compute the 16-element group scales with 2-D masked row maxima. Checks: the

@@ -3,7 +3,8 @@ on the same inputs, stage by stage.
 
 Background: on the H200 (sm_90, Triton 3.6) precision="nvfp4" gave cos 0.728 (D 64) / 0.832
 (D 128) against fp32 at (1, 2, 256, D) where the simulated reference gives 0.986, while int8 /
-fp8 / int8_fp16pv were right (/work/shared/measured/h200-2026-11-30.md). The interpreter tests
+fp8 / int8_fp16pv were right (GPU test run on an H200 on 2026-11-30, not in bench/RESULTS.md;
+its section 1 shows the nvfp4 benchmark rows at cos ~0.83). The interpreter tests
 passed. The emulated path's only constructs not shared with the correct precisions were rank-3
 reshapes of dot results (P after the QK^T MMA; Q/K after the Hadamard dot in the pre-pass)
 reduced over 16-element groups; both kernels now compute the group scales with 2-D masked row

@@ -1,8 +1,9 @@
 """Backend resolution (pyops/_backend.py): the path a CUDA device takes, exercised on the CPU with
 a fake "extension present, sm_90" state, eagerly and inside torch.compile(fullgraph=True).
 
-On the H200 (shared/measured/h200-2026-11-30.md) torch.compile(fullgraph=True) broke because
-resolution imported ``pyops._C`` while Dynamo traced it; CPU tensors never reached that code."""
+On an H200 (GPU test run of 2026-11-30, not in bench/RESULTS.md) torch.compile(fullgraph=True)
+broke because resolution imported ``pyops._C`` while Dynamo traced it; CPU tensors never reached
+that code."""
 import dataclasses
 
 import pytest

@@ -2,8 +2,8 @@
 
 Each binding's bad-argument cases run in a child interpreter (``_util.run_cases_isolated``): a
 binding that launched anyway could crash the process (the H200 run of 2026-11-30 lost the rest of
-its test run to a SIGSEGV in ``_quantize_fp8_cuda``, /work/shared/measured/h200-2026-11-30.md),
-and that must fail one test, not end the run. A case passes when the call raises RuntimeError with
+its test run to a crash on bad input, bench/RESULTS.md, section 1, "Run length at
+8d8b3ea": a SIGSEGV in ``_quantize_fp8_cuda``), and that must fail one test, not end the run. A case passes when the call raises RuntimeError with
 the expected message and leaves every tensor of the setup untouched (nothing ran before the
 error). The GPU tests need pyops._C built; on CPU the same cases are dry-run against a stub (every
 statement must build its arguments and reach the call), and the child-process helper itself is

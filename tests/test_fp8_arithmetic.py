@@ -1,6 +1,6 @@
 """No arithmetic on float8 tensors, anywhere: CUDA has no float8 kernels for it.
 
-The H200 run of 2026-11-30 (/work/shared/measured/h200-2026-11-30.md) failed an opcheck with
+The GPU test run on an H200 on 2026-11-30 (not in bench/RESULTS.md) failed an opcheck with
 '"mul_cuda" not implemented for Float8_e4m3fn': torch's own test_schema (SchemaCheckMode) compares
 every argument of an op with torch.allclose, which multiplies float8 arguments. The CPU has a few
 float8 kernels (abs, the product of two float8 tensors) and the GPU none, so such code can pass on

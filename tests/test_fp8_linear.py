@@ -168,7 +168,7 @@ def test_compile_fullgraph():
 
 
 # ---- auto policy (fake device capabilities; no GPU needed) ---------------------------------------
-# The H200 measurement (shared/measured/h200-2026-11-30.md, "Linear" table, x bf16 incl. the
+# The H200 measurement (bench/RESULTS.md, section 1, "Linear" table, x bf16 incl. the
 # activation quantization): (M, K, N): (_scaled_mm "cuda", "triton"). Copied here so the test
 # checks the policy against the data.
 H200_GEMMS = {

@@ -401,7 +401,7 @@ def test_w4a4_variant_selection(monkeypatch):
     assert op.pick_variant(4608, 3072, 3072, cuda) == "fused"
 
 
-# The H200 measurement (shared/measured/h200-2026-11-30.md, "Linear" table, x bf16):
+# The H200 measurement (bench/RESULTS.md, section 1, "Linear" table, x bf16):
 # (M, K, N): (fused, dequant). Copied here so the test checks the policy against the data, not
 # against itself.
 H200_VARIANTS = {
