@@ -17,7 +17,8 @@ copy bandwidth on >= 64 MB features.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
 # (bench/RESULTS.md, section 1, "Memory-bound kernels": 64 µs per check at Flux size, ~0.1 ms
-# for the diffusers-style check with its sync; Wan size ~0.1-0.2 ms):
+# for the diffusers-style check with its sync; at Wan size 56-68% of copy bandwidth, i.e.
+# roughly 0.25 ms per check for the ~670 MB read at ~4.2 TB/s -- derived, not measured):
 #   default, ~20 s: start-up + copy ceiling ~6 s + 2 shapes x 2 cases x 3 providers = 12 rows,
 #     ~0.6 s each (do_bench ~80 ms of calls plus one L2 flush per call: ~1000 calls at Flux size;
 #     CUDA-graph replays with rotating inputs at Flux size) ~8 s + Triton compile ~2 s.
