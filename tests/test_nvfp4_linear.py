@@ -388,6 +388,7 @@ def fake_capability(monkeypatch, cap):
 
 def test_w4a4_variant_selection(monkeypatch):
     monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    monkeypatch.delenv("PYOPS_NVFP4_NATIVE", raising=False)
     assert op.pick_variant(4608, 3072, 3072, torch.device("cpu")) == "dequant"
     assert op.pick_variant(8, 3072, 3072) == "fused"
     cuda = torch.device("cuda", 0)
@@ -397,6 +398,12 @@ def test_w4a4_variant_selection(monkeypatch):
         assert op.native_fp4_supported(cuda)[0] is want, cap
         for M in (1, 4608):
             assert (op.pick_variant(M, 3072, 3072, cuda) == "w4a4") is want, (cap, M)
+    fake_capability(monkeypatch, (10, 0))  # PYOPS_NVFP4_NATIVE=0 turns W4A4 off, as elsewhere
+    monkeypatch.setenv("PYOPS_NVFP4_NATIVE", "0")
+    ok, why = op.native_fp4_supported(cuda)
+    assert not ok and "PYOPS_NVFP4_NATIVE" in why
+    assert op.pick_variant(4608, 3072, 3072, cuda) != "w4a4"
+    monkeypatch.delenv("PYOPS_NVFP4_NATIVE")
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fused")  # the override wins
     assert op.pick_variant(4608, 3072, 3072, cuda) == "fused"
 

@@ -57,8 +57,12 @@ def _reference(x, data, scales, g, K: int, bias, out, variant: str) -> None:
 
 
 def native_fp4_supported(device) -> tuple[bool, str]:
-    """Whether ``device`` has native NVFP4 MMA and this torch has the float4 dtype."""
+    """Whether ``device`` has native NVFP4 MMA and this torch has the float4 dtype.
+    ``PYOPS_NVFP4_NATIVE=0`` turns it off, as for every native NVFP4 path
+    (``_backend.native_fp4``)."""
     device = torch.device(device)
+    if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
+        return False, "native NVFP4 turned off by PYOPS_NVFP4_NATIVE=0"
     if device.type != "cuda":
         return False, f"W4A4 needs a CUDA device with native NVFP4 (sm_100/103/120/121), " \
                       f"got {device.type}"
