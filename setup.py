@@ -133,7 +133,7 @@ def editable_cmdclass() -> dict:
     ``sys.path`` always beats a namespace package, so a path entry holding ``pyops -> <clone>/pyops``
     is found from anywhere; ``pyops/__init__.py`` maps ``pyops.triton_kernels`` to the source
     folder (as in a plain checkout). Files added later are seen without reinstalling. Falls back to
-    setuptools' own strategy where a symlink cannot be made or ``editable_mode`` is set.
+    setuptools' own strategy where the link is missing (no symlinks) or ``editable_mode`` is set.
     """
     try:
         from setuptools.command.editable_wheel import editable_wheel
@@ -160,21 +160,14 @@ def editable_cmdclass() -> dict:
             if self.mode not in (None, "", "lenient"):
                 return super()._select_strategy(name, tag, build_lib)
             # .editable/pyops -> ../pyops is tracked by git, so `rm -rf build` or `git clean -xdf`
-            # cannot break the install; a checkout without symlinks gets a fresh link instead
-            for folder in (os.path.join(ROOT, ".editable"), os.path.join(ROOT, "build", "editable")):
-                link = os.path.join(folder, "pyops")
-                if os.path.isfile(os.path.join(link, "__init__.py")) and \
-                        os.path.samefile(link, os.path.join(ROOT, "pyops")):
-                    return PathEntry(name, folder)
-            try:
-                os.makedirs(folder, exist_ok=True)
-                if os.path.lexists(link):
-                    os.remove(link)
-                os.symlink(os.path.join(ROOT, "pyops"), link, target_is_directory=True)
-            except OSError as e:
-                say(f"editable install: cannot link {link} ({e}); using setuptools' import hook")
-                return super()._select_strategy(name, tag, build_lib)
-            return PathEntry(name, folder)
+            # cannot break the install; a checkout without symlinks keeps setuptools' hook
+            folder = os.path.join(ROOT, ".editable")
+            link = os.path.join(folder, "pyops")
+            if os.path.isfile(os.path.join(link, "__init__.py")) and \
+                    os.path.samefile(link, os.path.join(ROOT, "pyops")):
+                return PathEntry(name, folder)
+            say(f"editable install: {link} is not a link to pyops/; using setuptools' import hook")
+            return super()._select_strategy(name, tag, build_lib)
 
     return {"editable_wheel": EditableWheel}
 
