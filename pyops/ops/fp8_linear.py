@@ -90,15 +90,8 @@ _backend.register_availability(  # shape-independent part, for pyops.info() and 
 # shape, read 0.20): a tie, not a measured Triton win. So on sm_90: _scaled_mm at every shape.
 # Other capabilities are unmeasured and keep the previous rule: _scaled_mm wherever it can run
 # (rowwise _scaled_mm needs sm_90+, so sm_89 gets Triton through the fallback in resolve()).
-def _sm90(M: int, N: int, K: int) -> str:
-    return "cuda"  # measured (above)
-
-
-def _unmeasured(M: int, N: int, K: int) -> str:
-    return "cuda"  # the previous default; no measurement on this capability
-
-
-AUTO_POLICY = {(9, 0): _sm90}  # compute capability -> rule(M, N, K); others: _unmeasured
+# One answer for every device today; a per-capability, per-shape rule goes in auto_backend when
+# a measurement shows Triton winning somewhere.
 
 
 def auto_backend(capability: tuple[int, int], M: int, N: int, K: int) -> str:
@@ -107,9 +100,9 @@ def auto_backend(capability: tuple[int, int], M: int, N: int, K: int) -> str:
 
     A preference only: ``resolve`` checks that it can run (``scaled_mm_available``: bf16 output,
     K and N multiples of 16, sm_90+) and falls back otherwise. Source of the sm_90 rule: the
-    H200 measurement cited in the comment above ``AUTO_POLICY``; other capabilities unmeasured.
+    H200 measurement cited in the comment above; other capabilities unmeasured (same answer).
     """
-    return AUTO_POLICY.get(tuple(capability), _unmeasured)(M, N, K)
+    return "cuda"
 
 
 def resolve(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
