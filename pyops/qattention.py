@@ -135,23 +135,11 @@ DTYPES = (torch.bfloat16, torch.float16)
 _WARNED: set = set()
 
 
-def _unpatched_sdpa(fn):
-    """``fn`` unless it is (a ``functools.partial`` or ``functools.wraps`` wrapper of)
-    ``pyops.sdpa``; then torch's builtin ``torch._C._nn.scaled_dot_product_attention`` (what
-    ``F.scaled_dot_product_attention`` is in torch 2.11-2.13)."""
-    f, seen = fn, 0
-    while f is not None and seen < 16:
-        if getattr(f, "_pyops_sdpa", False):
-            return torch._C._nn.scaled_dot_product_attention
-        f, seen = getattr(f, "func", None) or getattr(f, "__wrapped__", None), seen + 1
-    return fn
-
-
-# The SDPA that pyops.sdpa falls back to, taken when pyops is imported: users patch
-# ``F.scaled_dot_product_attention = pyops.sdpa``, after which calling F's attribute from the
-# fallback would recurse. A module reloaded while the patch is in place (e.g. IPython's
-# autoreload) finds pyops.sdpa there and takes torch's builtin instead.
-_TORCH_SDPA = _unpatched_sdpa(torch.nn.functional.scaled_dot_product_attention)
+# The SDPA that pyops.sdpa falls back to: torch's builtin, which is what
+# ``F.scaled_dot_product_attention`` is (torch 2.11-2.13). Never looked up through
+# ``torch.nn.functional``, which users patch (``F.scaled_dot_product_attention = pyops.sdpa``):
+# the fallback would then call itself.
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -253,8 +241,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
          enable_gqa: bool = False, *, precision: str = "int8", backend: Optional[str] = None):
     """Drop-in for ``F.scaled_dot_product_attention`` (e.g. to patch a model's attention).
 
-    Runs ``pyops.attention`` (bhsd layout) when it can; falls back to torch's own SDPA (the
-    function ``F.scaled_dot_product_attention`` was when pyops was imported, so patching
+    Runs ``pyops.attention`` (bhsd layout) when it can; falls back to torch's builtin SDPA
+    (never through ``torch.nn.functional``, so patching
     ``torch.nn.functional.scaled_dot_product_attention = pyops.sdpa`` cannot recurse) with a
     one-time warning per reason for: an ``attn_mask``,
     ``dropout_p > 0``, inputs that need gradients, inputs that are not 4-D bf16/fp16, head dims
@@ -286,5 +274,3 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
     return attention(query, key, value, layout="bhsd", scale=scale, precision=precision,
                      causal=is_causal, backend=backend)
 
-
-sdpa._pyops_sdpa = True  # recognised by _unpatched_sdpa

@@ -566,7 +566,6 @@ class _DiffusersStyleAttention(torch.nn.Module):
 def test_sdpa_patched_into_torch_no_recursion():
     """README: ``torch.nn.functional.scaled_dot_product_attention = pyops.sdpa``. Every fallback
     (mask, CPU tensors, fp32, dropout) must reach torch's SDPA, not pyops.sdpa again."""
-    import functools
     from pyops import qattention
     orig = torch.nn.functional.scaled_dot_product_attention
     q, k, v = R.make_inputs(1, 2, 2, 16, 16, 64, seed=14)
@@ -592,14 +591,9 @@ def test_sdpa_patched_into_torch_no_recursion():
     for g, w in zip(got + got_model, want + want_model):
         assert torch.equal(g, w)
     assert d.shape == q.shape and torch.isfinite(d).all()
-    # pyops (re)imported while the patch is in place (e.g. IPython autoreload): torch's builtin
-    builtin = torch._C._nn.scaled_dot_product_attention
-    assert qattention._TORCH_SDPA is orig
-    assert qattention._unpatched_sdpa(orig) is orig
-    assert qattention._unpatched_sdpa(sdpa) is builtin
-    assert qattention._unpatched_sdpa(functools.partial(sdpa, precision="fp8")) is builtin
-    assert qattention._unpatched_sdpa(functools.wraps(sdpa)(lambda *a, **k: sdpa(*a, **k))) \
-        is builtin
+    # the fallback is torch's builtin, whatever F's attribute is (also when pyops is (re)imported
+    # while the patch is in place, e.g. IPython autoreload)
+    assert qattention._TORCH_SDPA is torch._C._nn.scaled_dot_product_attention is orig
 
 
 # ---- native NVFP4 path (tl.dot_scaled) ------------------------------------------------------------
