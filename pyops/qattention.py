@@ -63,7 +63,10 @@ nvfp4 has two kernel paths, chosen per call by ``triton_kernels.attention.native
 * EMULATED (Hopper, the interpreter, anything else): the pre-pass and the kernel decode the
   NVFP4 values exactly to fp16 and run fp16 MMAs -- the arithmetic ``tl.dot_scaled`` performs
   on Hopper -- so it measures the recipe's accuracy, not FP4 speed. Both paths quantize
-  identically (``_nvfp4_parts``); they differ only in how QK^T is multiplied.
+  with the same arithmetic (native: ``_nvfp4_parts``, which also yields the packed codes and
+  scale bytes; emulated: ``_nvfp4_values_2d``, the same values without a rank-3 reshape, see
+  ``triton_kernels/attention.py``, "NVFP4 on sm_90"); they differ only in how QK^T is
+  multiplied.
 
 ``tl.dot_scaled`` facts (found 2026, sources below):
 * Signature (3.9 ``triton/language/core.py``): ``dot_scaled(lhs, lhs_scale, lhs_format, rhs,
@@ -273,4 +276,3 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
                            is_causal=is_causal, scale=scale, **kw)
     return attention(query, key, value, layout="bhsd", scale=scale, precision=precision,
                      causal=is_causal, backend=backend)
-
