@@ -17,7 +17,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <limits>
+#include <utility>
 
 #include "pyops.h"
 
@@ -118,6 +121,16 @@ inline bool same_memory(const at::Tensor& a, const at::Tensor& b) {
 inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op,
                              const char* na, const char* nb) {
   TORCH_CHECK(!overlaps(a, b), op, ": ", na, " and ", nb, " overlap in memory");
+}
+
+// No two of `bufs` (name, tensor; a null tensor, i.e. an absent optional, is skipped) share
+// memory; pairs are checked in list order.
+inline void check_no_overlap_pairwise(
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> bufs, const char* op) {
+  for (auto i = bufs.begin(); i != bufs.end(); ++i)
+    for (auto j = std::next(i); j != bufs.end(); ++j)
+      if (i->second != nullptr && j->second != nullptr)
+        check_no_overlap(*i->second, *j->second, op, i->first, j->first);
 }
 
 // For element-wise kernels (element i read and written by the same thread): an exact alias is

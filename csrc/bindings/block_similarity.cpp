@@ -93,11 +93,8 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   TORCH_CHECK(threshold >= 0.0, op, ": threshold must be >= 0, got ", threshold);
   TORCH_CHECK(eps > 0.0 && static_cast<float>(eps) > 0.0f, op,
               ": eps must be > 0 (as a float32), got ", eps);
-  const std::pair<const char*, const at::Tensor*> bufs[] = {
-      {"a", &a}, {"ref", &ref}, {"state", &state}, {"metric", &metric}, {"reuse", &reuse}};
-  for (size_t i = 0; i < 5; ++i)
-    for (size_t j = i + 1; j < 5; ++j)
-      check_no_overlap(*bufs[i].second, *bufs[j].second, op, bufs[i].first, bufs[j].first);
+  check_no_overlap_pairwise(
+      {{"a", &a}, {"ref", &ref}, {"state", &state}, {"metric", &metric}, {"reuse", &reuse}}, op);
   const int64_t ws = pyops_block_similarity_workspace(rows, row_len, static_cast<int>(chunks));
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor workspace = at::empty({ws}, a.options().dtype(at::kFloat));

@@ -114,10 +114,7 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
     for (const auto& i : ins)
       if (i.second != nullptr) check_no_overlap(*o.second, *i.second, kOp, o.first, i.first);
   }
-  for (size_t i = 0; i < 3; ++i)
-    for (size_t j = i + 1; j < 3; ++j)
-      if (outs[i].second != nullptr && outs[j].second != nullptr)
-        check_no_overlap(*outs[i].second, *outs[j].second, kOp, outs[i].first, outs[j].first);
+  check_no_overlap_pairwise({outs[0], outs[1], outs[2]}, kOp);
   if (M == 0 || D == 0) return;
   p.x = x.data_ptr();
   const c10::cuda::CUDAGuard guard(x.device());

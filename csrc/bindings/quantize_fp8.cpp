@@ -40,9 +40,7 @@ void quantize_fp8_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& scale,
     default: check_shape(scale, {nm, nk}, kOp, "scale (granularity 3, block128x128)"); break;
   }
   check_aligned(scale, 4, kOp, "scale");
-  check_no_overlap(q, x, kOp, "q", "x");
-  check_no_overlap(scale, x, kOp, "scale", "x");
-  check_no_overlap(q, scale, kOp, "q", "scale");
+  check_no_overlap_pairwise({{"q", &q}, {"scale", &scale}, {"x", &x}}, kOp);
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();

@@ -38,12 +38,8 @@ void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scal
               global_scale.sizes());
   check_aligned(data, 4, kOp, "data");
   check_aligned(global_scale, 4, kOp, "global_scale");
-  check_no_overlap(data, x, kOp, "data", "x");
-  check_no_overlap(scales, x, kOp, "scales", "x");
-  check_no_overlap(global_scale, x, kOp, "global_scale", "x");
-  check_no_overlap(data, scales, kOp, "data", "scales");
-  check_no_overlap(data, global_scale, kOp, "data", "global_scale");
-  check_no_overlap(scales, global_scale, kOp, "scales", "global_scale");
+  check_no_overlap_pairwise(
+      {{"data", &data}, {"scales", &scales}, {"global_scale", &global_scale}, {"x", &x}}, kOp);
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
