@@ -132,6 +132,15 @@ def f32_to_out(v, OUT_KIND: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
+def nvfp4_pow2_scale(sb):
+    """Test hook POW2 of the NVFP4 quantizers: a block scale sb >= 0 rounded up to a power of two
+    in [2^-9, 256] (0 stays 0), so the interpreter's dot_scaled, which decodes scales as E8M0
+    only, reads it exactly."""
+    return tl.where(sb > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
+        tl.maximum(sb, 0.001953125)))), 256.0), 0.0)
+
+
+@triton.jit
 def nvfp4_block_scales(a, s, N: tl.constexpr, SOFT: tl.constexpr, POW2: tl.constexpr = False):
     """NVFP4 first-level scales, broadcast: ``a`` (R, N) fp32 magnitudes (>= 0), ``s`` (R,) fp32
     second-level scale (> 0) -> (R, N) fp32 where each element holds the decoded E4M3 scale of
@@ -147,9 +156,7 @@ def nvfp4_block_scales(a, s, N: tl.constexpr, SOFT: tl.constexpr, POW2: tl.const
         sj = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.where(in_j, a, 0.0), axis=1),
                                                       6.0), s), 448.0)
         if POW2:
-            sj = tl.where(sj > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
-                tl.maximum(sj, 0.001953125)))), 256.0), 0.0)
+            sj = nvfp4_pow2_scale(sj)
         sj = e4m3_to_f32(e4m3_bits(sj, SOFT), SOFT)
         sb = tl.where(in_j, sj[:, None], sb)
     return sb
-

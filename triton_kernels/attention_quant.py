@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._cvt import (as_kernel_input, e4m3_bits, e4m3_to_f32, load_f32, nvfp4_block_scales,
-                   use_soft_cvt)
+                   nvfp4_pow2_scale, use_soft_cvt)
 
 FP8_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
@@ -148,8 +148,7 @@ def _nvfp4_parts(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     bam = tl.max(tl.abs(xb), axis=2)
     sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(bam, 6.0), s[:, None]), FP8_MAX)
     if POW2:
-        sb = tl.where(sb > 0, tl.minimum(tl.math.exp2(tl.math.ceil(tl.math.log2(
-            tl.maximum(sb, 0.001953125)))), 256.0), 0.0)
+        sb = nvfp4_pow2_scale(sb)
     sbits = e4m3_bits(sb, SOFT)
     sb = e4m3_to_f32(sbits, SOFT)
     den = sb * s[:, None]
