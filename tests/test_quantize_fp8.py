@@ -117,6 +117,8 @@ def test_scale_shapes_and_aliases():
 
 # ---- backends: bit-exact with the reference -------------------------------------------------
 SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
+# Each bit-exact test runs every (input dtype, make_input kind) pair.
+DTYPE_KINDS = [(torch.bfloat16, "randn"), (torch.float16, "outlier"), (torch.float32, "wide")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -124,8 +126,7 @@ SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backend_bit_exact(backend, gran, shape):
     need_backend("quantize_fp8", backend)
-    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
-                        (torch.float32, "wide")]:
+    for dtype, kind in DTYPE_KINDS:
         x = make_input(shape, dtype, kind)
         got = pyops.quantize_fp8(x, gran, backend=backend)
         want = pyops.quantize_fp8(x.cpu(), gran, backend="reference")
@@ -139,8 +140,7 @@ def test_backend_bit_exact(backend, gran, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dequantize_backend_bit_exact(backend, gran, shape):
     need_backend("dequantize_fp8", backend)
-    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
-                        (torch.float32, "wide")]:
+    for dtype, kind in DTYPE_KINDS:
         t = pyops.quantize_fp8(make_input(shape, dtype, kind, device="cpu"), gran,
                                backend="reference")
         data, scale = t.data.to(DEVICE), t.scale.to(DEVICE)

@@ -145,6 +145,8 @@ def test_shapes_3d_and_odd_k():
 
 # ---- backends: bit-exact with the reference -------------------------------------------------
 SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
+# Each bit-exact test runs every (input dtype, make_input kind) pair.
+DTYPE_KINDS = [(torch.bfloat16, "randn"), (torch.float16, "outlier"), (torch.float32, "wide")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,8 +155,7 @@ SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
 @pytest.mark.parametrize("static", [False, True])
 def test_backend_bit_exact(backend, shape, swizzle, static):
     need_backend("quantize_nvfp4", backend)
-    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
-                        (torch.float32, "wide")]:
+    for dtype, kind in DTYPE_KINDS:
         x = make_input(shape, dtype, kind)
         gs = (x.float().abs().amax() / 1000.0 + 1e-30) if static else None
         got = q(x, global_scale=gs, swizzle=swizzle, backend=backend)
@@ -172,8 +173,7 @@ def test_backend_bit_exact(backend, shape, swizzle, static):
 @pytest.mark.parametrize("static", [False, True])
 def test_dequantize_backend_bit_exact(backend, shape, swizzle, static):
     need_backend("dequantize_nvfp4", backend)
-    for dtype, kind in [(torch.bfloat16, "randn"), (torch.float16, "outlier"),
-                        (torch.float32, "wide")]:
+    for dtype, kind in DTYPE_KINDS:
         x = make_input(shape, dtype, kind, device="cpu")
         gs = (x.float().abs().amax() / 1000.0 + 1e-30) if static else None
         t = q(x, global_scale=gs, swizzle=swizzle, backend="reference")
