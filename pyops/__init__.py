@@ -36,14 +36,8 @@ _alias_triton_kernels()
 from . import _backend  # noqa: E402
 from . import ops  # noqa: E402,F401  (registers torch.ops.pyops.*)
 from ._info import info  # noqa: E402
-from .quantize import (  # noqa: E402
-    FP8Tensor,
-    NVFP4Tensor,
-    dequantize_fp8,
-    dequantize_nvfp4,
-    quantize_fp8,
-    quantize_nvfp4,
-)
+from .ops.quantize_fp8 import FP8Tensor, dequantize_fp8, quantize_fp8  # noqa: E402
+from .ops.quantize_nvfp4 import NVFP4Tensor, dequantize_nvfp4, quantize_nvfp4  # noqa: E402
 
 from . import cache, graphs, nn  # noqa: E402
 from .cache import (  # noqa: E402

@@ -1,8 +1,19 @@
-"""Backend selection: CUDA extension -> Triton -> PyTorch reference.
+"""The backend registry: who runs each op, and the one place that decides it.
 
-Every op registers one implementation per backend. The choice is made on the host, before the op
-runs, from static facts only (device, what is installed, the request), never from data, so it is
-fixed under torch.compile and CUDA-graph capture.
+Backend names say who runs the code:
+
+* ``cuda``: pyops' own CUDA kernel (``csrc/``, through the extension ``pyops._C``);
+* ``triton``: pyops' own Triton kernel (``pyops/triton_kernels/``);
+* ``torch``: a vendor kernel reached through torch (cuBLAS/cuBLASLt via ``torch._scaled_mm`` or
+  ``torch.mm``);
+* ``reference``: the PyTorch reference in ``pyops/reference/`` (the spec; any device).
+
+Every op module (``pyops/ops/<op>.py``) registers one implementation per backend it has, an
+optional availability rule (shape-aware where a vendor kernel has shape limits) and an optional
+per-shape policy (the measured preference; ``register_policy``). ``resolve`` is the only function
+that picks a backend: the public function calls it once on the host, before the op runs, from
+static facts only (device, what is installed, the request, shapes), never from data, so the
+choice is fixed under torch.compile and CUDA-graph capture; the op receives the resolved name.
 
 Override order: the ``backend=`` argument, then ``PYOPS_BACKEND_<OP>`` (e.g.
 ``PYOPS_BACKEND_QUANTIZE_FP8=triton``), then ``PYOPS_BACKEND``, then automatic. A backend that was
@@ -18,18 +29,25 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "torch", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _MIN_CAPABILITY: dict[tuple[str, str], tuple[int, int]] = {}
 _AVAILABILITY: dict[tuple[str, str], Callable] = {}
+_POLICY: dict[str, tuple[Callable, str]] = {}
 # NVFP4 block-scaled MMA: sm_100/103 (tcgen05 kind::mxf4nvf4) and sm_120/121 (mma.sync mxf4nvf4)
 NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
 
 
 def register(op: str, backend: str, fn: Callable,
-             min_capability: Optional[tuple[int, int]] = None) -> None:
-    """Register ``fn`` as ``op``'s ``backend`` implementation. ``min_capability``: the lowest
-    CUDA compute capability it compiles for (e.g. (8, 9) for kernels with fp8 operands)."""
+             min_capability: Optional[tuple[int, int]] = None, *,
+             available: Optional[Callable] = None) -> None:
+    """Register ``fn`` as ``op``'s ``backend`` implementation.
+
+    min_capability: the lowest CUDA compute capability it runs on (e.g. (8, 9) for kernels with
+    fp8 operands). available: for a ``torch`` backend (a vendor kernel, not pyops' own), the
+    rule ``available(device, **shape) -> (ok, why)`` that replaces the generic check; ``shape``
+    holds the keywords the op's public function passes to ``resolve`` (empty for
+    ``pyops.info()``, which then asks about the backend in general)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "triton":
@@ -39,6 +57,22 @@ def register(op: str, backend: str, fn: Callable,
         _note_cuda_op(op)
     if min_capability is not None:
         _MIN_CAPABILITY[(op, backend)] = tuple(min_capability)
+    if available is not None:
+        _AVAILABILITY[(op, backend)] = available
+
+
+def register_policy(op: str, rule: Callable, source: str) -> None:
+    """The op's automatic preference on a CUDA device: ``rule(capability, **shape) -> backend``
+    (``capability`` = (major, minor)). ``source`` names the measurement behind it (or says that
+    none exists); ``pyops.info()`` prints it. ``resolve`` takes the preference when it can run,
+    else the first backend that can in the order cuda, triton, torch, reference."""
+    _POLICY[op] = (rule, source)
+
+
+def policy(op: str) -> Optional[str]:
+    """The source line of ``op``'s registered policy, or None (fixed order)."""
+    p = _POLICY.get(op)
+    return p[1] if p else None
 
 
 def _on_tensor_device(fn: Callable) -> Callable:
@@ -54,12 +88,6 @@ def _on_tensor_device(fn: Callable) -> Callable:
                 break
         return fn(*args, **kwargs)
     return run
-
-
-def register_availability(op: str, backend: str, fn: Callable) -> None:
-    """For a backend that is not pyops' own kernel (e.g. fp8_linear's "cuda" = torch._scaled_mm):
-    ``fn(device) -> (ok, why)`` replaces the generic availability check."""
-    _AVAILABILITY[(op, backend)] = fn
 
 
 def impl(op: str, backend: str) -> Callable:
@@ -159,15 +187,45 @@ def device_capability(device) -> tuple[int, int]:
     return cap
 
 
-def native_fp4(device) -> bool:
-    """Whether ``device`` has native NVFP4 MMA (and this torch the float4 dtype). Never in the
-    Triton interpreter; ``PYOPS_NVFP4_NATIVE=0`` turns every native NVFP4 path off."""
+def native_fp4_status(device) -> tuple[bool, str]:
+    """(ok, why): whether ``device`` has native NVFP4 MMA (E2M1 x E2M1 with E4M3 scales per 16:
+    sm_100/103/120/121) and this torch the ``float4_e2m1fn_x2`` dtype. Never in the Triton
+    interpreter; ``PYOPS_NVFP4_NATIVE=0`` turns every native NVFP4 path off. The one definition
+    every NVFP4 path (attention, linear, weight packing) asks."""
     device = torch.device(device)
-    if device.type != "cuda" or triton_interpret() or not hasattr(torch, "float4_e2m1fn_x2"):
-        return False
     if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
-        return False
-    return device_capability(device) in NATIVE_FP4_CAPABILITIES
+        return False, "native NVFP4 turned off by PYOPS_NVFP4_NATIVE=0"
+    if device.type != "cuda":
+        return False, f"native NVFP4 needs a CUDA device (sm_100/103/120/121), got {device.type}"
+    if triton_interpret():
+        return False, "the Triton interpreter has no native NVFP4"
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        return False, f"torch {torch.__version__} has no float4_e2m1fn_x2"
+    cap = device_capability(device)
+    if tuple(cap) not in NATIVE_FP4_CAPABILITIES:
+        return False, f"sm_{cap[0]}{cap[1]} has no native NVFP4 MMA (needs sm_100/103/120/121)"
+    return True, f"sm_{cap[0]}{cap[1]}"
+
+
+def native_fp4(device) -> bool:
+    """``native_fp4_status(device)[0]``."""
+    return native_fp4_status(device)[0]
+
+
+def capabilities(device) -> dict:
+    """The capability table of ``device`` (what ``pyops.info()`` prints): compute capability,
+    native NVFP4, FP8 MMA (sm_89+), and whether ``pyops._C`` has code for it. Built from cached
+    facts only."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"device": str(device), "native_fp4": False, "fp8_mma": False,
+                "cuda_extension": False}
+    cap = device_capability(device)
+    facts = extension_facts()
+    have = {a.rstrip("af") for a in facts.archs}
+    return {"device": str(device), "capability": f"sm_{cap[0]}{cap[1]}",
+            "native_fp4": native_fp4(device), "fp8_mma": tuple(cap) >= (8, 9),
+            "cuda_extension": facts.loaded and f"{cap[0]}{cap[1]}" in have}
 
 
 _TRITON: Optional[tuple[bool, str]] = None
@@ -203,13 +261,16 @@ def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
     return True, facts.why
 
 
-def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+def available(op: str, backend: str, device: torch.device, **shape) -> tuple[bool, str]:
+    """(ok, why): whether ``op``'s ``backend`` can run on ``device`` (and, for a backend with a
+    shape-aware rule, on ``shape``)."""
+    device = torch.device(device)
     if op not in _IMPLS or backend not in _IMPLS[op]:
         return False, f"no {backend} implementation of {op}"
     if backend == "reference":
         return True, "PyTorch reference"
     if (op, backend) in _AVAILABILITY:
-        return _AVAILABILITY[(op, backend)](device)
+        return _AVAILABILITY[(op, backend)](device, **shape)
     if backend == "triton":
         ok, why = triton_status()
         if not ok:
@@ -225,6 +286,10 @@ def available(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
                 return False, (f"the Triton {op} kernel needs sm_{need[0]}{need[1]}+ (fp8 "
                                f"operands), device is sm_{cap[0]}{cap[1]}")
         return True, why
+    if backend == "torch":
+        return (device.type == "cuda",
+                "vendor kernel through torch" if device.type == "cuda" else
+                "the torch backend needs CUDA tensors")
     return _cuda_backend_ok(op, device)
 
 
@@ -240,16 +305,26 @@ def requested(op: str, backend: Optional[str]) -> Optional[str]:
     return backend
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """Pick the backend for ``op`` on ``device``. Raises if an explicit request cannot run."""
+def resolve(op: str, device: torch.device, backend: Optional[str] = None, **shape) -> str:
+    """Pick the backend for ``op`` on ``device`` (``shape``: the keywords the op's policy and
+    availability rules read, e.g. ``M=, N=, K=``). Raises RuntimeError if an explicit request
+    (argument, ``PYOPS_BACKEND_<OP>``, ``PYOPS_BACKEND``) cannot run. Automatic: the reference
+    off CUDA; on CUDA the op's policy preference if it can run, else the first backend that can
+    in the order cuda, triton, torch, reference."""
     want = requested(op, backend)
     if want is not None:
-        ok, why = available(op, want, device)
+        ok, why = available(op, want, device, **shape)
         if not ok:
             raise RuntimeError(f"pyops: backend {want!r} requested for {op} cannot run: {why}")
         return want
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
+    if device.type != "cuda":
+        return "reference"
+    order = BACKENDS
+    pol = _POLICY.get(op)
+    if pol is not None:
+        pref = pol[0](device_capability(device), **shape)
+        order = (pref,) + tuple(b for b in BACKENDS if b != pref)
     for b in order:
-        if available(op, b, device)[0]:
+        if available(op, b, device, **shape)[0]:
             return b
     raise RuntimeError(f"pyops: no backend can run {op} on {device}")  # pragma: no cover

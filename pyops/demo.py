@@ -12,7 +12,8 @@ import time
 import torch
 
 from .models import DiT, DiTConfig
-from .quantize import quantize_fp8, quantize_nvfp4
+from .ops.quantize_fp8 import quantize_fp8
+from .ops.quantize_nvfp4 import quantize_nvfp4
 
 FORMATS = {
     "fp8 row": lambda w: quantize_fp8(w, "row").dequantize(torch.float32),

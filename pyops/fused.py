@@ -9,7 +9,7 @@ import torch
 from . import _backend
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path
 from .ops import norm_modulate_quant as _nmq
-from .quantize import FP8Tensor
+from .ops.quantize_fp8 import FP8Tensor
 
 _NORM_ALIASES = {"layer": "layer", "layernorm": "layer", "layer_norm": "layer", "ln": "layer",
                  "rms": "rms", "rmsnorm": "rms", "rms_norm": "rms"}

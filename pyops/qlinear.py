@@ -28,7 +28,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ._checks import check_same_device, check_tensor, eager_fast_path
 from .ops import fp8_linear as _fp8
 from .ops import nvfp4_linear as _nv4
-from .quantize import FP8Tensor, dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
+from .ops.quantize_fp8 import FP8Tensor, dequantize_fp8, quantize_fp8
+from .ops.quantize_nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 FORMATS = ("fp8", "nvfp4")
 _FORMAT_ALIASES = {"fp8": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "w8a8": "fp8",

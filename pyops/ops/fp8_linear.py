@@ -68,8 +68,8 @@ def scaled_mm_available(device: torch.device, N: int, K: int, out_dtype: torch.d
     return True, "torch._scaled_mm row-wise"
 
 
-_backend.register_availability(  # shape-independent part, for pyops.info() and explicit requests
-    OP, "cuda", lambda device: scaled_mm_available(torch.device(device), 16, 16, torch.bfloat16))
+_backend._AVAILABILITY[(OP, "cuda")] = (  # interim; shape-independent part
+    lambda device, **shape: scaled_mm_available(torch.device(device), 16, 16, torch.bfloat16))
 
 
 # ---- auto policy: which GEMM to prefer, per device and shape ------------------------------------
