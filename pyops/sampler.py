@@ -29,9 +29,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from . import _backend
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path, overlaps
-from .ops import sample_step as _op
+from ._checks import FLOAT_DTYPES
+from .ops.sample_step import sample_step
 from .reference import sample_step as _ref
 from .reference.sample_step import PATHS, PREDICTIONS, RULES, StepCoefficients
 
@@ -40,59 +39,6 @@ __all__ = [
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "PRESETS", "diffusers_model",
     "step_coefficients", "flux_mu", "tcd_timesteps", "TIMESTEP_MODES",
 ]
-
-OpTensor = Optional[torch.Tensor]
-
-
-# ---- the fused step, public --------------------------------------------------------------------
-def sample_step(state: torch.Tensor, cond: torch.Tensor, coefficients: StepCoefficients, *,
-                uncond: OpTensor = None, guidance: float = 1.0, noise: OpTensor = None,
-                x_out: OpTensor = None, backend: Optional[str] = None) -> torch.Tensor:
-    """One fused sampler step, in place: ``state <- α·state + β·p + ζ·noise`` with
-    ``p = uncond + guidance·(cond − uncond)`` (or ``cond``); ``x_out`` (optional) gets the same
-    values in its own dtype. Returns ``state``. All tensors share a shape; fp32/bf16/fp16 each.
-    """
-    op = "sample_step"
-    check_tensor(op, "state", state, dtypes=FLOAT_DTYPES)
-    check_tensor(op, "cond", cond, dtypes=FLOAT_DTYPES)
-    for name, t in (("uncond", uncond), ("noise", noise), ("x_out", x_out)):
-        if t is not None:
-            check_tensor(op, name, t, dtypes=FLOAT_DTYPES)
-            if t.shape != state.shape:
-                raise ValueError(f"pyops.{op}: {name} has shape {tuple(t.shape)}, state has "
-                                 f"{tuple(state.shape)}")
-    if cond.shape != state.shape:
-        raise ValueError(f"pyops.{op}: cond has shape {tuple(cond.shape)}, state has "
-                         f"{tuple(state.shape)}")
-    check_same_device(op, state, cond=cond, uncond=uncond, noise=noise, x_out=x_out)
-    if not state.is_contiguous() or (x_out is not None and not x_out.is_contiguous()):
-        raise ValueError(f"pyops.{op}: state and x_out are written in place and must be "
-                         f"contiguous")
-    if x_out is not None and (x_out is state or (not torch.compiler.is_compiling()
-                                                 and overlaps(x_out, state))):
-        raise ValueError(f"pyops.{op}: x_out must not overlap state in memory")
-    if not isinstance(coefficients, StepCoefficients):
-        raise TypeError(f"pyops.{op}: coefficients must be a StepCoefficients, got "
-                        f"{type(coefficients).__name__}")
-    a, b, z = coefficients.alpha, coefficients.beta, coefficients.zeta
-    if not all(math.isfinite(v) for v in (a, b, z, guidance)):
-        raise ValueError(f"pyops.{op}: non-finite coefficient in {coefficients} or guidance "
-                         f"{guidance}")
-    if z != 0.0 and noise is None:
-        raise ValueError(f"pyops.{op}: the step needs fresh noise (zeta={z}) but noise is None")
-    if uncond is None and guidance != 1.0:
-        raise ValueError(f"pyops.{op}: guidance={guidance} given without uncond")
-    cond = cond.contiguous()
-    uncond = uncond.contiguous() if uncond is not None else None
-    noise = noise.contiguous() if (noise is not None and z != 0.0) else None
-    b_name = _backend.resolve(_op.OP, state.device, backend)
-    args = (state, x_out, cond, uncond, noise, float(a), float(b), float(z), float(guidance))
-    if eager_fast_path(state, x_out, cond, uncond, noise):
-        _op.sample_step_impl(*args, b_name)
-    else:
-        torch.ops.pyops.sample_step(*args, b_name)
-    return state
-
 
 step_coefficients = _ref.step_coefficients
 
