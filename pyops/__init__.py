@@ -51,7 +51,8 @@ from .cache import apply as cache_model  # noqa: E402
 from .qattention import attention, sdpa  # noqa: E402
 from .fused import norm_modulate_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
-from .qlinear import FP8Weight, NVFP4Weight, QuantizedWeight, linear, quantize_weight  # noqa: E402
+from .ops.linear import linear  # noqa: E402
+from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  # noqa: E402
 from . import sampler  # noqa: E402
 from .sampler import (  # noqa: E402
     CapturedSampler,
