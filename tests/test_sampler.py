@@ -1,5 +1,13 @@
-"""pyops.sampler: schedules, exact-teacher validation, diffusers parity, CFG, graph mode (GPU)."""
+"""pyops.sampler: schedules, exact-teacher validation, diffusers parity, CFG, graph mode (GPU).
+
+Op-level tests of pyops::sample_step (bit-exact backends, opcheck, fakes) are in
+tests/test_sample_step.py."""
+import ast
+import dataclasses
+import inspect
 import math
+import pathlib
+import textwrap
 
 import pytest
 import torch
@@ -851,6 +859,62 @@ def test_drive_diffusers_transformer(family):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+# ---- structure ---------------------------------------------------------------------------------------
+def _self_attributes_assigned(cls) -> set:
+    """Names ``X`` of every ``self.X = ...`` (also in tuples, +=, annotated) in cls's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        else:
+            continue
+        for t in targets:
+            for sub in ast.walk(t):
+                if (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name)
+                        and sub.value.id == "self"):
+                    out.add(sub.attr)
+    return out
+
+
+def test_sampler_dataclasses_declare_every_attribute():
+    # issue #10: no attributes a dataclass does not declare (CapturedSampler used to set its
+    # static buffers and graph in __post_init__ without declaring them)
+    checked = []
+    for mod in (S.schedules, S.presets, S.loop, S.diffusers):
+        for cls in vars(mod).values():
+            if not (inspect.isclass(cls) and dataclasses.is_dataclass(cls)
+                    and cls.__module__ == mod.__name__):
+                continue
+            declared = {f.name for f in dataclasses.fields(cls)}
+            undeclared = _self_attributes_assigned(cls) - declared
+            assert not undeclared, f"{cls.__name__} sets undeclared attributes {undeclared}"
+            checked.append(cls.__name__)
+    assert {"Schedule", "CapturedSampler"} <= set(checked)
+    buffers = {f.name for f in dataclasses.fields(S.CapturedSampler) if not f.init}
+    assert buffers == {"state", "x_in", "noise_buf", "ts", "graph"}
+
+
+def test_sampler_package_never_touches_the_backend_registry():
+    # issue #10: features compose ops (the public sample_step); backend choice is the op's
+    files = sorted(pathlib.Path(S.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "schedules.py", "presets.py", "loop.py",
+                                       "diffusers.py"}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("_backend" in n.split(".") for n in names), (
+                f"{f.name}:{node.lineno} imports the backend registry")
+    assert S.sample_step is pyops.ops.sample_step.sample_step is pyops.sample_step
+
+
 # ---- graph mode (GPU) --------------------------------------------------------------------------------
 class _MLP(torch.nn.Module):
     def __init__(self, d=64):
@@ -930,3 +994,4 @@ def test_graph_update_cond():
         torch.cuda.manual_seed(1)
         e = smp.sample((2, 16, 64), cond=cond, device="cuda", dtype=torch.bfloat16)
     assert not torch.equal(a, b) and torch.equal(b, e)
+    assert set(vars(cap)) <= {f.name for f in dataclasses.fields(S.CapturedSampler)}

@@ -230,6 +230,11 @@ class CapturedSampler:
     ``generator.manual_seed(s)``, ``replay()`` equals ``sampler.sample(..., generator=generator)``
     after the same seed. The conditioning tensors are captured by reference: update them in
     place (``update_cond``) between replays.
+
+    Built by ``__post_init__`` (not arguments): ``state`` (fp32, ``shape``), ``x_in`` (the
+    model-dtype latent), ``noise_buf`` (fp32 step noise), ``ts`` (the fp32 model timesteps on
+    the device), ``graph`` (the ``torch.cuda.CUDAGraph``); ``device`` becomes the indexed CUDA
+    device.
     """
     sampler: FewStepSampler
     shape: Sequence[int]
@@ -240,6 +245,12 @@ class CapturedSampler:
     dtype: Optional[torch.dtype] = None
     warmup: int = 1
     pool: Any = None
+    state: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    x_in: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    noise_buf: Optional[torch.Tensor] = field(default=None, init=False, repr=False,
+                                              compare=False)
+    ts: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    graph: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not torch.cuda.is_available():
