@@ -1,11 +1,13 @@
-"""pyops::sample_step: the coefficient table, reference vs Triton/CUDA (bit-exact), op checks."""
+"""pyops::sample_step (pyops/ops/sample_step.py): the coefficient table, reference vs Triton/CUDA
+(bit-exact), the public function's checks, op checks. Sampler-level tests (schedules, presets,
+loops) are in tests/test_sampler.py."""
 import math
 
 import pytest
 import torch
 
 import pyops  # noqa: F401  (registers the ops)
-from pyops import sampler as S
+from pyops.ops.sample_step import sample_step
 from pyops.reference import sample_step as ref
 from pyops.reference.sample_step import StepCoefficients
 
@@ -15,7 +17,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---- the formula table -----------------------------------------------------------------------------
 def _paths():
-    vp = S.vp_schedule([999, 500, 20])
+    vp = pyops.sampler.vp_schedule([999, 500, 20])
     return {
         "flow": ((1 - 0.8, 0.8), (1 - 0.55, 0.55), lambda g: (1 - (1 - g) * 0.55, (1 - g) * 0.55)),
         "vp": (vp.path_values(500), vp.path_values(20),
@@ -128,10 +130,11 @@ def test_reference_is_the_documented_formula():
     assert torch.equal(y, 0.5 * x + 2.0 * p + 0.25 * z)
 
 
-def test_public_step_and_special_values():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_step_and_special_values(backend):
     st = torch.tensor([float("nan"), float("inf"), 1.0, 0.0])
     c = torch.zeros(4)
-    out = S.sample_step(st, c, StepCoefficients(1.0, 0.5, 0.0))
+    out = sample_step(st, c, StepCoefficients(1.0, 0.5, 0.0), backend=backend)
     assert out is st
     assert torch.isnan(st[0]) and st[1] == float("inf") and st[2] == 1.0
 
@@ -151,8 +154,7 @@ def test_compile_fullgraph():
     coef = COEFS["tcd"]
 
     def f(st, xo, c, u, z):
-        S.sample_step(st, c, coef, uncond=u, guidance=3.0, noise=z, x_out=xo,
-                      backend="reference")
+        sample_step(st, c, coef, uncond=u, guidance=3.0, noise=z, x_out=xo, backend="reference")
         return st * 1
 
     args = _inputs(300, "cpu", torch.float32, torch.bfloat16, torch.bfloat16, True, True)
@@ -165,27 +167,27 @@ def test_bad_inputs_raise_before_launch():
     x = torch.zeros(8)
     co = StepCoefficients(1.0, -0.1, 0.0)
     with pytest.raises(ValueError, match="shape"):
-        S.sample_step(x, torch.zeros(9), co)
+        sample_step(x, torch.zeros(9), co)
     with pytest.raises(TypeError, match="dtype"):
-        S.sample_step(x, torch.zeros(8, dtype=torch.int32), co)
+        sample_step(x, torch.zeros(8, dtype=torch.int32), co)
     with pytest.raises(ValueError, match="needs fresh noise"):
-        S.sample_step(x, torch.zeros(8), StepCoefficients(0.5, 0.5, 0.7))
+        sample_step(x, torch.zeros(8), StepCoefficients(0.5, 0.5, 0.7))
     with pytest.raises(ValueError, match="without uncond"):
-        S.sample_step(x, torch.zeros(8), co, guidance=3.0)
+        sample_step(x, torch.zeros(8), co, guidance=3.0)
     with pytest.raises(ValueError, match="contiguous"):
-        S.sample_step(torch.zeros(8, 2).t(), torch.zeros(2, 8), co)
+        sample_step(torch.zeros(8, 2).t(), torch.zeros(2, 8), co)
     with pytest.raises(ValueError, match="overlap"):
-        S.sample_step(x, torch.zeros(8), co, x_out=x)
+        sample_step(x, torch.zeros(8), co, x_out=x)
     with pytest.raises(ValueError, match="non-finite"):
-        S.sample_step(x, torch.zeros(8), StepCoefficients(float("nan"), 0.0, 0.0))
+        sample_step(x, torch.zeros(8), StepCoefficients(float("nan"), 0.0, 0.0))
     with pytest.raises(TypeError, match="StepCoefficients"):
-        S.sample_step(x, torch.zeros(8), (1.0, 0.0, 0.0))
+        sample_step(x, torch.zeros(8), (1.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="unknown backend"):
-        S.sample_step(x, torch.zeros(8), co, backend="nope")
+        sample_step(x, torch.zeros(8), co, backend="nope")
     with pytest.raises(RuntimeError, match="cannot run"):
-        S.sample_step(x, torch.zeros(8), co, backend="cuda")
+        sample_step(x, torch.zeros(8), co, backend="cuda")
     with pytest.raises(ValueError, match="empty"):
-        S.sample_step(torch.zeros(0), torch.zeros(0), co)
+        sample_step(torch.zeros(0), torch.zeros(0), co)
     with pytest.raises(ValueError, match="epsilon prediction is undefined"):
         ref.step_coefficients("epsilon", 0.0, 1.0, 0.5, 0.5)
 
@@ -224,12 +226,12 @@ def test_gpu_opcheck_and_graph(backend):
                               (st, xo, c, u, z, coef.alpha, coef.beta, coef.zeta, 2.0))
     # capture, replay with changed inputs, compare
     st0 = st.clone()
-    S.sample_step(st, c, coef, uncond=u, guidance=2.0, noise=z, x_out=xo, backend=backend)
+    sample_step(st, c, coef, uncond=u, guidance=2.0, noise=z, x_out=xo, backend=backend)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     st.copy_(st0)
     with torch.cuda.graph(graph):
-        S.sample_step(st, c, coef, uncond=u, guidance=2.0, noise=z, x_out=xo, backend=backend)
+        sample_step(st, c, coef, uncond=u, guidance=2.0, noise=z, x_out=xo, backend=backend)
     for seed in range(3):
         g = torch.Generator(device="cuda").manual_seed(seed)
         new = torch.randn(st.shape, device="cuda", generator=g)
