@@ -51,6 +51,12 @@ import utils as U  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+
+def _native_fp4(device) -> bool:
+    """Whether the nvfp4 run takes the native dot_scaled path (pyops' one definition)."""
+    from pyops._backend import native_fp4
+    return native_fp4(device)
+
 NAME = "attention"
 SHAPES = [("Flux 1024²", 1, 24, 4608, 128), ("Wan 480p", 1, 40, 32760, 128),
           ("long video", 1, 24, 75600, 128), ("D64", 2, 16, 16384, 64)]
@@ -84,7 +90,7 @@ def select(mode: str):
 
 def providers(device, quick, names=None):
     """(name, fn(q, k, v) or None, precision or why-not) of every provider, or of ``names``."""
-    from pyops.qattention import attention as pyops_attention
+    from pyops.ops.attention import attention as pyops_attention
     out = []
     if device.type == "cuda":
         out.append(("cuDNN SDPA", _sdpa_provider("CUDNN_ATTENTION"), None))
@@ -136,7 +142,7 @@ def kernel_only(prec, q, k, v, device, args):
         run()
         return U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms), 0.0
     pre = lambda: tq.quantize_qkv(q, k, v, prec, sc)  # noqa: E731
-    if prec == "nvfp4" and tk.native_fp4_supported(device):
+    if prec == "nvfp4" and _native_fp4(device):
         pre = lambda: tq.quantize_qkv(q, k, v, prec, sc, native=True)  # noqa: E731
     bf = pre()
     vt = bf["vt"].transpose(-1, -2)[:, :, :S]
@@ -166,9 +172,8 @@ def run_shape(table, label, B, H, S, D, device, args, budget, names=None):
             table.add(**row)
             continue
         if extra == "nvfp4":
-            from pyops.triton_kernels.attention import native_fp4_supported
             row["path"] = ("native dot_scaled QK^T, emulated PV"
-                           if native_fp4_supported(device) else "emulated")
+                           if _native_fp4(device) else "emulated")
         try:
             fn(q, k, v)
             U._sync(device)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyops.qattention import attention, sdpa
+from pyops import _backend
+from pyops.ops.attention import attention, sdpa
 from pyops.ops import attention as op_mod
 from pyops.reference import attention as R
 
@@ -340,7 +341,7 @@ def test_head_dim_sweep(prec, small_blocks, monkeypatch):
     torch there with a warning. Bounds: BOUNDS["random"] loosened (1 - cos x2, relL1 x1.5):
     9 x 11 tokens and D down to 1 average less error than the 200 x 300 x 128 the bounds were
     measured at (observed worst: fp8 D=2 relL1 0.060, int8 D=1 0.051, nvfp4 D=2 0.183)."""
-    from pyops import qattention
+    from pyops.ops import attention as qattention
     cmin, lmax = BOUNDS["random"][prec]
     cmin, lmax = 1 - 2 * (1 - cmin), 1.5 * lmax
     for D in HEAD_DIMS:
@@ -566,7 +567,7 @@ class _DiffusersStyleAttention(torch.nn.Module):
 def test_sdpa_patched_into_torch_no_recursion():
     """README: ``torch.nn.functional.scaled_dot_product_attention = pyops.sdpa``. Every fallback
     (mask, CPU tensors, fp32, dropout) must reach torch's SDPA, not pyops.sdpa again."""
-    from pyops import qattention
+    from pyops.ops import attention as qattention
     orig = torch.nn.functional.scaled_dot_product_attention
     q, k, v = R.make_inputs(1, 2, 2, 16, 16, 64, seed=14)
     mask = torch.ones(16, 16, dtype=torch.bool).tril()
@@ -634,7 +635,7 @@ def test_gpu_native_nvfp4_vs_simulated(kind):
     """sm_100/sm_120 only: the native dot_scaled path against the simulated recipe (same
     quantization; fp32 summation order differs) and the fp64 bounds."""
     from pyops.triton_kernels import attention as tk
-    if not tk.native_fp4_supported("cuda"):
+    if not _backend.native_fp4("cuda"):
         pytest.skip("native NVFP4 needs compute capability 10.x or 12.x")
     q, k, v = R.make_inputs(1, 4, 2, 1000, 1300, 128, kind, seed=4, device="cuda")
     on, ln, _ = _nvfp4_run(q, k, v, True, False)

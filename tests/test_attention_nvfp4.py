@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 
-from pyops.qattention import attention
+from pyops.ops.attention import attention
 from pyops.reference import attention as R
 
 from _util import HAS_CUDA
