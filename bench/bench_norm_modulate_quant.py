@@ -34,7 +34,7 @@ import utils as U  # noqa: E402
 
 import pyops  # noqa: E402
 from pyops import _backend  # noqa: E402
-from pyops.fused import norm_modulate_quant  # noqa: E402
+from pyops.ops.norm_modulate_quant import norm_modulate_quant  # noqa: E402
 from pyops.reference import quantize_fp8 as qref  # noqa: E402
 
 NAME = "norm_modulate_quant"

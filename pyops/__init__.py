@@ -49,7 +49,7 @@ from .cache import (  # noqa: E402
 )
 from .cache import apply as cache_model  # noqa: E402
 from .ops.attention import attention, sdpa  # noqa: E402
-from .fused import norm_modulate_quant  # noqa: E402
+from .ops.norm_modulate_quant import norm_modulate_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
 from .ops.linear import linear  # noqa: E402
 from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyops
-from pyops.fused import norm_modulate_quant
+from pyops.ops.norm_modulate_quant import norm_modulate_quant
 from pyops.reference import norm_modulate_quant as ref
 from pyops.reference.quantize_fp8 import FLT_MIN
 
