@@ -65,6 +65,33 @@ class DiTBlock(nn.Module):
         x = x + g2.unsqueeze(1) * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
         return x
 
+    def forward_rows(self, x: torch.Tensor, c: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for the token rows ``tokens`` only: equals ``forward(x, c)[:, tokens]``.
+
+        x: (B, N, D) hidden states; c: (B, D) conditioning; tokens: (T,) int64 indices into the N
+        tokens (device tensor, values in [0, N): not checked on the host, which would sync).
+        Returns (B, T, D) in x's dtype. The selected rows' queries attend to the keys and values
+        of all N tokens, so only the attention keys/values are computed for every token; the
+        output projection and the MLP run on T rows. Used by the chunk level of
+        :mod:`pyops.cache`, which recomputes the tokens whose input changed most.
+
+        Raises ``ValueError`` if x is not 3-D or tokens is not a 1-D int64 tensor.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"DiTBlock.forward_rows: x must be (B, N, D), got {tuple(x.shape)}")
+        if tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise ValueError(f"DiTBlock.forward_rows: tokens must be a 1-D int64 tensor, got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        B, N, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(F.silu(c)).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), sh1, sc1)
+        q, k, v = self.qkv(h).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q = q.index_select(2, tokens)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)
+        xs = x.index_select(1, tokens) + g1.unsqueeze(1) * self.proj(a)
+        h = modulate(self.norm2(xs), sh2, sc2)
+        return xs + g2.unsqueeze(1) * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
 
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig = DiTConfig()):

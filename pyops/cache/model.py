@@ -1,220 +1,27 @@
-"""Training-free caching for DiTs: the fused similarity check and the caching policies.
+"""The caching hooks: :class:`CachedModel` (step and block levels; the chunk level is delegated
+to :mod:`pyops.cache.chunk`), :func:`apply` (``pyops.cache_model``), :func:`find_blocks` and the
+autograd refusal.
 
-The check, :func:`block_similarity`, compares the current feature with a cached reference in one
-pass and decides on the device whether the cached result may be reused (rules in
-:mod:`pyops.reference.block_similarity`). Nothing is read back to the host: the decision lives in
-an int32 device tensor that a CUDA-graph IF node (:mod:`pyops.graphs`) or the eager path reads.
+Each gated block's ``forward`` instance attribute is replaced by a wrapper (restored exactly by
+:meth:`CachedModel.remove`); a forward pre-hook on the model refuses autograd and advances the
+alternating CFG context. The wrappers compose the ops :func:`pyops.block_similarity` and
+:func:`pyops.cache_apply` with the IF-node regions of :mod:`pyops.graphs`.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import weakref
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
-from . import _backend
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, overlaps
-from .ops import block_similarity as _op
-from .reference import block_similarity as _ref
-
-RULES = _ref.RULES
-WRITE_REF = _ref.WRITE_REF
-STATE_SIZE = _ref.STATE_SIZE
-
-
-def new_state(cells: int = 1, device=None) -> torch.Tensor:
-    """A fresh (cells, 4) fp32 state: step 0, no reuses, nothing accumulated."""
-    return torch.zeros((cells, STATE_SIZE), dtype=torch.float32, device=device)
-
-
-def _code(table: dict, name: str, value) -> int:
-    if isinstance(value, int) and value in table.values():
-        return value
-    if value not in table:
-        raise ValueError(f"pyops.block_similarity: {name}={value!r}; expected one of "
-                         f"{sorted(table)}")
-    return table[value]
-
-
-def block_similarity(a: torch.Tensor, ref: torch.Tensor, state: torch.Tensor, *,
-                     threshold: float, rule: str = "last_computed", warmup: int = 1,
-                     max_reuse: int = -1, num_steps: int = 0, last_steps: int = 0,
-                     chunks: int = 1, groups: int = 1, all_groups: bool = False,
-                     write_ref: Optional[str] = None, eps: float = 1e-12,
-                     metric: Optional[torch.Tensor] = None, reuse: Optional[torch.Tensor] = None,
-                     backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused cache check: per cell ``m = Σ|a−ref| / max(Σ|ref|, eps)``, decision, state update.
-
-    ``a``/``ref``: same shape and dtype, contiguous, batch first; ``ref`` is updated in place
-    (``write_ref``: "on_compute" (default for rule "last_computed"), "always" (default for
-    "accumulate"), "never"). ``state``: (groups·chunks, 4) fp32 from :func:`new_state`, updated
-    in place. Returns ``(reuse, metric)``: (groups·chunks,) int32 (1 = reuse) and fp32; pass
-    ``metric``/``reuse`` buffers to reuse static storage (CUDA graphs). No host sync.
-    """
-    op = "block_similarity"
-    check_tensor(op, "a", a, FLOAT_DTYPES)
-    check_tensor(op, "ref", ref, FLOAT_DTYPES)
-    check_tensor(op, "state", state, (torch.float32,), min_ndim=2)
-    check_same_device(op, a, reference=ref, state=state, metric=metric, reuse=reuse)
-    if ref.shape != a.shape or ref.dtype != a.dtype:
-        raise ValueError(f"pyops.block_similarity: ref {tuple(ref.shape)} {ref.dtype} must match "
-                         f"a {tuple(a.shape)} {a.dtype}")
-    if not ref.is_contiguous():
-        raise ValueError("pyops.block_similarity: ref must be contiguous (it is written in place)")
-    if not torch.compiler.is_compiling() and overlaps(ref, a):
-        raise ValueError("pyops.block_similarity: ref must not overlap a in memory")
-    groups, chunks = int(groups), int(chunks)
-    B = a.shape[0]
-    if groups < 1 or B % groups:
-        raise ValueError(f"pyops.block_similarity: batch {B} is not divisible by groups={groups}")
-    tok = a.shape[1] if a.dim() >= 3 else a.numel() // B
-    if chunks < 1 or tok % chunks:
-        raise ValueError(f"pyops.block_similarity: {tok} tokens are not divisible by "
-                         f"chunks={chunks}")
-    cells = groups * chunks
-    if tuple(state.shape) != (cells, STATE_SIZE) or not state.is_contiguous():
-        raise ValueError(f"pyops.block_similarity: state must be contiguous ({cells}, "
-                         f"{STATE_SIZE}) fp32, got {tuple(state.shape)}")
-    rule_c = _code(RULES, "rule", rule)
-    if write_ref is None:
-        write_ref = "on_compute" if rule_c == 0 else "always"
-    wr = _code(WRITE_REF, "write_ref", write_ref)
-    if not (threshold >= 0.0) or not (eps > 0.0):
-        raise ValueError(f"pyops.block_similarity: threshold must be >= 0 and eps > 0, got "
-                         f"{threshold}, {eps}")
-    if metric is None:
-        metric = torch.empty((cells,), dtype=torch.float32, device=a.device)
-    if reuse is None:
-        reuse = torch.empty((cells,), dtype=torch.int32, device=a.device)
-    if metric.shape != (cells,) or metric.dtype != torch.float32 or not metric.is_contiguous():
-        raise ValueError(f"pyops.block_similarity: metric must be contiguous ({cells},) fp32")
-    if reuse.shape != (cells,) or reuse.dtype != torch.int32 or not reuse.is_contiguous():
-        raise ValueError(f"pyops.block_similarity: reuse must be contiguous ({cells},) int32")
-    a = a.contiguous()
-    b = _backend.resolve(op, a.device, backend)
-    torch.ops.pyops.block_similarity(a, ref, state, metric, reuse, float(threshold), float(eps),
-                                     rule_c, int(warmup), int(max_reuse), int(num_steps),
-                                     int(last_steps), chunks, groups, bool(all_groups), wr, b)
-    return reuse, metric
-
-
-def cache_apply(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
-                reuse: torch.Tensor, *, groups: int = 1, backend: Optional[str] = None) -> None:
-    """Where group g reuses (``reuse[g] != 0``): ``out = x + residual``; elsewhere ``out`` is left
-    as it is (so a computed output stays bit-exact). All of ``out, x, residual`` contiguous with
-    the same shape; ``reuse`` (groups,) int32 on the same device. No host sync."""
-    op = "cache_apply"
-    for n, t in (("out", out), ("x", x), ("residual", residual)):
-        check_tensor(op, n, t, FLOAT_DTYPES)
-        if t.shape != out.shape or not t.is_contiguous():
-            raise ValueError(f"pyops.cache_apply: {n} must be contiguous with out's shape")
-    check_tensor(op, "reuse", reuse, (torch.int32,))
-    check_same_device(op, out, x=x, residual=residual, reuse=reuse)
-    groups = int(groups)
-    if groups < 1 or out.shape[0] % groups or reuse.shape != (groups,):
-        raise ValueError(f"pyops.cache_apply: reuse must be ({groups},) and batch divisible")
-    b = _backend.resolve(op, out.device, backend)
-    torch.ops.pyops.cache_apply(out, x, residual, reuse, int(groups), b)
-
-
-# ==================================================================================================
-# Policies
-# ==================================================================================================
-import contextlib  # noqa: E402
-import weakref  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable, Sequence  # noqa: E402
-
-from torch import nn  # noqa: E402
-
-from . import graphs as _graphs  # noqa: E402
-
-LEVELS = ("step", "block", "chunk")
-
-
-@dataclass
-class CacheConfig:
-    """How to cache (modelled on diffusers' ``FirstBlockCacheConfig`` and cache-dit's DBCache).
-
-    level: ``"step"``: the residual of the first ``fn`` blocks' last block gates every block after
-        it up to the ``bn`` trailing ones, which are always computed (First-Block Cache / DBCache
-        Fn-Bn); ``"block"``: each block between them compares its own input with the input at its
-        last computed step and reuses its own residual.
-        ``"chunk"`` (pyops DiT blocks only): each block between them splits its tokens into
-        ``chunks`` chunks and recomputes the ``budget`` chunks whose input changed most since
-        they were last computed (static shapes: the budget is fixed); recomputed queries attend
-        to the keys/values of all tokens; the other chunks reuse their cached residual. Steps
-        the host counts as warm-up / last steps run the full block. ``threshold`` is unused.
-    threshold: relative L1 threshold (strict ``<``: 0 never reuses, output is then bit-identical
-        to the uncached model). Typical 0.05–0.25.
-    rule: ``"last_computed"`` (compare with the last computed step) or ``"accumulate"``
-        (TeaCache: sum the step-to-step distances until they pass the threshold).
-    warmup: first steps always computed (>= 1). last_steps: last steps always computed, needs
-        ``num_steps`` (the step counter wraps there, so graph replays need no reset).
-    max_reuse: cap on consecutive reuses (-1: none).
-    cfg_batched: the batch holds both CFG halves (first half cond): two groups with separate
-        metrics and state; the decision is their AND (one forward runs both).
-    alternate_contexts: forward calls cycle through these context names (e.g. ``("cond",
-        "uncond")`` when a pipeline runs the CFG halves as two calls); each has its own state.
-        ``CachedModel.context(name)`` sets the context explicitly instead.
-    graph: inside a CUDA-graph capture, wrap skipped regions in IF nodes (``pyops.graphs``);
-        without IF support a capture computes everything and selects on the device.
-    """
-    level: str = "step"
-    threshold: float = 0.08
-    rule: str = "last_computed"
-    warmup: int = 1
-    last_steps: int = 1
-    num_steps: int = 0
-    max_reuse: int = -1
-    fn: int = 1
-    bn: int = 0
-    cfg_batched: bool = False
-    alternate_contexts: tuple = ()
-    graph: bool = True
-    eps: float = 1e-12
-    backend: Optional[str] = None
-    chunks: int = 8
-    budget: int = 2
-
-    def validate(self, n_blocks: int) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"pyops.cache: level={self.level!r}; expected one of {LEVELS}")
-        if self.rule not in RULES:
-            raise ValueError(f"pyops.cache: rule={self.rule!r}; expected one of {sorted(RULES)}")
-        if self.warmup < 1:
-            raise ValueError("pyops.cache: warmup must be >= 1 (the first step fills the cache)")
-        if self.fn < (1 if self.level == "step" else 0) or self.bn < 0:
-            raise ValueError("pyops.cache: fn must be >= 1 at step level, bn >= 0")
-        if self.fn + self.bn > n_blocks:
-            raise ValueError(f"pyops.cache: fn + bn = {self.fn + self.bn} > {n_blocks} blocks")
-        if not (self.threshold >= 0):
-            raise ValueError("pyops.cache: threshold must be >= 0")
-        if self.level == "chunk" and not (1 <= self.budget <= self.chunks):
-            raise ValueError(f"pyops.cache: budget must be in [1, chunks={self.chunks}], got "
-                             f"{self.budget}")
-
-
-@dataclass
-class BlockSpec:
-    """Where a block's hidden streams are: ``inputs`` names (also the first positional
-    parameters, in order), ``outputs``: None when the block returns stream 0 alone, else the
-    position of each stream in the returned tuple. Stream 0 is the one the check looks at."""
-    inputs: tuple = ("hidden_states",)
-    outputs: Optional[tuple] = None
-
-    def streams_in(self, args, kwargs) -> list:
-        return [kwargs[n] if n in kwargs else args[i] for i, n in enumerate(self.inputs)]
-
-    def streams_out(self, out) -> list:
-        return [out] if self.outputs is None else [out[j] for j in self.outputs]
-
-    def pack(self, streams: Sequence[torch.Tensor]):
-        if self.outputs is None:
-            return streams[0]
-        res: list = [None] * len(self.outputs)
-        for s, j in zip(streams, self.outputs):
-            res[j] = s
-        return tuple(res)
+from .. import graphs as _graphs
+from ..ops.block_similarity import block_similarity, new_state
+from ..ops.cache_apply import cache_apply
+from .chunk import ChunkLevel
+from .config import BlockSpec, CacheConfig
+from .regions import ChunkRegion, Region, persistent
 
 
 def find_blocks(model: nn.Module) -> tuple[list, list]:
@@ -227,41 +34,17 @@ def find_blocks(model: nn.Module) -> tuple[list, list]:
     if name in ("WanTransformer3DModel", "WanVACETransformer3DModel"):
         blocks = list(model.blocks)
         return blocks, [BlockSpec(("hidden_states",))] * len(blocks)
-    from .models.dit import DiT
+    from ..models.dit import DiT
     if isinstance(model, DiT):
         blocks = list(model.blocks)
         return blocks, [BlockSpec(("x",))] * len(blocks)
     raise TypeError(f"pyops.cache: do not know the blocks of {name}; pass blocks= and specs=")
 
 
-@dataclass
-class _Region:
-    """Device state of one gated region in one context."""
-    ref: Optional[torch.Tensor] = None
-    state: Optional[torch.Tensor] = None
-    metric: Optional[torch.Tensor] = None
-    reuse: Optional[torch.Tensor] = None
-    residual: list = field(default_factory=list)
-    host_step: int = 0                          # chunk level: steps counted on the host
-    last_chunks: Optional[torch.Tensor] = None  # chunk level: chunks recomputed last forward
-    # transient, within one forward
-    inputs: Optional[list] = None
-    run: bool = True
-    token: Any = None
-    mode: str = "eager"
-
-
 # Every module (model and block) a live CachedModel has hooked -> that handle (weakly: the
 # handle lives as long as the hooks that reference it). Used to refuse a second cache_model.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _MISSING = object()
-
-
-def _persistent():
-    """Context for allocating cache state that outlives one forward: plain tensors without
-    autograd history even when the forward runs under ``torch.inference_mode()`` (inference
-    tensors could not be updated in place by a later forward under ``torch.no_grad()``)."""
-    return torch.inference_mode(False)
 
 
 def _grad_source(args, kwargs, module: Optional[nn.Module]) -> Optional[str]:
@@ -325,7 +108,7 @@ class CachedModel:
                     f"pyops.cache_model again (two stacked caches would gate on each other's "
                     f"cached outputs)")
         self.model, self.config, self.blocks, self.specs = model, config, list(blocks), specs
-        self._contexts: dict[str, dict[int, _Region]] = {}
+        self._contexts: dict[str, dict[int, Region | ChunkRegion]] = {}
         self._ctx = "default"
         self._calls = 0
         self._removed = False
@@ -333,10 +116,12 @@ class CachedModel:
         n = len(self.blocks)
         self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
         if config.level == "chunk":
-            from .models.dit import DiTBlock
+            from ..models.dit import DiTBlock
             if not all(isinstance(b, DiTBlock) for b in self.blocks):
                 raise TypeError("pyops.cache: level='chunk' needs pyops DiT blocks (it "
                                 "recomputes a token subset inside the block)")
+        # the chunk level's forward of the gated blocks (None at step and block level)
+        self._chunk = ChunkLevel(config, self.stats) if config.level == "chunk" else None
         # what each block had as an instance attribute `forward` before (usually nothing)
         self._prior = [vars(b).get("forward", _MISSING) for b in self.blocks]
         self._wrappers = []
@@ -397,9 +182,7 @@ class CachedModel:
         """Start a new generation: every step counter back to 0 (device writes, no sync)."""
         for regions in self._contexts.values():
             for r in regions.values():
-                if r.state is not None:
-                    r.state.zero_()
-                r.host_step = 0  # chunk level counts steps on the host
+                r.reset()
         self._calls = 0
 
     def regions(self, context: Optional[str] = None) -> dict:
@@ -426,18 +209,22 @@ class CachedModel:
         self._ctx = names[self._calls % len(names)]
         self._calls += 1
 
-    def _region(self, key: int) -> _Region:
-        return self._contexts.setdefault(self._ctx, {}).setdefault(key, _Region())
+    def _region(self, key: int):
+        """The state of region ``key`` in the current context (created empty on first use)."""
+        regions = self._contexts.setdefault(self._ctx, {})
+        if key not in regions:
+            regions[key] = ChunkRegion() if self._chunk is not None else Region()
+        return regions[key]
 
     def _groups(self) -> int:
-        return 2 if self.config.cfg_batched else 1
+        return self.config.groups()
 
-    def _check(self, key: int, feature: torch.Tensor) -> _Region:
+    def _check(self, key: int, feature: torch.Tensor) -> Region:
         c = self.config
         r = self._region(key)
         g = self._groups()
         if r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype:
-            with _persistent():
+            with persistent():
                 r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
                 r.state = new_state(g, feature.device)
                 r.metric = torch.zeros(g, dtype=torch.float32, device=feature.device)
@@ -451,12 +238,12 @@ class CachedModel:
         self.stats["checks"] += 1
         return r
 
-    def _begin(self, r: _Region, streams: list) -> None:
+    def _begin(self, r: Region, streams: list) -> None:
         """Enter a gated region whose inputs are ``streams``."""
         r.inputs = list(streams)
         if len(r.residual) != len(streams) or any(
                 a.shape != b.shape for a, b in zip(r.residual, streams)):
-            with _persistent():
+            with persistent():
                 r.residual = [torch.zeros(s.shape, dtype=s.dtype, device=s.device)
                               for s in streams]
         cap = self.config.graph and _graphs.capturing()
@@ -466,7 +253,7 @@ class CachedModel:
         r.mode = "if" if cap else "eager"
         r.run, r.token = _graphs.begin(r.reuse, 0, run_when="zero")
 
-    def _finish(self, r: _Region, streams_out: Optional[list]) -> list:
+    def _finish(self, r: Region, streams_out: Optional[list]) -> list:
         """Leave the region: update the residual cache if it ran, apply it where reused."""
         ins = r.inputs
         g = self._groups()
@@ -497,7 +284,7 @@ class CachedModel:
         r.inputs, r.token = None, None
         return streams_out
 
-    def _abort(self, r: _Region) -> None:
+    def _abort(self, r: Region) -> None:
         """A block body raised inside an open region: close the region (side stream, nesting
         depth, capture) and forget the region's cache, whose check already counted this step
         as computed; the next forward starts it afresh (computes)."""
@@ -524,7 +311,7 @@ class CachedModel:
                 if src is not None:
                     raise _grad_error(src)
             if level == "chunk":
-                return self._chunk_forward(i, orig, *args, **kwargs)
+                return self._chunk.forward(self._region(i), blk, orig, *args, **kwargs)
             if level == "block":
                 ins = spec.streams_in(args, kwargs)
                 r = self._check(i, ins[0].contiguous())
@@ -556,66 +343,6 @@ class CachedModel:
             return out
 
         return forward
-
-
-def _dit_block_rows(blk, x: torch.Tensor, c: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """DiTBlock.forward for the query tokens ``tok`` only; keys/values from all tokens of x."""
-    import torch.nn.functional as F
-    from .models.dit import modulate
-    B, N, D = x.shape
-    sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(F.silu(c)).chunk(6, dim=-1)
-    h = modulate(blk.norm1(x), sh1, sc1)
-    qkv = blk.qkv(h).view(B, N, 3, blk.heads, D // blk.heads).permute(2, 0, 3, 1, 4)
-    q = qkv[0].index_select(2, tok)
-    a = F.scaled_dot_product_attention(q, qkv[1], qkv[2]).transpose(1, 2).reshape(B, -1, D)
-    xs = x.index_select(1, tok) + g1.unsqueeze(1) * blk.proj(a)
-    h2 = modulate(blk.norm2(xs), sh2, sc2)
-    return xs + g2.unsqueeze(1) * blk.fc2(F.gelu(blk.fc1(h2), approximate="tanh"))
-
-
-def _chunk_forward(self, i: int, orig: Callable, x: torch.Tensor, c: torch.Tensor):
-    cfg = self.config
-    if _graphs.capturing():
-        raise RuntimeError("pyops.cache: level='chunk' picks full vs partial steps on the host; "
-                           "it runs eagerly only (use level='step' or 'block' in CUDA graphs)")
-    r = self._region(i)
-    step = r.host_step
-    B, N, D = x.shape
-    full = (step < cfg.warmup or (cfg.num_steps > 0 and step >= cfg.num_steps - cfg.last_steps)
-            or r.ref is None or r.ref.shape != x.shape or N % cfg.chunks)
-    r.host_step = step + 1 if not (cfg.num_steps > 0 and step + 1 >= cfg.num_steps) else 0
-    if full:
-        out = orig(x, c)
-        g = self._groups()
-        with _persistent():
-            r.ref = x.detach().clone(memory_format=torch.contiguous_format)
-            r.residual = [out.detach() - x.detach()]
-            r.state = new_state(g * cfg.chunks, x.device)
-            r.metric = torch.zeros(g * cfg.chunks, dtype=torch.float32, device=x.device)
-            r.reuse = torch.zeros(g * cfg.chunks, dtype=torch.int32, device=x.device)
-        return out
-    g = self._groups()
-    # per-chunk change since the chunk was last computed (the decision outputs are unused)
-    r.state[:, 0] = 1.0
-    block_similarity(x.contiguous(), r.ref, r.state, threshold=0.0, chunks=cfg.chunks,
-                     groups=g, write_ref="never", eps=cfg.eps, metric=r.metric, reuse=r.reuse,
-                     backend=cfg.backend)
-    self.stats["checks"] += 1
-    m = torch.nan_to_num(r.metric.view(g, cfg.chunks), nan=float("inf")).amax(dim=0)
-    idx = torch.topk(m, cfg.budget, sorted=False).indices.sort().values
-    lc = N // cfg.chunks
-    tok = (idx[:, None] * lc + torch.arange(lc, device=x.device)).reshape(-1)
-    r.last_chunks = idx
-    rows = _dit_block_rows(self.blocks[i], x, c, tok)
-    res = r.residual[0]
-    out = x + res
-    out.index_copy_(1, tok, rows)
-    res.index_copy_(1, tok, rows - x.index_select(1, tok))
-    r.ref.index_copy_(1, tok, x.index_select(1, tok).to(r.ref.dtype))
-    return out
-
-
-CachedModel._chunk_forward = _chunk_forward
 
 
 def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None,

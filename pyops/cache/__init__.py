@@ -1,0 +1,29 @@
+"""Training-free caching for DiTs: the fused similarity check and the caching policies.
+
+The check, :func:`block_similarity`, compares the current feature with a cached reference in one
+pass and decides on the device whether the cached result may be reused (rules in
+:mod:`pyops.reference.block_similarity`). Nothing is read back to the host: the decision lives in
+an int32 device tensor that a CUDA-graph IF node (:mod:`pyops.graphs`) or the eager path reads.
+
+Layout:
+
+* the ops (public functions, schemas, fakes, backends) live in their op modules,
+  :mod:`pyops.ops.block_similarity` (``block_similarity``, ``new_state``) and
+  :mod:`pyops.ops.cache_apply` (``cache_apply``); re-exported here;
+* :mod:`pyops.cache.config`: :class:`CacheConfig`, :class:`BlockSpec`, ``LEVELS``;
+* :mod:`pyops.cache.regions`: the per-region cache state (one dataclass per level kind);
+* :mod:`pyops.cache.model`: :class:`CachedModel` (the hooks on a model's blocks, step and block
+  levels), :func:`apply` (``pyops.cache_model``), :func:`find_blocks`;
+* :mod:`pyops.cache.chunk`: the chunk level (pyops DiT blocks, via ``DiTBlock.forward_rows``).
+"""
+from __future__ import annotations
+
+from ..ops.block_similarity import RULES, STATE_SIZE, WRITE_REF, block_similarity, new_state
+from ..ops.cache_apply import cache_apply
+from .config import LEVELS, BlockSpec, CacheConfig
+from .model import CachedModel, apply, find_blocks
+
+__all__ = [
+    "block_similarity", "cache_apply", "new_state", "RULES", "WRITE_REF", "STATE_SIZE",
+    "LEVELS", "CacheConfig", "BlockSpec", "CachedModel", "apply", "find_blocks",
+]

@@ -1,0 +1,103 @@
+"""Cache configuration: :class:`CacheConfig` (how to cache) and :class:`BlockSpec` (where a
+block's hidden streams are)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops.block_similarity import RULES
+
+LEVELS = ("step", "block", "chunk")
+
+
+@dataclass
+class CacheConfig:
+    """How to cache (modelled on diffusers' ``FirstBlockCacheConfig`` and cache-dit's DBCache).
+
+    level: ``"step"``: the residual of the first ``fn`` blocks' last block gates every block after
+        it up to the ``bn`` trailing ones, which are always computed (First-Block Cache / DBCache
+        Fn-Bn); ``"block"``: each block between them compares its own input with the input at its
+        last computed step and reuses its own residual.
+        ``"chunk"`` (pyops DiT blocks only): each block between them splits its tokens into
+        ``chunks`` chunks and recomputes the ``budget`` chunks whose input changed most since
+        they were last computed (static shapes: the budget is fixed); recomputed queries attend
+        to the keys/values of all tokens; the other chunks reuse their cached residual. Steps
+        the host counts as warm-up / last steps run the full block. ``threshold`` is unused.
+    threshold: relative L1 threshold (strict ``<``: 0 never reuses, output is then bit-identical
+        to the uncached model). Typical 0.05–0.25.
+    rule: ``"last_computed"`` (compare with the last computed step) or ``"accumulate"``
+        (TeaCache: sum the step-to-step distances until they pass the threshold).
+    warmup: first steps always computed (>= 1). last_steps: last steps always computed, needs
+        ``num_steps`` (the step counter wraps there, so graph replays need no reset).
+    max_reuse: cap on consecutive reuses (-1: none).
+    cfg_batched: the batch holds both CFG halves (first half cond): two groups with separate
+        metrics and state; the decision is their AND (one forward runs both).
+    alternate_contexts: forward calls cycle through these context names (e.g. ``("cond",
+        "uncond")`` when a pipeline runs the CFG halves as two calls); each has its own state.
+        ``CachedModel.context(name)`` sets the context explicitly instead.
+    graph: inside a CUDA-graph capture, wrap skipped regions in IF nodes (``pyops.graphs``);
+        without IF support a capture computes everything and selects on the device.
+    """
+    level: str = "step"
+    threshold: float = 0.08
+    rule: str = "last_computed"
+    warmup: int = 1
+    last_steps: int = 1
+    num_steps: int = 0
+    max_reuse: int = -1
+    fn: int = 1
+    bn: int = 0
+    cfg_batched: bool = False
+    alternate_contexts: tuple = ()
+    graph: bool = True
+    eps: float = 1e-12
+    backend: Optional[str] = None
+    chunks: int = 8
+    budget: int = 2
+
+    def validate(self, n_blocks: int) -> None:
+        """Raise ``ValueError`` for a config that cannot run on a model of ``n_blocks`` blocks."""
+        if self.level not in LEVELS:
+            raise ValueError(f"pyops.cache: level={self.level!r}; expected one of {LEVELS}")
+        if self.rule not in RULES:
+            raise ValueError(f"pyops.cache: rule={self.rule!r}; expected one of {sorted(RULES)}")
+        if self.warmup < 1:
+            raise ValueError("pyops.cache: warmup must be >= 1 (the first step fills the cache)")
+        if self.fn < (1 if self.level == "step" else 0) or self.bn < 0:
+            raise ValueError("pyops.cache: fn must be >= 1 at step level, bn >= 0")
+        if self.fn + self.bn > n_blocks:
+            raise ValueError(f"pyops.cache: fn + bn = {self.fn + self.bn} > {n_blocks} blocks")
+        if not (self.threshold >= 0):
+            raise ValueError("pyops.cache: threshold must be >= 0")
+        if self.level == "chunk" and not (1 <= self.budget <= self.chunks):
+            raise ValueError(f"pyops.cache: budget must be in [1, chunks={self.chunks}], got "
+                             f"{self.budget}")
+
+    def groups(self) -> int:
+        """Decision groups per forward: 2 when the batch holds both CFG halves, else 1."""
+        return 2 if self.cfg_batched else 1
+
+
+@dataclass
+class BlockSpec:
+    """Where a block's hidden streams are: ``inputs`` names (also the first positional
+    parameters, in order), ``outputs``: None when the block returns stream 0 alone, else the
+    position of each stream in the returned tuple. Stream 0 is the one the check looks at."""
+    inputs: tuple = ("hidden_states",)
+    outputs: Optional[tuple] = None
+
+    def streams_in(self, args, kwargs) -> list:
+        return [kwargs[n] if n in kwargs else args[i] for i, n in enumerate(self.inputs)]
+
+    def streams_out(self, out) -> list:
+        return [out] if self.outputs is None else [out[j] for j in self.outputs]
+
+    def pack(self, streams: Sequence[torch.Tensor]):
+        if self.outputs is None:
+            return streams[0]
+        res: list = [None] * len(self.outputs)
+        for s, j in zip(streams, self.outputs):
+            res[j] = s
+        return tuple(res)
