@@ -1,4 +1,5 @@
-"""``pyops.info()`` / ``python -m pyops info``: versions, GPU, and the backend each op will use."""
+"""``pyops.info()`` / ``python -m pyops info``: versions, the GPU's capability table, and per op
+the backend auto mode picks, the backends that can run, and the policy behind the choice."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,13 @@ def build_info() -> dict:
 
 
 def info(file=None, device: Optional[torch.device] = None) -> dict:
-    """Print (and return) versions, the GPU and its arch, and the backend chosen per op."""
+    """Print (and return) versions, the GPU and its capability table, and per op the backend auto
+    mode picks, the available backends and the op's policy (which measurement it comes from).
+
+    Backend names: ``cuda`` = pyops' CUDA kernel, ``triton`` = pyops' Triton kernel, ``torch`` = a
+    vendor kernel through torch (cuBLAS / ``torch._scaled_mm``), ``reference`` = the PyTorch spec.
+    For ops with a per-shape policy (the linears) "chosen" is the choice without shape
+    information; the policy line says how shapes change it. ``file=False`` prints nothing."""
     from . import __version__
     d = {"pyops": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "torch.cuda": torch.version.cuda}
@@ -33,13 +40,14 @@ def info(file=None, device: Optional[torch.device] = None) -> dict:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = _backend.device_capability(device)
         d["gpu"] = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     else:
         d["gpu"] = ("none (CPU: PyTorch reference backend; Triton kernels with TRITON_INTERPRET=1)"
                     if _backend.triton_status()[0] else
                     "none (CPU: PyTorch reference backend; `pip install triton` to run the Triton "
                     "kernels in its interpreter with TRITON_INTERPRET=1)")
+    d["capabilities"] = _backend.capabilities(device)
     d["backends"] = {}
     for op in _backend.ops():
         try:
@@ -48,12 +56,17 @@ def info(file=None, device: Optional[torch.device] = None) -> dict:
             chosen = f"error: {e}"
         avail = {bk: _backend.available(op, bk, device)[0] for bk in _backend.BACKENDS}
         d["backends"][op] = {"chosen": chosen,
-                             "available": [bk for bk, ok in avail.items() if ok]}
+                             "available": [bk for bk, ok in avail.items() if ok],
+                             "policy": _backend.policy(op) or "fixed order: cuda, triton, "
+                                                              "torch, reference"}
     if file is not False:
         lines = [f"{k:16s} {v}" for k, v in d.items() if k != "backends"]
-        lines.append(f"{'backends on ' + str(device):16s}")
+        lines.append(f"{'backends on ' + str(device):16s} (cuda: pyops CUDA kernel, triton: pyops "
+                     f"Triton kernel, torch: vendor kernel via torch, reference: PyTorch spec)")
         for op, v in d["backends"].items():
             lines.append(f"  {op:20s} -> {v['chosen']:10s} (available: "
                          f"{', '.join(v['available'])})")
+            if _backend.policy(op):
+                lines.append(f"  {'':20s}    policy: {v['policy']}")
         print("\n".join(lines), file=file)
     return d
