@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path, overlaps
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, overlaps
+from .._op import define
 from ..reference import sample_step as ref
 from ..reference.sample_step import StepCoefficients
 
@@ -44,22 +45,15 @@ _backend.register(OP, "triton", _triton)
 _backend.register(OP, "cuda", _cuda)
 
 
-def sample_step_impl(state: torch.Tensor, x_out: Optional[torch.Tensor], cond: torch.Tensor,
-                     uncond: Optional[torch.Tensor], noise: Optional[torch.Tensor], alpha: float,
-                     beta: float, zeta: float, guidance: float, backend: str) -> None:
-    _backend.impl(OP, backend)(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance)
+def _fake(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance, backend):
+    return None
 
 
-@torch.library.custom_op("pyops::sample_step", mutates_args=("state", "x_out"))
+@define(OP, fake=_fake, mutates_args=("state", "x_out"))
 def sample_step_op(state: torch.Tensor, x_out: Optional[torch.Tensor], cond: torch.Tensor,
                    uncond: Optional[torch.Tensor], noise: Optional[torch.Tensor], alpha: float,
                    beta: float, zeta: float, guidance: float, backend: str) -> None:
-    sample_step_impl(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance, backend)
-
-
-@sample_step_op.register_fake
-def _(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance, backend):
-    return None
+    _backend.impl(OP, backend)(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance)
 
 
 def _register_cuda_fakes() -> None:
@@ -127,8 +121,5 @@ def sample_step(state: torch.Tensor, cond: torch.Tensor, coefficients: StepCoeff
     noise = noise.contiguous() if (noise is not None and z != 0.0) else None
     b_name = _backend.resolve(OP, state.device, backend)
     args = (state, x_out, cond, uncond, noise, float(a), float(b), float(z), float(guidance))
-    if eager_fast_path(state, x_out, cond, uncond, noise):
-        sample_step_impl(*args, b_name)
-    else:
-        torch.ops.pyops.sample_step(*args, b_name)
+    sample_step_op(*args, b_name)
     return state
