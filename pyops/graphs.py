@@ -7,9 +7,9 @@
 
 * **While a torch CUDA graph is being captured** on the current stream, the body is captured
   into the body graph of a CUDA IF conditional node; a one-thread kernel
-  (``pyops::_graph_set_conditional``, csrc/graph_conditional.cu) reads ``flag[index]`` on the
-  device at replay and sets the node's condition, so the body runs or is skipped with no host
-  involvement. ``run`` is True.
+  (``pyops::_graph_set_conditional``, op module :mod:`pyops.ops.graph_conditional`, kernel
+  csrc/graph_conditional.cu) reads ``flag[index]`` on the device at replay and sets the node's
+  condition, so the body runs or is skipped with no host involvement. ``run`` is True.
 * **Otherwise (eager)** ``run`` is the host value of the condition: reading it is a device sync
   (``.item()``), the only one a cached forward makes per decision. The body then runs on the
   same side stream the capture would use, which also warms that stream up (cuBLAS creates its
@@ -39,6 +39,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .ops import graph_conditional as _setter
+
 __all__ = ["conditional", "begin", "end", "capturing", "supported", "side_stream", "pools"]
 
 _SIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
@@ -64,12 +66,9 @@ def _cudart():
 
 def supported() -> tuple[bool, str]:
     """Whether IF nodes can be captured here (extension with the setter + cuda-python)."""
-    from . import _backend
-    ok, why = _backend.extension_status()
+    ok, why = _setter.status()
     if not ok:
         return False, why
-    if not hasattr(torch.ops.pyops, "_graph_set_conditional"):
-        return False, "pyops._C lacks _graph_set_conditional"
     try:
         _cudart()
     except Exception as e:  # pragma: no cover - depends on the machine
@@ -192,10 +191,7 @@ def begin(flag: torch.Tensor, index: int = 0, *, run_when: str = "zero"):
     cap_id, graph, _ = _capture_info(main_ptr)
     handle = _ok(rt.cudaGraphConditionalHandleCreate(
         graph, 0, int(rt.cudaGraphConditionalHandleFlags.cudaGraphCondAssignDefault)))
-    h = int(handle)
-    if h >= 2 ** 63:
-        h -= 2 ** 64
-    torch.ops.pyops._graph_set_conditional(flag, int(index), h, run_when == "zero")
+    _setter.graph_set_conditional(flag, int(index), int(handle), run_when=run_when)
     _, graph, deps = _capture_info(main_ptr)  # now: the setter kernel
     r.node, body = _add_if_node(graph, deps, handle)
     r.side = side_stream(depth, flag.device)
