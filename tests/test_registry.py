@@ -75,6 +75,11 @@ def test_explicit_request_checks_shape_and_raises(scratch_op, monkeypatch):
     assert _backend.resolve("scratch", dev, N=32) == "reference"
 
 
+def test_static_facts_loaded_at_import():
+    """Resolution reads facts that ``import pyops`` already loaded (no import while tracing)."""
+    assert _backend._TRITON is not None and _backend._EXTENSION is not None
+
+
 def test_native_fp4_one_definition(monkeypatch):
     monkeypatch.setattr(_backend, "_CAPABILITY", {0: (10, 0), 1: (9, 0)})
     monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
