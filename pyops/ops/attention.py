@@ -74,7 +74,7 @@ def _triton(qh, kh, vh, out_h, lse, precision, causal, scale) -> None:
         tk.attention_fwd(qh, kh, vh, None, None, None, None, o_k, lse, precision, causal, scale,
                          Hq)
     else:
-        native = precision == "nvfp4" and tk.native_fp4_supported(qh.device)
+        native = precision == "nvfp4" and _backend.native_fp4(qh.device)
         bf = tq.quantize_qkv(qh, kh, vh, precision, scale, native=native)
         vt = bf["vt"].transpose(-1, -2)[:, :, :Sk]
         tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"], bf["qb"], o_k,
