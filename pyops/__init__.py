@@ -69,9 +69,7 @@ from .sampler import (  # noqa: E402
 
 # Static facts resolution reads, loaded now so that no import happens while torch.compile traces.
 _backend.triton_status()
-if _backend.extension_status()[0]:
-    ops.quantize_fp8._register_cuda_fakes()
-    ops.quantize_nvfp4._register_cuda_fakes()
+_backend.extension_status()
 
 __all__ = [
     "__version__", "info",

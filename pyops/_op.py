@@ -48,3 +48,13 @@ def define(name: str, *, fake: Callable, mutates_args: Iterable[str] = ()):
     def wrap(impl: Callable) -> Op:
         return Op(name, impl, fake, mutates_args)
     return wrap
+
+
+def binding_fake(binding: str, fake: Callable = lambda *args: None) -> None:
+    """Give the CUDA extension's destination-passing entry point ``pyops::<binding>`` (e.g.
+    ``_quantize_fp8_cuda``) a fake, so it can be traced and opchecked on its own; a no-op when
+    the extension is not loaded or lacks the binding. Bindings return nothing, hence the default
+    fake."""
+    from . import _backend
+    if _backend.extension_status()[0] and hasattr(torch.ops.pyops, binding):
+        torch.library.register_fake(f"pyops::{binding}")(fake)

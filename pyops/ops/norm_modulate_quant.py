@@ -22,7 +22,7 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, as_2d, check_same_device, check_tensor
-from .._op import define
+from .._op import binding_fake, define
 from ..reference import norm_modulate_quant as ref
 from .quantize_fp8 import FP8Tensor
 
@@ -86,13 +86,7 @@ def norm_modulate_quant_op(x: torch.Tensor, shift: Optional[torch.Tensor],
     return out
 
 
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_norm_modulate_quant_cuda"):
-        torch.library.register_fake("pyops::_norm_modulate_quant_cuda")(lambda *a: None)
-
-
-if _backend.extension_status()[0]:
-    _register_cuda_fakes()
+binding_fake("_norm_modulate_quant_cuda")  # the CUDA entry point (when built): traceable, opcheck-able
 
 
 # ---- public API ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from .. import _backend
 from .._checks import FLOAT_DTYPES, as_2d, check_same_device, check_tensor
 from .._checks import check_finite as _check_finite
-from .._op import define
+from .._op import binding_fake, define
 from ..reference import quantize_fp8 as ref
 
 OP = "quantize_fp8"
@@ -98,11 +98,7 @@ def dequantize_fp8_op(q: torch.Tensor, scale: torch.Tensor, granularity: str,
     return out.view(q.shape)
 
 
-# The CUDA extension's destination-passing entry point, if it was built: give it a fake too so
-# it can be traced and opchecked on its own.
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_quantize_fp8_cuda"):
-        torch.library.register_fake("pyops::_quantize_fp8_cuda")(lambda x, q, s, g: None)
+binding_fake("_quantize_fp8_cuda")  # the CUDA entry point (when built): traceable, opcheck-able
 
 
 # ---- public API ---------------------------------------------------------------------------------

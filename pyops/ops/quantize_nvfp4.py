@@ -17,7 +17,7 @@ import torch
 from .. import _backend
 from .._checks import FLOAT_DTYPES, as_2d, check_same_device, check_tensor
 from .._checks import check_finite as _check_finite
-from .._op import define
+from .._op import binding_fake, define
 from ..reference import quantize_nvfp4 as ref
 
 OP = "quantize_nvfp4"
@@ -116,10 +116,7 @@ def dequantize_nvfp4_op(data: torch.Tensor, scales: torch.Tensor, global_scale: 
     return out.view(*data.shape[:-1], K)
 
 
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_quantize_nvfp4_cuda"):
-        torch.library.register_fake("pyops::_quantize_nvfp4_cuda")(
-            lambda x, d, s, g, compute_global, swizzle: None)
+binding_fake("_quantize_nvfp4_cuda")  # the CUDA entry point (when built): traceable, opcheck-able
 
 
 # ---- public API ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, overlaps
-from .._op import define
+from .._op import binding_fake, define
 from ..reference import sample_step as ref
 from ..reference.sample_step import StepCoefficients
 
@@ -56,13 +56,7 @@ def sample_step_op(state: torch.Tensor, x_out: Optional[torch.Tensor], cond: tor
     _backend.impl(OP, backend)(state, x_out, cond, uncond, noise, alpha, beta, zeta, guidance)
 
 
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_sample_step_cuda"):
-        torch.library.register_fake("pyops::_sample_step_cuda")(lambda *a: None)
-
-
-if _backend.extension_status()[0]:
-    _register_cuda_fakes()
+binding_fake("_sample_step_cuda")  # the CUDA entry point (when built): traceable, opcheck-able
 
 
 # ---- the public function -----------------------------------------------------------------------
