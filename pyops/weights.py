@@ -22,16 +22,20 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _backend
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
 from .ops.quantize_fp8 import dequantize_fp8, quantize_fp8
 from .ops.quantize_nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 FORMATS = ("fp8", "nvfp4")
+# activation dtypes a quantized linear takes (fp32: the reference only, for NVFP4 weights)
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FORMAT_ALIASES = {"fp8": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "w8a8": "fp8",
                    "nvfp4": "nvfp4", "fp4": "nvfp4", "w4a16": "nvfp4"}
 
 
 def canonical_format(fmt) -> str:
+    """``"fp8"`` or ``"nvfp4"`` for a format name or alias (``"e4m3"``, ``"w8a8"``, ``"fp4"``,
+    ``"w4a16"``, ...; case-insensitive). ValueError for anything else."""
     try:
         return _FORMAT_ALIASES[fmt.lower()]
     except (KeyError, AttributeError):
@@ -175,17 +179,23 @@ def _swizzle_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 def weight_from_state_dict(tensors: dict, metadata: dict) -> QuantizedWeight:
+    """The ``FP8Weight`` / ``NVFP4Weight`` that ``state_dict()`` + ``metadata()`` describe."""
     fmt = canonical_format(metadata["format"])
     return (FP8Weight if fmt == "fp8" else NVFP4Weight).from_state_dict(tensors, metadata)
 
 
 def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[str] = None,
                     swizzle_scales: Optional[bool] = None) -> QuantizedWeight:
-    """Pack a (out_features, in_features) weight as ``"fp8"`` or ``"nvfp4"`` (see module doc).
+    """Pack a weight ``w`` (out_features N, in_features K), bf16/fp16/fp32, for ``pyops.linear``.
 
-    swizzle_scales (nvfp4): also build the 128x4-swizzled scales the W4A4 GEMM reads, now
-    (True), never here (False: lazily at the first W4A4 call) or when ``w``'s device has native
-    NVFP4 (None)."""
+    format: ``"fp8"`` -> ``FP8Weight`` (``quantize_fp8(w, "row")``: e4m3 + one fp32 scale per
+    output channel, amax / 448) or ``"nvfp4"`` -> ``NVFP4Weight`` (``quantize_nvfp4(w)``: E2M1 +
+    E4M3 per 16 + fp32 global amax / (448 * 6)); aliases as ``canonical_format``. The weight
+    remembers ``w.dtype`` (``dequantize``'s default). backend: the quantizer's (bit-identical
+    across backends). swizzle_scales (nvfp4): also build the 128x4-swizzled scales the W4A4 GEMM
+    reads, now (True), never here (False: lazily at the first W4A4 call) or when ``w``'s device
+    has native NVFP4 (None: ``_backend.native_fp4``). Errors: ValueError for an unknown format
+    or a w that is not 2-D; TypeError for a non-float w."""
     fmt = canonical_format(format)
     if isinstance(w, torch.nn.Parameter):
         w = w.detach()
@@ -204,3 +214,22 @@ def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[s
     if swizzle_scales:
         qw.swizzled_scales()
     return qw
+
+
+# ---- operand checks shared by the quantized linear ops ------------------------------------------
+def linear_lead_shape(x_shape, K: int, what: str) -> tuple:
+    """The leading dims of a linear input of shape (..., K); ValueError if the last is not K."""
+    if len(x_shape) < 1 or x_shape[-1] != K:
+        raise ValueError(f"pyops.linear: {what} has shape {tuple(x_shape)}; the weight's "
+                         f"in_features is {K}")
+    return tuple(x_shape[:-1])
+
+
+def check_linear_bias(bias: Optional[torch.Tensor], N: int, ref: torch.Tensor) -> None:
+    """bias: None or a float (N,) tensor on ``ref``'s device (TypeError / ValueError)."""
+    if bias is None:
+        return
+    check_tensor("linear", "bias", bias)
+    if bias.shape != (N,):
+        raise ValueError(f"pyops.linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    check_same_device("linear", ref, bias=bias)

@@ -46,9 +46,15 @@ def _codes(device):
 def test_gpu_resolution_eager(fake_sm90):
     dev = torch.device("cuda", 0)
     for op in fake_sm90:
-        # fp8_linear/nvfp4_linear "cuda" means a vendor path with its own availability rule
-        if (op, "cuda") in _backend._AVAILABILITY:
-            continue
+        # An op with a measured policy (fp8_linear, nvfp4_linear: no pyops CUDA kernel, the
+        # fixture's "cuda" stub stands in) runs its preference, which beats the fixed order;
+        # its own test file checks the per-shape choices.
+        pol = _backend._POLICY.get(op)
+        if pol is not None:
+            pref = pol[0]((9, 0))
+            if _backend.available(op, pref, dev)[0]:
+                assert pref != "cuda" and _backend.resolve(op, dev) == pref, op
+                continue
         assert _backend.resolve(op, dev) == "cuda", op
         assert _backend.available(op, "cuda", dev)[0]
     # an explicit request for a backend that cannot run still raises, naming the reason
@@ -109,19 +115,21 @@ def test_facts_loaded_once():
     assert _backend.extension_status() == (a.loaded, a.why)
 
 
-def test_linear_resolution_under_compile_fullgraph(fake_sm90):
-    """pyops.linear's own resolvers (FP8 GEMM backend, NVFP4 backend + variant) on the sm_90
-    path, traced without a graph break and equal to eager."""
+def test_linear_resolution_under_compile_fullgraph(fake_sm90, monkeypatch):
+    """pyops.linear's resolution (FP8: _backend.resolve with the shape; NVFP4: backend + variant
+    through nvfp4_linear.choose) on the sm_90 path, traced without a graph break and equal to
+    eager; the answers are the measured sm_90 policies."""
     from pyops.ops import fp8_linear, nvfp4_linear
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
     dev = torch.device("cuda", 0)
     shapes = [(1, 3072, 3072), (16, 3072, 3072), (4608, 3072, 3072), (4608, 3072, 12288)]
 
     def codes():
         out = []
         for M, K, N in shapes:
-            b = fp8_linear.resolve(dev, None, M, N, K, torch.bfloat16)
-            nb = nvfp4_linear.resolve(dev, None, torch.bfloat16)
-            v = nvfp4_linear.pick_variant(M, N, K, dev)
+            b = _backend.resolve(fp8_linear.OP, dev, None, M=M, N=N, K=K,
+                                 out_dtype=torch.bfloat16)
+            nb, v = nvfp4_linear.choose(dev, None, M, N, K, torch.bfloat16)
             out += [float(_backend.BACKENDS.index(b)), float(_backend.BACKENDS.index(nb)),
                     float(nvfp4_linear.VARIANTS.index(v))]
         return out
@@ -131,8 +139,13 @@ def test_linear_resolution_under_compile_fullgraph(fake_sm90):
     got = torch.compile(lambda x: x + torch.tensor(codes()), fullgraph=True,
                         backend="eager")(torch.zeros(len(expected)))
     assert got.tolist() == expected
-    # sm_90: torch._scaled_mm ("cuda") at every shape (the measured winner)
-    assert expected[0::3] == [0.0] * len(shapes)
+    code = {b: float(_backend.BACKENDS.index(b)) for b in _backend.BACKENDS}
+    var = {v: float(nvfp4_linear.VARIANTS.index(v)) for v in nvfp4_linear.VARIANTS}
+    # sm_90: torch._scaled_mm (backend "torch") at every shape (the measured winner)
+    assert expected[0::3] == [code["torch"]] * len(shapes)
+    # NVFP4: fused Triton only at M = 1 with K <= N; dequant + cuBLAS ("torch") otherwise
+    assert expected[1::3] == [code["triton"], code["torch"], code["torch"], code["torch"]]
+    assert expected[2::3] == [var["fused"], var["dequant"], var["dequant"], var["dequant"]]
 
 
 def test_info_without_triton_says_how_to_get_it(monkeypatch):

@@ -1,4 +1,5 @@
-"""pyops.linear with FP8 weights (W8A8): Triton kernel, torch._scaled_mm provider, reference.
+"""pyops.linear with FP8 weights (W8A8): backends triton (our kernel), torch (torch._scaled_mm),
+reference.
 
 Accuracy: every backend against the fp32 reference on the same (dequantized) operands, with an
 error bound scaled by sum_k |x_k w_k| (plus the output dtype's rounding), like an FP8 GEMM test
@@ -11,8 +12,9 @@ import torch
 
 import pyops
 from pyops import _backend
-from pyops.qlinear import FP8Weight, linear, quantize_weight
 from pyops.ops import fp8_linear as op
+from pyops.ops.linear import linear
+from pyops.weights import FP8Weight, quantize_weight
 from pyops.reference import fp8_linear as ref
 from pyops.triton_kernels import fp8_linear as tk
 
@@ -133,13 +135,13 @@ def test_prequantized_fp8tensor_input(small_tiles, backend):
 
 
 def test_scaled_mm_call_on_cpu():
-    """The "cuda" provider's torch._scaled_mm call (scales, bias, out=) checked where torch has a
+    """Backend "torch"'s torch._scaled_mm call (scales, bias, out=) checked where torch has a
     CPU _scaled_mm; on CUDA the GPU test below covers it."""
     x, qw, b = operands(32, 48, 64, torch.bfloat16)
     xq, xs = quantized_x(x)
     out = torch.full((32, 48), float("nan"), dtype=torch.bfloat16)
     try:
-        op._cuda(xq, xs, qw.data, qw.scale.reshape(-1), b.float(), out)
+        op._torch(xq, xs, qw.data, qw.scale.reshape(-1), b.float(), out)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"no CPU torch._scaled_mm here: {e}")
     assert_close_to_reference(out, xq, xs, qw.data, qw.scale, b)
@@ -169,8 +171,8 @@ def test_compile_fullgraph():
 
 # ---- auto policy (fake device capabilities; no GPU needed) ---------------------------------------
 # The H200 measurement (bench/RESULTS.md, section 1, "Linear" table, x bf16 incl. the
-# activation quantization): (M, K, N): (_scaled_mm "cuda", "triton"). Copied here so the test
-# checks the policy against the data.
+# activation quantization): (M, K, N): (_scaled_mm, backend "torch" (the table's "cuda" column,
+# its name then), "triton"). Copied here so the test checks the policy against the data.
 H200_GEMMS = {
     (4608, 3072, 3072): (1.24, 0.51), (4608, 3072, 12288): (1.38, 0.59),
     (4608, 12288, 3072): (1.28, 0.49), (4608, 3072, 15360): (1.52, 0.65),
@@ -183,6 +185,11 @@ H200_GEMMS = {
 # same _scaled_mm path, read 0.20); counted as a tie, which the policy gives to _scaled_mm.
 H200_TIES = {(1, 3072, 12288)}
 CUDA0 = torch.device("cuda", 0)
+
+
+def resolve(device, backend, M, N, K, out_dtype):
+    """The backend pyops.linear's FP8 path resolves (its call of _backend.resolve)."""
+    return _backend.resolve(op.OP, device, backend, M=M, N=N, K=K, out_dtype=out_dtype)
 
 
 @pytest.fixture
@@ -203,23 +210,24 @@ def fake_capability(monkeypatch):
 @pytest.mark.parametrize("M,K,N", sorted(H200_GEMMS))
 def test_sm90_auto_picks_scaled_mm_at_measured_shapes(fake_capability, M, K, N):
     """On sm_90 auto runs torch._scaled_mm at every measured shape: it won each one (or tied)."""
-    cuda_x, triton_x = H200_GEMMS[(M, K, N)]
-    assert cuda_x > triton_x or (M, K, N) in H200_TIES
+    torch_x, triton_x = H200_GEMMS[(M, K, N)]
+    assert torch_x > triton_x or (M, K, N) in H200_TIES
     fake_capability((9, 0))
-    assert op.auto_backend((9, 0), M, N, K) == "cuda"
-    assert op.resolve(CUDA0, None, M, N, K, torch.bfloat16) == "cuda"  # pyops.linear's call
+    assert op.auto_backend((9, 0), M, N, K) == "torch"
+    assert resolve(CUDA0, None, M, N, K, torch.bfloat16) == "torch"  # pyops.linear's call
 
 
 def test_auto_fallbacks(fake_capability):
     """Where _scaled_mm cannot run, auto takes Triton (sm_89+), else the reference."""
     fake_capability((9, 0))
-    assert op.resolve(CUDA0, None, 4608, 3072, 3072, torch.float16) == "triton"  # bf16 out only
-    assert op.resolve(CUDA0, None, 4608, 3000, 3072, torch.bfloat16) == "triton"  # N % 16
-    assert op.resolve(torch.device("cpu"), None, 4608, 3072, 3072, torch.bfloat16) == "reference"
+    assert resolve(CUDA0, None, 4608, 3072, 3072, torch.float16) == "triton"  # bf16 out only
+    assert resolve(CUDA0, None, 4608, 3000, 3072, torch.bfloat16) == "triton"  # N % 16
+    assert resolve(CUDA0, None, 4608, 3072, 3000, torch.bfloat16) == "triton"  # K % 16
+    assert resolve(torch.device("cpu"), None, 4608, 3072, 3072, torch.bfloat16) == "reference"
     fake_capability((8, 9))  # rowwise _scaled_mm needs sm_90
-    assert op.resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "triton"
+    assert resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "triton"
     fake_capability((8, 0))  # and the Triton kernel sm_89 (fp8 operands)
-    assert op.resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "reference"
+    assert resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "reference"
 
 
 def test_auto_unmeasured_capabilities_unchanged(fake_capability):
@@ -227,35 +235,66 @@ def test_auto_unmeasured_capabilities_unchanged(fake_capability):
     for cap in [(10, 0), (10, 3), (12, 0)]:
         fake_capability(cap)
         for M, K, N in [(1, 3072, 3072), (16, 3072, 3072), (4608, 3072, 3072)]:
-            assert op.auto_backend(cap, M, N, K) == "cuda"
-            assert op.resolve(CUDA0, None, M, N, K, torch.bfloat16) == "cuda", cap
+            assert op.auto_backend(cap, M, N, K) == "torch"
+            assert resolve(CUDA0, None, M, N, K, torch.bfloat16) == "torch", cap
 
 
 def test_explicit_backend_beats_the_policy(fake_capability, monkeypatch):
     fake_capability((9, 0))
     for M, K, N in [(4608, 3072, 3072), (1, 12288, 3072)]:
-        assert op.resolve(CUDA0, "triton", M, N, K, torch.bfloat16) == "triton"
-        assert op.resolve(CUDA0, "reference", M, N, K, torch.bfloat16) == "reference"
-        assert op.resolve(CUDA0, "cuda", M, N, K, torch.bfloat16) == "cuda"
+        assert resolve(CUDA0, "triton", M, N, K, torch.bfloat16) == "triton"
+        assert resolve(CUDA0, "reference", M, N, K, torch.bfloat16) == "reference"
+        assert resolve(CUDA0, "torch", M, N, K, torch.bfloat16) == "torch"
     with pytest.raises(RuntimeError, match="bf16 only"):
-        op.resolve(CUDA0, "cuda", 4608, 3072, 3072, torch.float16)
+        resolve(CUDA0, "torch", 4608, 3072, 3072, torch.float16)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        resolve(CUDA0, "torch", 4608, 3072, 3000, torch.bfloat16)
     monkeypatch.setenv("PYOPS_BACKEND_FP8_LINEAR", "triton")
-    assert op.resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "triton"
-    assert op.resolve(CUDA0, "reference", 4608, 3072, 3072, torch.bfloat16) == "reference"
+    assert resolve(CUDA0, None, 4608, 3072, 3072, torch.bfloat16) == "triton"
+    assert resolve(CUDA0, "reference", 4608, 3072, 3072, torch.bfloat16) == "reference"
+
+
+def test_policy_registered_and_general_availability(fake_capability):
+    """The policy is the registry's (pyops.info() prints its source), and availability without
+    shape keywords (pyops.info()'s question) answers for an aligned bf16 GEMM."""
+    assert _backend._POLICY[op.OP][0] is op.auto_backend
+    assert "H200" in _backend.policy(op.OP) and "RESULTS.md" in _backend.policy(op.OP)
+    fake_capability((9, 0))
+    assert _backend.available(op.OP, "torch", CUDA0) == (True, "torch._scaled_mm row-wise")
+    assert _backend.resolve(op.OP, CUDA0) == "torch"
+    fake_capability((8, 9))
+    ok, why = _backend.available(op.OP, "torch", CUDA0)
+    assert not ok and "sm_90" in why
+    assert _backend.resolve(op.OP, CUDA0) == "triton"
+    assert not _backend.available(op.OP, "torch", torch.device("cpu"))[0]
+    assert not _backend.available(op.OP, "cuda", CUDA0)[0]  # no pyops FP8 GEMM kernel
+
+
+def test_cuda_backend_request_names_torch(monkeypatch):
+    """backend="cuda" (the old name of the torch._scaled_mm path) is refused with the new name,
+    as an argument and through the environment, on any device."""
+    x, qw, b = operands(4, 16, 32, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"torch\._scaled_mm.*backend 'torch'"):
+        linear(x, qw, b, backend="cuda")
+    monkeypatch.setenv("PYOPS_BACKEND_FP8_LINEAR", "cuda")
+    with pytest.raises(RuntimeError, match=r"backend 'torch'"):
+        linear(x, qw, b)
+    assert torch.equal(linear(x, qw, b, backend="reference"),
+                       ref.fp8_linear(*quantized_x(x), qw.data, qw.scale, b, torch.bfloat16))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", [(4608, 3072, 3072), (16, 3072, 3072), (1, 12288, 3072)])
 def test_gpu_sm90_auto_runs_scaled_mm(monkeypatch, M, K, N):
     """On a real sm_90 device pyops.linear's auto mode runs torch._scaled_mm (bit-equal to an
-    explicit backend="cuda"), at the shape where the H200 run read auto 0.60x vs 1.24x."""
+    explicit backend="torch"), at the shape where the H200 run read auto 0.60x vs 1.24x."""
     if tuple(torch.cuda.get_device_capability()) != (9, 0):
         pytest.skip("the measured policy is sm_90's")
     monkeypatch.delenv("PYOPS_BACKEND", raising=False)
     monkeypatch.delenv("PYOPS_BACKEND_FP8_LINEAR", raising=False)
     x, qw, b = operands(M, N, K, torch.bfloat16)
-    assert op.resolve(x.device, None, M, N, K, torch.bfloat16) == "cuda"
-    assert torch.equal(linear(x, qw, b), linear(x, qw, b, backend="cuda"))
+    assert resolve(x.device, None, M, N, K, torch.bfloat16) == "torch"
+    assert torch.equal(linear(x, qw, b), linear(x, qw, b, backend="torch"))
 
 
 # ---- errors, before any launch --------------------------------------------------------------------
@@ -279,7 +318,7 @@ def test_errors():
         linear(x, qw.to("meta"))
     if not HAS_CUDA:
         with pytest.raises(RuntimeError, match="cannot run"):
-            linear(x, qw, backend="cuda")
+            linear(x, qw, backend="torch")  # torch._scaled_mm needs CUDA tensors
 
 
 def test_weight_object():
@@ -299,7 +338,7 @@ def test_weight_object():
 
 # ---- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("M,N,K", [(1, 3072, 3072), (64, 3072, 12288), (4608, 3072, 3072),
                                    (333, 1040, 2064), (32760, 5120, 5120)])
 def test_gpu_backends_vs_reference(backend, M, N, K):
@@ -309,7 +348,7 @@ def test_gpu_backends_vs_reference(backend, M, N, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpu_long_k_drift(backend):
     """K = 16384: FP8 MMA partial sums must be promoted to fp32 (max_num_imprecise_acc)."""
     x, qw, _ = operands(256, 256, 16384, torch.bfloat16, bias=False)
@@ -320,15 +359,15 @@ def test_gpu_long_k_drift(backend):
 @pytest.mark.gpu
 def test_gpu_auto_policy_and_fp16():
     x, qw, b = operands(256, 512, 512, torch.bfloat16)
-    assert op.resolve(x.device, None, 256, 512, 512, torch.bfloat16) == "cuda"
-    assert op.resolve(x.device, None, 256, 500, 512, torch.bfloat16) == "triton"
-    assert op.resolve(x.device, None, 256, 512, 512, torch.float16) == "triton"
+    assert resolve(x.device, None, 256, 512, 512, torch.bfloat16) == "torch"
+    assert resolve(x.device, None, 256, 500, 512, torch.bfloat16) == "triton"
+    assert resolve(x.device, None, 256, 512, 512, torch.float16) == "triton"
     y = linear(x.half(), qw, b.half())
     assert y.dtype == torch.float16
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpu_compile_and_cuda_graph(backend):
     x, qw, b = operands(512, 1024, 1024, torch.bfloat16)
     f = torch.compile(lambda x: linear(x, qw, b, backend=backend), fullgraph=True)

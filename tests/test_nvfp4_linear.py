@@ -1,4 +1,5 @@
-"""pyops.linear with NVFP4 weights (W4A16): fused Triton kernel, dequantize + GEMM, reference.
+"""pyops.linear with NVFP4 weights: backends triton (fused W4A16 kernel), torch (variant dequant:
+Triton dequantize + cuBLAS; variant w4a4: cuBLASLt NVFP4 via torch._scaled_mm), reference.
 
 The packing is checked on a hand-built weight with known codes and scales (independent of the
 quantizer); the kernels against the fp32 reference with an error bound scaled by
@@ -11,8 +12,9 @@ import torch
 
 import pyops
 from pyops import _backend
-from pyops.qlinear import NVFP4Weight, linear, quantize_weight
 from pyops.ops import nvfp4_linear as op
+from pyops.ops.linear import linear
+from pyops.weights import NVFP4Weight, quantize_weight
 from pyops.triton_kernels import nvfp4_linear as tk
 
 from _util import HAS_CUDA, assert_bits_equal, capture_graph, make_input, non_contiguous
@@ -28,9 +30,14 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(tk, "FORCE_CONFIG", SMALL)
 
 
-@pytest.fixture(params=["fused", "dequant"])
-def variant(request, monkeypatch):
-    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", request.param)
+# (backend, variant) pairs that run W4A16 on the CPU (Triton interpreter; torch.mm for dequant)
+W4A16_PATHS = [("triton", "fused"), ("torch", "dequant")]
+
+
+@pytest.fixture(params=W4A16_PATHS, ids=["triton-fused", "torch-dequant"])
+def path(request, monkeypatch):
+    """(backend, variant); the variant forced through PYOPS_NVFP4_LINEAR_VARIANT."""
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", request.param[1])
     return request.param
 
 
@@ -82,8 +89,10 @@ def hand_weight(K=40, N=3):
     return NVFP4Weight(data, sc, g, K, torch.bfloat16), W
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_hand_built_weight(small_tiles, variant, backend):
+@pytest.mark.parametrize("backend,variant", [("reference", "fused"), ("reference", "dequant"),
+                                             *W4A16_PATHS])
+def test_hand_built_weight(small_tiles, monkeypatch, backend, variant):
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", variant)
     qw, W = hand_weight()
     assert torch.equal(qw.dequantize(torch.float32), W)
     # x = identity rows: y[k, n] = W[n, k]; every value is exact in bf16 (products <= 6 bits)
@@ -109,9 +118,11 @@ def test_linear_close_to_unquantized_fp32():
 @pytest.mark.parametrize("M,N,K", [(1, 16, 64), (17, 33, 100), (33, 17, 200)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_matches_reference(small_tiles, variant, M, N, K, bias, dtype):
+def test_backends_match_reference(small_tiles, path, M, N, K, bias, dtype):
+    backend, variant = path
     x, qw, b = operands(M, N, K, dtype, bias)
-    y = linear(x, qw, b, backend="triton")
+    assert op.choose(x.device, backend, M, N, K, dtype) == path
+    y = linear(x, qw, b, backend=backend)
     assert y.shape == (M, N) and y.dtype == dtype
     assert_close(y, x, qw, b, w_rel=w_rel(variant, dtype))
 
@@ -144,12 +155,12 @@ def test_3d_non_contiguous_and_fp8_input(small_tiles):
 
 def test_opcheck():
     x, qw, b = operands(5, 16, 48, torch.bfloat16)
-    for backend in ("reference", "triton"):
+    for backend, variant in [("reference", "fused"), *W4A16_PATHS]:
         for bias in (b, None):
             torch.library.opcheck(
                 torch.ops.pyops.nvfp4_linear.default,
                 (x, qw.data, qw.scales.view(torch.uint8), qw.global_scale, 48, bias, backend,
-                 "fused"),
+                 variant),
                 test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                             "test_aot_dispatch_dynamic"))
 
@@ -168,8 +179,13 @@ def test_errors_and_weight_object():
         linear(x.to(torch.int64), qw)
     with pytest.raises(ValueError, match="meta"):
         linear(x, qw.to("meta"))
-    with pytest.raises(RuntimeError, match="bf16/fp16"):
-        linear(x.float(), qw, backend="triton")
+    for backend in ("triton", "torch"):
+        with pytest.raises(RuntimeError, match="bf16/fp16"):
+            linear(x.float(), qw, backend=backend)
+    assert linear(x.float(), qw).dtype == torch.float32  # auto: the reference
+    with pytest.raises(ValueError, match="has no variant"):  # the op checks its pair
+        op.nvfp4_linear_op(x, qw.data, qw.scales.view(torch.uint8), qw.global_scale, 40, None,
+                           "triton", "dequant")
     nb = 3
     assert qw.nbytes == 16 * nb * 8 + 16 * nb + 4
     assert "NVFP4Weight(out_features=16, in_features=40" in repr(qw)
@@ -180,11 +196,13 @@ def test_errors_and_weight_object():
 # ---- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 16, 64, 333, 4608])
-@pytest.mark.parametrize("var", ["fused", "dequant"])
-def test_gpu_vs_reference(monkeypatch, M, var):
+@pytest.mark.parametrize("backend,var", W4A16_PATHS)
+def test_gpu_vs_reference(monkeypatch, M, backend, var):
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
     x, qw, b = operands(M, 3072, 3072 + 16, torch.bfloat16)
-    assert_close(linear(x, qw, b), x, qw, b, rel=2.0**-12, w_rel=w_rel(var, torch.bfloat16))
+    y = linear(x, qw, b)  # the forced variant names the backend
+    assert torch.equal(y, linear(x, qw, b, backend=backend))
+    assert_close(y, x, qw, b, rel=2.0**-12, w_rel=w_rel(var, torch.bfloat16))
 
 
 @pytest.mark.gpu
@@ -216,7 +234,7 @@ def test_gpu_compile_and_cuda_graph(M):
 from pyops.reference import nvfp4_linear as ref_lin  # noqa: E402
 from pyops.reference.quantize_nvfp4 import swizzle_scales  # noqa: E402
 
-NATIVE = HAS_CUDA and tuple(torch.cuda.get_device_capability()) in op.NATIVE_FP4_CAPABILITIES
+NATIVE = HAS_CUDA and _backend.native_fp4(torch.device("cuda"))
 
 
 def sqnr_db(y, want):
@@ -340,15 +358,16 @@ def test_w4a4_prepare_args_exact(M, N, K):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_w4a4_variant_emulated_end_to_end(monkeypatch, dtype, bias):
-    """The whole "w4a4" variant on CPU: per-call activation quantization (Triton interpreter),
-    argument preparation, torch._scaled_mm replaced by its emulation, the Triton epilogue."""
+    """Backend "torch", variant "w4a4", on CPU: per-call activation quantization, argument
+    preparation, torch._scaled_mm replaced by its emulation, the Triton epilogue (interpreter)."""
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
-    monkeypatch.setattr(op, "native_fp4_supported", lambda device: (True, "pretend sm_100"))
+    monkeypatch.setattr(_backend, "native_fp4_status", lambda device: (True, "pretend sm_100"))
     monkeypatch.setattr(torch, "_scaled_mm", emulated_scaled_mm)
     M, N, K = 37, 40, 200
     x, _, qw, b = w4a4_operands(M, N, K, "outlier", seed=3)
     x, b = x.to(dtype), (b.to(dtype) if bias else None)
-    y = linear(x, qw, b, backend="triton")
+    assert op.choose(x.device, None, M, N, K, dtype) == ("torch", "w4a4")
+    y = linear(x, qw, b, backend="torch")
     assert y.shape == (M, N) and y.dtype == dtype
     want = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, qw.global_scale, K, b, torch.float64)
     # acc rounded to the GEMM's output dtype (bf16 for bf16, fp32 for fp16), then y once more;
@@ -379,38 +398,81 @@ def test_w4a4_epilogue_exact():
 
 
 def fake_capability(monkeypatch, cap):
-    """Every capability query of the policy code answers ``cap`` (no CUDA needed)."""
+    """Every capability query of the policy code answers ``cap`` (no CUDA needed); the native
+    NVFP4 check sees a real device (not the Triton interpreter), knobs unset."""
     def query(device):
         assert torch.device(device).type == "cuda", device
         return cap
     monkeypatch.setattr(_backend, "device_capability", query)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    for var in ("PYOPS_NVFP4_LINEAR_VARIANT", "PYOPS_NVFP4_NATIVE", "PYOPS_BACKEND",
+                "PYOPS_BACKEND_NVFP4_LINEAR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+CUDA0 = torch.device("cuda", 0)
+BF16 = torch.bfloat16
 
 
 def test_w4a4_variant_selection(monkeypatch):
     monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
-    monkeypatch.delenv("PYOPS_NVFP4_NATIVE", raising=False)
-    assert op.pick_variant(4608, 3072, 3072, torch.device("cpu")) == "dequant"
-    assert op.pick_variant(8, 3072, 3072) == "fused"
-    cuda = torch.device("cuda", 0)
+    assert op.choose(torch.device("cpu"), None, 4608, 3072, 3072, BF16) == ("reference", "fused")
     for cap, want in [((9, 0), False), ((8, 9), False), ((10, 0), True), ((10, 3), True),
                       ((12, 0), True), ((12, 1), True), ((11, 0), False)]:
         fake_capability(monkeypatch, cap)
-        assert op.native_fp4_supported(cuda)[0] is want, cap
+        assert _backend.native_fp4(CUDA0) is want, cap
         for M in (1, 4608):
-            assert (op.pick_variant(M, 3072, 3072, cuda) == "w4a4") is want, (cap, M)
+            assert (op.choose(CUDA0, None, M, 3072, 3072, BF16) == ("torch", "w4a4")) is want, \
+                (cap, M)
+            if want:
+                assert op.auto_backend(cap, M, 3072, 3072, native=True) == "torch"
     fake_capability(monkeypatch, (10, 0))  # PYOPS_NVFP4_NATIVE=0 turns W4A4 off, as elsewhere
     monkeypatch.setenv("PYOPS_NVFP4_NATIVE", "0")
-    ok, why = op.native_fp4_supported(cuda)
+    ok, why = _backend.native_fp4_status(CUDA0)
     assert not ok and "PYOPS_NVFP4_NATIVE" in why
-    assert op.pick_variant(4608, 3072, 3072, cuda) != "w4a4"
+    assert op.choose(CUDA0, None, 4608, 3072, 3072, BF16) == ("torch", "dequant")
+    assert op.choose(CUDA0, None, 8, 3072, 3072, BF16) == ("triton", "fused")  # unmeasured rule
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
+    with pytest.raises(RuntimeError, match="PYOPS_NVFP4_NATIVE"):  # w4a4 forced, cannot run
+        op.choose(CUDA0, None, 4608, 3072, 3072, BF16)
     monkeypatch.delenv("PYOPS_NVFP4_NATIVE")
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fused")  # the override wins
-    assert op.pick_variant(4608, 3072, 3072, cuda) == "fused"
+    assert op.choose(CUDA0, None, 4608, 3072, 3072, BF16) == ("triton", "fused")
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "dequant")
+    assert op.choose(CUDA0, None, 4608, 3072, 3072, BF16) == ("torch", "dequant")
+
+
+def test_variant_knob_and_backend_names(monkeypatch):
+    """PYOPS_NVFP4_LINEAR_VARIANT names the backend (fused -> triton, dequant/w4a4 -> torch); an
+    explicit backend that contradicts it, an unknown value and the retired "cuda" name raise."""
+    fake_capability(monkeypatch, (9, 0))
+    for var, backend in [("fused", "triton"), ("dequant", "torch"), ("auto", None)]:
+        monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
+        got = op.choose(CUDA0, None, 4608, 3072, 3072, BF16)
+        assert got == ((backend, var) if backend else ("torch", "dequant")), var
+        assert op.choose(CUDA0, "reference", 4608, 3072, 3072, BF16)[0] == "reference"
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fused")
+    with pytest.raises(ValueError, match="runs on backend 'triton'"):
+        op.choose(CUDA0, "torch", 4608, 3072, 3072, BF16)
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
+    with pytest.raises(ValueError, match="runs on backend 'torch'"):
+        op.choose(CUDA0, "triton", 4608, 3072, 3072, BF16)
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "dequnt")
+    with pytest.raises(ValueError, match="dequnt"):
+        op.choose(CUDA0, None, 4608, 3072, 3072, BF16)
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
+    with pytest.raises(RuntimeError, match="'torch'"):
+        op.choose(CUDA0, "cuda", 4608, 3072, 3072, BF16)
+    # fp32 activations: auto falls back to the reference; the kernels say why they cannot run
+    assert op.choose(CUDA0, None, 4608, 3072, 3072, torch.float32) == ("reference", "fused")
+    assert "bf16/fp16" in _backend.available(op.OP, "torch", CUDA0, dtype=torch.float32)[1]
+    # without shape keywords (pyops.info()) the policy answers, and the registry prints it
+    assert _backend.resolve(op.OP, CUDA0) == "torch" and "H200" in _backend.policy(op.OP)
 
 
 # The H200 measurement (bench/RESULTS.md, section 1, "Linear" table, x bf16):
 # (M, K, N): (fused, dequant). Copied here so the test checks the policy against the data, not
-# against itself.
+# against itself. fused = backend "triton", dequant = backend "torch" (variant dequant).
 H200_VARIANTS = {
     (4608, 3072, 3072): (0.17, 0.88), (4608, 3072, 12288): (0.17, 0.86),
     (4608, 12288, 3072): (0.17, 1.00), (4608, 3072, 15360): (0.17, 0.95),
@@ -421,77 +483,78 @@ H200_VARIANTS = {
 }
 
 
+def measured_winner(M, K, N):
+    fused, dequant = H200_VARIANTS[(M, K, N)]
+    return ("triton", "fused") if fused > dequant else ("torch", "dequant")
+
+
 @pytest.mark.parametrize("M,K,N", sorted(H200_VARIANTS))
 def test_sm90_policy_picks_the_measured_winner(monkeypatch, M, K, N):
-    """On sm_90 auto picks the variant that measured faster on the H200 at that shape (before
-    the measurement, M < 1024 always took "fused": wrong at (1, 12288, 3072) and (16, 3072,
-    3072))."""
-    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
-    fused, dequant = H200_VARIANTS[(M, K, N)]
-    winner = "fused" if fused > dequant else "dequant"
-    assert op.auto_variant((9, 0), M, N, K) == winner
+    """On sm_90 auto picks the (backend, variant) that measured faster on the H200 at that shape
+    (before the measurement, M < 1024 always took "fused": wrong at (1, 12288, 3072) and (16,
+    3072, 3072))."""
+    winner = measured_winner(M, K, N)
+    assert op.auto_backend((9, 0), M, N, K) == winner[0]
     fake_capability(monkeypatch, (9, 0))
-    assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == winner  # the qlinear path
+    assert op.choose(CUDA0, None, M, N, K, BF16) == winner  # pyops.linear's path
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", sorted(H200_VARIANTS))
 def test_gpu_sm90_auto_runs_the_measured_winner(monkeypatch, M, K, N):
     """On a real sm_90 device, pyops.linear's auto mode runs the measured winner (bit-equal to
-    that variant called directly)."""
+    that (backend, variant) called directly)."""
     if tuple(torch.cuda.get_device_capability()) != (9, 0):
         pytest.skip("the measured policy is sm_90's")
     for var in ("PYOPS_NVFP4_LINEAR_VARIANT", "PYOPS_BACKEND", "PYOPS_BACKEND_NVFP4_LINEAR"):
         monkeypatch.delenv(var, raising=False)
-    fused, dequant = H200_VARIANTS[(M, K, N)]
-    winner = "fused" if fused > dequant else "dequant"
+    backend, variant = measured_winner(M, K, N)
     x, qw, b = operands(M, N, K, torch.bfloat16)
-    want = op.nvfp4_linear_impl(x, qw.data, qw.scales.view(torch.uint8), qw.global_scale, K, b,
-                                "triton", winner)
+    want = op.nvfp4_linear_op(x, qw.data, qw.scales.view(torch.uint8), qw.global_scale, K, b,
+                              backend, variant)
     assert torch.equal(linear(x, qw, b), want)
 
 
 def test_policy_other_capabilities_unchanged(monkeypatch):
     """Unmeasured capabilities keep the previous rule (fused below M = 1024, dequant above); the
-    CPU (interpreter) and an unknown device take it too; native-FP4 devices take "w4a4"."""
-    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+    CPU takes the reference; native-FP4 devices take torch w4a4."""
     shapes = [(1, 3072, 12288), (16, 3072, 3072), (1023, 3072, 3072), (1024, 3072, 3072),
               (4608, 12288, 3072)]
     for M, K, N in shapes:
-        want = "fused" if M < 1024 else "dequant"
-        for cap in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0), None]:
-            assert op.auto_variant(cap, M, N, K) == want, (cap, M, K, N)
-        assert op.pick_variant(M, N, K, torch.device("cpu")) == want
-        assert op.pick_variant(M, N, K) == want
+        want = ("triton", "fused") if M < 1024 else ("torch", "dequant")
+        for cap in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0)]:
+            assert op.auto_backend(cap, M, N, K) == want[0], (cap, M, K, N)
+        monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
+        assert op.choose(torch.device("cpu"), None, M, N, K, BF16) == ("reference", "fused")
         for cap in [(8, 0), (8, 9)]:
             fake_capability(monkeypatch, cap)
-            assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == want, cap
+            assert op.choose(CUDA0, None, M, N, K, BF16) == want, cap
         if hasattr(torch, "float4_e2m1fn_x2"):
             fake_capability(monkeypatch, (12, 0))
-            assert op.pick_variant(M, N, K, torch.device("cuda", 0)) == "w4a4"
+            assert op.choose(CUDA0, None, M, N, K, BF16) == ("torch", "w4a4")
 
 
 def test_policy_explicit_request_wins(monkeypatch):
     """A forced variant and an explicit backend beat the sm_90 policy."""
     fake_capability(monkeypatch, (9, 0))
-    cuda = torch.device("cuda", 0)
     for M, K, N in [(1, 12288, 3072), (16, 3072, 3072), (4608, 3072, 3072), (1, 3072, 3072)]:
-        for var in ("fused", "dequant"):
+        for backend, var in W4A16_PATHS:
             monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
-            assert op.pick_variant(M, N, K, cuda) == var
-    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
-    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
-    monkeypatch.delenv("PYOPS_BACKEND_NVFP4_LINEAR", raising=False)
-    assert op.resolve(cuda, "reference", torch.bfloat16) == "reference"
+            assert op.choose(CUDA0, None, M, N, K, BF16) == (backend, var)
+        monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
+        for backend, var in W4A16_PATHS:
+            assert op.choose(CUDA0, backend, M, N, K, BF16) == (backend, var)
+    assert op.choose(CUDA0, "reference", 1, 3072, 3072, BF16)[0] == "reference"
     monkeypatch.setenv("PYOPS_BACKEND_NVFP4_LINEAR", "reference")
-    assert op.resolve(cuda, None, torch.bfloat16) == "reference"
+    assert op.choose(CUDA0, None, 1, 3072, 3072, BF16)[0] == "reference"
 
 
 def test_w4a4_forced_without_native_fp4(monkeypatch):
     monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "w4a4")
     x, _, qw, b = w4a4_operands(4, 32, 64)
-    with pytest.raises(RuntimeError, match="sm_100"):
-        linear(x.to(torch.bfloat16), qw, b.to(torch.bfloat16), backend="triton")
+    for backend in ("torch", None):
+        with pytest.raises(RuntimeError, match="sm_100"):
+            linear(x.to(torch.bfloat16), qw, b.to(torch.bfloat16), backend=backend)
     y = linear(x, qw, b, backend="reference")  # the reference of the forced variant
     want = ref_lin.nvfp4_linear_w4a4(x, qw.data, qw.scales, qw.global_scale, 64, b,
                                      torch.float32)
@@ -533,7 +596,7 @@ def test_w4a4_opcheck():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_w4a4_vs_reference(monkeypatch, M, N, K, dtype):
     monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT", raising=False)
-    assert op.pick_variant(M, N, K, torch.device("cuda")) == "w4a4"
+    assert op.choose(torch.device("cuda"), None, M, N, K, dtype) == ("torch", "w4a4")
     x, _, qw, b = w4a4_operands(M, N, K, "outlier")
     x, b = x.to(dtype).cuda(), b.to(dtype).cuda()
     qw = quantize_weight(qw.dequantize(torch.float32).cuda(), "nvfp4")

@@ -1,20 +1,29 @@
-"""pyops::nvfp4_linear: x (bf16/fp16) x NVFP4 weight (schema, fake, backends, policy).
+"""nvfp4_linear: x (bf16/fp16) x NVFP4 weight (public function, op, backends, policy).
 
-Backends (destination-passing: ``impl(x, data, scales, global_scale, K, bias, out, variant)``):
+Op ``pyops::nvfp4_linear(x, data, scales, global_scale, K, bias?, backend, variant) -> out``:
+``x`` (M, K), ``data`` uint8 (N, ceil(K/16)*8), ``scales`` uint8 bits of e4m3, ``global_scale``
+fp32 (1,), ``bias`` (N,) or None; ``out`` (M, N) in x's dtype. Spec:
+``pyops/reference/nvfp4_linear.py``. Backends (destination-passing:
+``impl(x, data, scales, global_scale, K, bias, out, variant)``), with the variant each runs:
 
-* ``triton`` with variant ``"fused"``: W4A16 GEMM dequantizing E2M1 x E4M3 exactly in the main
-  loop (``triton_kernels/nvfp4_linear.py``); the decode/small-M path.
-* ``triton`` with variant ``"dequant"``: a Triton pass writes the weight in x's dtype (each weight
-  rounded once), then cuBLAS via ``torch.nn.functional.linear``: a transient (N, K) buffer, for
-  large M where a dense GEMM's speed matters more than the extra weight pass.
-* ``triton`` with variant ``"w4a4"`` (Blackwell: sm_100/103/120/121 only; UNVERIFIED ON
-  HARDWARE): the activations are quantized to NVFP4 per call (``quantize_nvfp4(x, swizzle=True)``,
-  global scale computed on the device, no host sync), then cuBLASLt's block-scaled FP4 GEMM via
-  ``torch._scaled_mm`` (see ``prepare_w4a4_args`` / ``w4a4_gemm``). For this variant ``scales``
-  is the weight's 128x4-SWIZZLED padded scale tensor (``NVFP4Weight.swizzled_scales()``, cached),
-  not the (N, ceil(K/16)) one: the variant defines the layout (the two shapes coincide when
+* ``triton``, variant ``"fused"``: our W4A16 GEMM dequantizing E2M1 x E4M3 exactly in the main
+  loop (``triton_kernels/nvfp4_linear.py``); the decode/small-M path. bf16/fp16 x.
+* ``torch``, variant ``"dequant"``: a Triton pass writes the weight in x's dtype (each weight
+  rounded once), then cuBLAS through ``torch.mm``/``torch.addmm``: a transient (N, K) buffer,
+  for large M where a dense GEMM's speed matters more than the extra weight pass.
+* ``torch``, variant ``"w4a4"`` (native NVFP4 only, ``_backend.native_fp4``; UNVERIFIED ON
+  HARDWARE): x is quantized to NVFP4 per call (global scale on the device, no host sync), then
+  cuBLASLt's block-scaled FP4 GEMM through ``torch._scaled_mm`` and a Triton epilogue for the
+  global scales and bias (``prepare_w4a4_args`` / ``w4a4_gemm``). For this variant ``scales``
+  is the weight's 128x4-SWIZZLED padded scale tensor (``NVFP4Weight.swizzled_scales()``), not
+  the (N, ceil(K/16)) one: the variant defines the layout (the two shapes coincide when
   N % 128 == 0 and ceil(K/16) % 4 == 0, so it cannot be inferred).
-* ``reference``: ``pyops/reference/nvfp4_linear.py`` (``nvfp4_linear_w4a4`` for ``"w4a4"``).
+* ``reference``: any variant; ``"w4a4"`` computes ``nvfp4_linear_w4a4`` (activations quantized),
+  the others the W4A16 spec.
+
+``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces a variant (``fused`` -> backend
+``triton``, ``dequant`` / ``w4a4`` -> backend ``torch``; an explicit backend must agree, the
+reference runs the forced variant's math); unset or ``auto``: the policy below.
 
 torch API facts the ``"w4a4"`` path relies on (checked 2026 against torch 2.13's schema and
 pytorch's ``aten/src/ATen/native/cuda/ScaledBlas.cpp``; the CUDA side is unverified here):
@@ -26,28 +35,36 @@ roundup(rows, 128) * roundup(ceil(K/16), 4) elements in the 32_4_4 (128x4 tile) 
 ``mat_a`` (M, K/2) row-major, ``mat_b`` (K/2, N) column-major with K/2 % 16 == 0 and N % 16 == 0;
 ``use_fast_accum`` is rejected for FP4. The per-tensor global scales therefore go in our
 epilogue: ``y = acc * (g_x * g_w) (+ bias)``, one elementwise pass with fp32 math. (The newer
-``torch.nn.functional.scaled_mm`` takes two-level NVFP4 scales ``[blockwise e4m3, tensorwise
-fp32]`` and passes ``g_a * g_b`` to cuBLASLt as alpha, which would remove that pass; not used yet
-because it is not known to exist in torch 2.11.)
+``torch.nn.functional.scaled_mm`` takes two-level NVFP4 scales and passes ``g_a * g_b`` to
+cuBLASLt as alpha, which would remove that pass; not used because torch 2.11 may lack it.)
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
 import torch
 
 from .. import _backend
+from .._checks import check_same_device, check_tensor
+from .._op import define
 from ..reference import nvfp4_linear as ref
 from ..reference import quantize_nvfp4 as ref_q
+from ..weights import ACT_DTYPES, NVFP4Weight, check_linear_bias, linear_lead_shape
+from .quantize_fp8 import FP8Tensor
+from .quantize_nvfp4 import OP as QUANT_OP
+from .quantize_nvfp4 import quantize_nvfp4_op
 
 OP = "nvfp4_linear"
 VARIANTS = ("fused", "dequant", "w4a4")
-# compute capabilities with native NVFP4 (E2M1 x E4M3/16) MMA: B200/GB200, B300, RTX 50, DGX Spark
-NATIVE_FP4_CAPABILITIES = _backend.NATIVE_FP4_CAPABILITIES
+BACKEND_OF_VARIANT = {"fused": "triton", "dequant": "torch", "w4a4": "torch"}
+VARIANT_ENV = "PYOPS_NVFP4_LINEAR_VARIANT"
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK = ref_q.BLOCK
 
 
+# ---- backends: destination-passing --------------------------------------------------------------
 def _reference(x, data, scales, g, K: int, bias, out, variant: str) -> None:
     if variant == "w4a4":
         out.copy_(ref.nvfp4_linear_w4a4(x, data, scales, g, K, bias, out.dtype,
@@ -56,24 +73,12 @@ def _reference(x, data, scales, g, K: int, bias, out, variant: str) -> None:
     out.copy_(ref.nvfp4_linear(x, data, scales, g, K, bias, out.dtype))
 
 
-def native_fp4_supported(device) -> tuple[bool, str]:
-    """Whether ``device`` has native NVFP4 MMA and this torch has the float4 dtype.
-    ``PYOPS_NVFP4_NATIVE=0`` turns it off, as for every native NVFP4 path
-    (``_backend.native_fp4``)."""
-    device = torch.device(device)
-    if os.environ.get("PYOPS_NVFP4_NATIVE", "1") == "0":
-        return False, "native NVFP4 turned off by PYOPS_NVFP4_NATIVE=0"
-    if device.type != "cuda":
-        return False, f"W4A4 needs a CUDA device with native NVFP4 (sm_100/103/120/121), " \
-                      f"got {device.type}"
-    if not hasattr(torch, "float4_e2m1fn_x2"):
-        return False, f"torch {torch.__version__} has no float4_e2m1fn_x2"
-    cap = _backend.device_capability(device)
-    if tuple(cap) not in NATIVE_FP4_CAPABILITIES:
-        return False, f"sm_{cap[0]}{cap[1]} has no native NVFP4 MMA (needs sm_100/103/120/121)"
-    return True, f"sm_{cap[0]}{cap[1]}"
+def _triton(x, data, scales, g, K: int, bias, out, variant: str) -> None:
+    from ..triton_kernels import nvfp4_linear as tk
+    tk.nvfp4_linear(x, data, scales, g, K, bias, out)
 
 
+# ---- the w4a4 variant: cuBLASLt NVFP4 GEMM through torch._scaled_mm -----------------------------
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     if t.shape[1] == cols:
         return t
@@ -130,8 +135,7 @@ def w4a4_epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.T
 
     One Triton pass where Triton can run (the GPU, or the interpreter); PyTorch fp32 otherwise
     (alpha is never rounded to 16 bits: a 0-dim fp32 tensor in a bf16 PyTorch op would be)."""
-    dev = out.device
-    if _backend.available(OP, "triton", dev)[0]:
+    if _triton_runs(out.device)[0]:
         from ..triton_kernels import nvfp4_w4a4 as tk4
         tk4.w4a4_epilogue(acc, alpha, bias, out)
         return
@@ -153,40 +157,88 @@ def w4a4_gemm(args: dict, bias: Optional[torch.Tensor], out: torch.Tensor) -> No
 
 
 def _w4a4(x, data, scales, g, K: int, bias, out) -> None:
-    ok, why = native_fp4_supported(x.device)
+    ok, why = _backend.native_fp4_status(x.device)
     if not ok:
         raise RuntimeError(f"pyops: nvfp4_linear variant 'w4a4' cannot run: {why}")
-    from . import quantize_nvfp4 as qop
-    qb = _backend.resolve(qop.OP, x.device)
-    ad, asc, ag = qop.quantize_nvfp4_impl(x, None, True, qb)
+    # activations: NVFP4 with a device-computed global scale, scales swizzled for cuBLASLt
+    ad, asc, ag = quantize_nvfp4_op(x, None, True, _backend.resolve(QUANT_OP, x.device))
     w4a4_gemm(prepare_w4a4_args(ad, asc, ag, data, scales, g, K), bias, out)
 
 
-def _triton(x, data, scales, g, K: int, bias, out, variant: str) -> None:
-    from ..triton_kernels import nvfp4_linear as tk
+def _torch(x, data, scales, g, K: int, bias, out, variant: str) -> None:
     if variant == "w4a4":
         _w4a4(x, data, scales, g, K, bias, out)
         return
-    if variant == "dequant":
-        w = torch.empty((data.shape[0], K), dtype=x.dtype, device=x.device)
-        tk.dequantize_weight(data, scales, g, K, w)
-        b = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-        if b is None:
-            torch.mm(x, w.t(), out=out)
-        else:
-            torch.addmm(b, x, w.t(), out=out)
-        return
-    tk.nvfp4_linear(x, data, scales, g, K, bias, out)
+    from ..triton_kernels import nvfp4_linear as tk
+    w = torch.empty((data.shape[0], K), dtype=x.dtype, device=x.device)
+    tk.dequantize_weight(data, scales, g, K, w)
+    b = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+    if b is None:
+        torch.mm(x, w.t(), out=out)
+    else:
+        torch.addmm(b, x, w.t(), out=out)
+
+
+def _triton_runs(device: torch.device) -> tuple[bool, str]:
+    """Whether pyops' Triton kernels run on ``device`` (a CUDA device, or the CPU under
+    TRITON_INTERPRET=1): the registry's generic Triton rule."""
+    ok, why = _backend.triton_status()
+    if not ok:
+        return ok, why
+    if device.type == "cpu" and _backend.triton_interpret():
+        return True, why + " (interpreter)"
+    if device.type != "cuda":
+        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+    return True, why
+
+
+def _half(dtype, who: str) -> tuple[bool, str]:
+    if dtype is None or dtype in HALF_DTYPES:
+        return True, ""
+    return False, f"{who} takes bf16/fp16 activations (x is {dtype}; fp32 runs the reference)"
+
+
+def triton_available(device, dtype: Optional[torch.dtype] = None, **_) -> tuple[bool, str]:
+    """(ok, why) of backend ``triton`` (the fused W4A16 kernel) for activations of ``dtype``."""
+    ok, why = _half(dtype, "the Triton W4A16 kernel")
+    return _triton_runs(torch.device(device)) if ok else (ok, why)
+
+
+def torch_variant(device, forced: Optional[str] = None) -> str:
+    """The variant backend ``torch`` runs: ``forced`` if it is ``"dequant"``/``"w4a4"``, else
+    ``"w4a4"`` where ``_backend.native_fp4(device)``, else ``"dequant"``."""
+    if forced in ("dequant", "w4a4"):
+        return forced
+    return "w4a4" if _backend.native_fp4(device) else "dequant"
+
+
+def torch_available(device, dtype: Optional[torch.dtype] = None,
+                    variant: Optional[str] = None, **_) -> tuple[bool, str]:
+    """(ok, why) of backend ``torch`` running ``torch_variant(device, variant)``: w4a4 needs
+    native NVFP4; dequant needs Triton for its weight pass (cuBLAS does the GEMM)."""
+    device = torch.device(device)
+    ok, why = _half(dtype, "the cuBLAS NVFP4 paths")
+    if not ok:
+        return ok, why
+    if torch_variant(device, variant) == "w4a4":
+        ok, why = _backend.native_fp4_status(device)
+        return ok, (f"w4a4: cuBLASLt NVFP4 GEMM via torch._scaled_mm ({why})" if ok else
+                    f"variant w4a4 (cuBLASLt NVFP4 via torch._scaled_mm) needs native NVFP4: "
+                    f"{why}")
+    ok, why = _triton_runs(device)
+    return ok, (f"dequant: Triton weight pass + torch.mm ({why})" if ok else
+                f"variant dequant dequantizes the weight with a Triton kernel: {why}")
 
 
 _backend.register(OP, "reference", _reference)
-_backend.register(OP, "triton", _triton)
+_backend.register(OP, "triton", _triton, available=triton_available)
+_backend.register(OP, "torch", _backend._on_tensor_device(_torch), available=torch_available)
 
 
-# ---- auto policy: which variant, per device and shape --------------------------------------------
+# ---- auto policy: which backend, per device and shape -------------------------------------------
 # Measured: NVIDIA H200 (sm_90), 2026-11-30, torch 2.11, Triton 3.6, pyops 8d8b3ea,
-# bench/RESULTS.md section 1, table "Linear" (bench/bench_linear.py; x bf16 =
-# cuBLAS bf16 ms / ms). "fused" (W4A16 kernel) vs "dequant" (Triton dequantize + cuBLAS), x bf16:
+# bench/RESULTS.md section 1, table "Linear" (bench/bench_linear.py; x bf16 = cuBLAS bf16 ms / ms).
+# "fused" (triton: W4A16 kernel) vs "dequant" (torch: Triton dequantize + cuBLAS), x bf16:
 #   M K N             fused  dequant       M K N              fused  dequant
 #   4608 3072 3072    0.17   0.88          9216 3072 3072     0.18   0.95
 #   4608 3072 12288   0.17   0.86          9216 3072 12288    0.20   0.99
@@ -194,88 +246,138 @@ _backend.register(OP, "triton", _triton)
 #   4608 3072 15360   0.17   0.95          1 3072 3072        0.25   0.12
 #   4608 15360 3072   0.16   0.95          1 3072 12288       0.48   0.44
 #   16 3072 3072      0.20   0.33          1 12288 3072       0.22   0.33
-# sm_90 rule, reproducing every measured winner: "dequant" for M >= 16 (measured at M = 16 and
-# at every M >= 4608; 16 < M < 4608 unmeasured, taken as dequant since both ends are); for
-# M < 16 "fused" when K <= N and "dequant" when K > N (measured at M = 1 only; M = 2..15 assumed
-# to behave like M = 1, where the previous rule also said fused).
+# sm_90 rule, reproducing every measured winner: "torch" (dequant) for M >= 16 (measured at M = 16
+# and at every M >= 4608; 16 < M < 4608 unmeasured, taken as dequant since both ends are); for
+# M < 16 "triton" (fused) when K <= N and "torch" (dequant) when K > N (measured at M = 1 only;
+# M = 2..15 assumed to behave like M = 1).
 # Other capabilities are unmeasured and keep the previous rule: fused for M < 1024, dequant
 # above (the weight stream dominates small M; at large M the dequant pass is a few % of a
-# cuBLAS GEMM). sm_100/103/120/121 take "w4a4" by capability in pick_variant (unmeasured,
-# unchanged).
+# cuBLAS GEMM). Native-NVFP4 devices prefer "torch" (its w4a4 variant): chosen by capability,
+# unmeasured and unverified on hardware.
+POLICY_SOURCE = ("sm_90: NVIDIA H200 2026-11-30, bench/RESULTS.md section 1 'Linear' (fused vs "
+                 "dequant per M, K, N); native NVFP4 -> torch w4a4 and other capabilities: "
+                 "unmeasured")
+
+
 def _sm90(M: int, N: int, K: int) -> str:
     if M >= 16:
-        return "dequant"
-    return "fused" if K <= N else "dequant"
+        return "torch"
+    return "triton" if K <= N else "torch"
 
 
 def _unmeasured(M: int, N: int, K: int) -> str:
-    return "fused" if M < 1024 else "dequant"  # the previous default; nothing measured
+    return "triton" if M < 1024 else "torch"  # the previous default; nothing measured
 
 
 AUTO_POLICY = {(9, 0): _sm90}  # compute capability -> rule(M, N, K); others: _unmeasured
 
 
-def auto_variant(capability: Optional[tuple[int, int]], M: int, N: int, K: int) -> str:
-    """``"fused"`` or ``"dequant"`` for x (M, K) @ W (N, K).T on a device of compute
-    ``capability`` (major, minor); ``None`` (unknown device, the CPU interpreter) takes the
-    unmeasured default. Source of the sm_90 rule: the H200 measurement cited above
-    ``AUTO_POLICY``."""
-    rule = AUTO_POLICY.get(tuple(capability), _unmeasured) if capability is not None \
-        else _unmeasured
-    return rule(M, N, K)
+def auto_backend(capability: tuple[int, int], M: Optional[int] = None, N: Optional[int] = None,
+                 K: Optional[int] = None, *, native: bool = False, **_) -> str:
+    """The backend auto mode prefers for x (M, K) @ W (N, K).T on a CUDA device of compute
+    ``capability``: ``"torch"`` where the device has native NVFP4 (``native``, the public
+    function passes ``_backend.native_fp4(device)``; variant w4a4), else the per-capability rule
+    (``AUTO_POLICY``; unmeasured capabilities: ``_unmeasured``). Without a shape
+    (``pyops.info()``) it answers for large M: ``"torch"``. A preference only:
+    ``_backend.resolve`` falls back where it cannot run (e.g. fp32 x -> the reference). Source:
+    the H200 measurement cited above (``POLICY_SOURCE``)."""
+    if native or M is None:
+        return "torch"
+    return AUTO_POLICY.get(tuple(capability), _unmeasured)(M, N, K)
 
 
-def pick_variant(M: int, N: int, K: int, device=None) -> str:
-    """The variant ``pyops.linear`` runs the Triton backend with (called by ``pyops.qlinear``
-    with x's device when the backend is "triton", else ``device=None``).
-
-    ``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces one (a forced ``w4a4`` on a
-    device without native NVFP4 raises when the Triton backend runs). Otherwise ``"w4a4"``
-    (native NVFP4 GEMM, activations quantized per call) whenever ``device`` is a CUDA device
-    with native NVFP4 (sm_100/103/120/121; never Hopper): chosen by capability only, unmeasured
-    and unverified on hardware. Otherwise ``auto_variant`` with the device's capability
-    (``_backend.device_capability``, cached, safe under torch.compile).
-    """
-    forced = os.environ.get("PYOPS_NVFP4_LINEAR_VARIANT", "")
-    if forced in VARIANTS:
-        return forced
-    cap = None
-    if device is not None and torch.device(device).type == "cuda":
-        if native_fp4_supported(device)[0]:
-            return "w4a4"
-        cap = _backend.device_capability(device)
-    return auto_variant(cap, M, N, K)
+_backend.register_policy(OP, auto_backend, POLICY_SOURCE)
 
 
-def resolve(device: torch.device, backend: Optional[str], dtype: torch.dtype) -> str:
-    want = _backend.requested(OP, backend)
-    if want is not None:
-        ok, why = _backend.available(OP, want, device)
-        if ok and want == "triton" and dtype == torch.float32:
-            ok, why = False, "the Triton W4A16 kernel takes bf16/fp16 activations"
-        if not ok:
-            raise RuntimeError(f"pyops: backend {want!r} requested for {OP} cannot run: {why}")
-        return want
-    if device.type == "cuda" and dtype != torch.float32 and \
-            _backend.available(OP, "triton", device)[0]:
-        return "triton"
-    return "reference"
+# ---- the op -------------------------------------------------------------------------------------
+def _fake(x, data, scales, global_scale, K, bias, backend, variant):
+    return x.new_empty((x.shape[0], data.shape[0]))
 
 
-def nvfp4_linear_impl(x, data, scales, global_scale, K: int, bias, backend: str,
-                      variant: str) -> torch.Tensor:
+@define(OP, fake=_fake)
+def nvfp4_linear_op(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+                    global_scale: torch.Tensor, K: int, bias: Optional[torch.Tensor],
+                    backend: str, variant: str) -> torch.Tensor:
+    if variant not in VARIANTS or (backend != "reference"
+                                   and BACKEND_OF_VARIANT[variant] != backend):
+        raise ValueError(f"pyops: nvfp4_linear backend {backend!r} has no variant {variant!r} "
+                         f"(triton: fused; torch: dequant, w4a4; reference: any)")
     out = torch.empty((x.shape[0], data.shape[0]), dtype=x.dtype, device=x.device)
     _backend.impl(OP, backend)(x, data, scales, global_scale, K, bias, out, variant)
     return out
 
 
-@torch.library.custom_op("pyops::nvfp4_linear", mutates_args=())
-def nvfp4_linear_op(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
-                    global_scale: torch.Tensor, K: int, bias: Optional[torch.Tensor],
-                    backend: str, variant: str) -> torch.Tensor:
-    return nvfp4_linear_impl(x, data, scales, global_scale, K, bias, backend, variant)
+# ---- public function ----------------------------------------------------------------------------
+def forced_variant() -> Optional[str]:
+    """``PYOPS_NVFP4_LINEAR_VARIANT`` (None when unset or ``auto``; ValueError if unknown)."""
+    v = os.environ.get(VARIANT_ENV, "")
+    if v in ("", "auto"):
+        return None
+    if v not in VARIANTS:
+        raise ValueError(f"pyops: {VARIANT_ENV}={v!r}; expected one of {VARIANTS} or 'auto'")
+    return v
 
 
-@nvfp4_linear_op.register_fake
-def _(x, data, scales, global_scale, K, bias, backend, variant):
-    return x.new_empty((x.shape[0], data.shape[0]))
+def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
+           dtype: torch.dtype) -> tuple[str, str]:
+    """(backend, variant) ``nvfp4_linear`` runs x (M, K) of ``dtype`` with on ``device``.
+
+    The backend: ``backend`` (or ``PYOPS_BACKEND_NVFP4_LINEAR`` / ``PYOPS_BACKEND``), else the
+    one ``PYOPS_NVFP4_LINEAR_VARIANT`` names, else ``_backend.resolve``'s auto choice (the
+    reference off CUDA, ``auto_backend`` on CUDA). A requested backend that cannot run raises
+    RuntimeError; one that contradicts the forced variant ValueError. The variant: ``fused`` for
+    triton, ``torch_variant`` for torch, the forced one (or ``fused``) for the reference."""
+    forced = forced_variant()
+    want = _backend.requested(OP, backend)
+    if want == "cuda":
+        raise RuntimeError("pyops: backend 'cuda' requested for nvfp4_linear cannot run: pyops "
+                           "has no CUDA NVFP4 GEMM of its own; the fused Triton kernel is "
+                           "'triton', the cuBLAS paths (dequant, w4a4) 'torch'")
+    if forced is not None:
+        if want is None:
+            want = BACKEND_OF_VARIANT[forced]
+        elif want != "reference" and want != BACKEND_OF_VARIANT[forced]:
+            raise ValueError(f"pyops: {VARIANT_ENV}={forced} runs on backend "
+                             f"{BACKEND_OF_VARIANT[forced]!r}, but {want!r} was requested")
+    native = _backend.native_fp4(device)
+    b = _backend.resolve(OP, device, want, M=M, N=N, K=K, dtype=dtype, variant=forced,
+                         native=native)
+    if b == "triton":
+        return b, "fused"
+    if b == "torch":
+        return b, torch_variant(device, forced)
+    return b, forced or "fused"
+
+
+def nvfp4_linear(x: torch.Tensor, qweight: NVFP4Weight, bias: Optional[torch.Tensor] = None, *,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with an NVFP4 weight: (..., K) -> (..., N) in x's dtype.
+
+    x: (..., K) bf16/fp16 (fp32: the reference only), or an ``FP8Tensor`` (dequantized first:
+    W4A16 takes high-precision activations). qweight: ``NVFP4Weight``. bias: (N,) float or None.
+    backend: ``"triton"`` (fused W4A16), ``"torch"`` (cuBLAS: dequant, or w4a4 on native NVFP4),
+    ``"reference"`` or None (auto, see ``choose``). W4A16 error: each weight decoded exactly
+    (E2M1 x E4M3 x fp32 global), fp32 accumulation, one rounding to x's dtype (dequant: plus one
+    rounding of each weight to x's dtype; w4a4: x quantized to NVFP4 too).
+    Errors (before any launch): TypeError for a wrong dtype or weight type; ValueError for a
+    shape or device mismatch or a bad ``PYOPS_NVFP4_LINEAR_VARIANT``; RuntimeError for a
+    requested backend that cannot run.
+    """
+    if not isinstance(qweight, NVFP4Weight):
+        raise TypeError(f"pyops.linear: nvfp4_linear takes an NVFP4Weight, got "
+                        f"{type(qweight).__name__}")
+    if isinstance(x, FP8Tensor):
+        x = x.dequantize()
+    N, K = qweight.shape
+    check_tensor("linear", "x", x, dtypes=ACT_DTYPES)
+    lead = linear_lead_shape(x.shape, K, "x")
+    M = math.prod(lead)
+    check_same_device("linear", qweight.data, x=x, scales=qweight.scales,
+                      global_scale=qweight.global_scale)
+    check_linear_bias(bias, N, x)
+    b, variant = choose(x.device, backend, M, N, K, x.dtype)
+    # the w4a4 variant takes the swizzled scales (its contract; see the module docstring)
+    scales = (qweight.swizzled_scales() if variant == "w4a4" else qweight.scales)
+    y = nvfp4_linear_op(x.reshape(M, K), qweight.data, scales.view(torch.uint8),
+                        qweight.global_scale, K, bias, b, variant)
+    return y.view(*lead, N)
