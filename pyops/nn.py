@@ -32,8 +32,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .qlinear import (QuantizedWeight, _dtype_from_name, _dtype_name, canonical_format,
-                     linear, quantize_weight, weight_from_state_dict)
+from .ops.linear import linear
+from .weights import (QuantizedWeight, _dtype_from_name, _dtype_name, canonical_format,
+                      quantize_weight, weight_from_state_dict)
 
 # The model-level output projection: one of these names, preceded only by path components that
 # are not ModuleList indices (a name inside ``blocks.3.`` is a block's layer, not the model's

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import pyops
-from pyops.qlinear import linear, quantize_weight
+from pyops.ops.linear import linear
+from pyops.weights import quantize_weight
 from pyops.models.dit import DiT, DiTConfig
 from pyops.nn import QuantConfig, QuantLinear, quantize_model
 
