@@ -9,22 +9,28 @@ attention projections and MLP up), and M = 1 and 16 at K = N = 3072 (decode-like
 (M 32760; 5120, 13824) and small M (1, 16, 64). ``--quick`` (the default on a CPU): tiny shapes.
 
 Providers (all bf16 in, bf16 out, bias on). Default run: bf16 nn.Linear, the _scaled_mm ceiling,
-pyops fp8 auto / cuda / triton, pyops nvfp4 auto and torchao fp8 rowwise compiled (the peer);
-``--full`` adds torchao eager, the fused-norm pair and the explicit NVFP4 variants:
+pyops fp8 auto / torch._scaled_mm / triton, pyops nvfp4 auto and torchao fp8 rowwise compiled
+(the peer); ``--full`` adds torchao eager, the fused-norm pair and the explicit NVFP4 paths.
+Provider names say who runs the GEMM (the backend names of ``pyops/_backend.py``):
 * ``bf16 nn.Linear``: cuBLAS, the baseline of the ``x bf16`` column.
 * ``_scaled_mm rowwise (pre-quantized)``: torch._scaled_mm on already-quantized e4m3 operands,
   per-token x per-channel scales: the FP8 GEMM ceiling (no activation quantization).
 * ``torchao fp8 rowwise eager`` / ``compiled``: torchao's Float8DynamicActivationFloat8WeightConfig
   (PerRow), if torchao is importable (skipped otherwise); compiled = torch.compile of the layer.
-* ``pyops fp8 (auto|cuda|triton)``: ``pyops.linear`` including the per-token activation
-  quantization pass; auto = the per-shape policy of ``pyops/ops/fp8_linear.py``.
+* ``pyops fp8 (auto|torch._scaled_mm|triton)``: ``pyops.linear`` including the per-token
+  activation quantization pass; ``torch._scaled_mm`` = backend ``torch`` (named ``cuda`` before,
+  and in bench/RESULTS.md's section 1 table); auto = the per-shape policy of
+  ``pyops/ops/fp8_linear.py`` (the note names the backend it chose).
 * ``pyops norm_modulate_quant + fp8``: the input is the pre-norm hidden state; one fused
   LayerNorm + modulate + quantize pass feeds the FP8 GEMM. Baseline next to it:
   ``bf16 layernorm+modulate+nn.Linear`` (eager PyTorch). Only if ``pyops.norm_modulate_quant`` exists.
-* ``pyops nvfp4 (auto|fused|dequant)``: W4A16; fused = dequantize in the GEMM main loop,
-  dequant = Triton dequantize to bf16 + cuBLAS.
-* ``pyops nvfp4 w4a4``: only on sm_100/103/120/121 (native NVFP4): per-call NVFP4 activation
-  quantization + block-scaled ``torch._scaled_mm`` + global-scale/bias epilogue (unverified).
+* ``pyops nvfp4 auto``: W4A16 through ``pyops.linear`` (the note names the backend and variant
+  it chose); ``pyops nvfp4 triton fused`` = backend ``triton``, dequantize in the GEMM main loop
+  (RESULTS.md section 1: "nvfp4 fused"); ``pyops nvfp4 torch dequant+cuBLAS`` = backend
+  ``torch`` variant dequant, a Triton dequantize to bf16 + cuBLAS ("nvfp4 dequant").
+* ``pyops nvfp4 torch w4a4 (cuBLASLt FP4)``: only with native NVFP4 (sm_100/103/120/121): per-call
+  NVFP4 activation quantization + block-scaled ``torch._scaled_mm`` + global-scale/bias
+  epilogue (unverified).
 
 Columns: ms (do_bench median, L2 flushed), TFLOPS = 2·M·N·K / time, x bf16 = bf16 ms / ms,
 weight MB (the stored weight and its scales), accuracy vs fp32 math on the original (unquantized)
@@ -57,8 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
 
 import pyops  # noqa: E402
-from pyops.qlinear import linear, quantize_weight  # noqa: E402
+from pyops import _backend  # noqa: E402
+from pyops.ops import fp8_linear as _fp8  # noqa: E402
 from pyops.ops import nvfp4_linear as _nv4  # noqa: E402
+from pyops.ops.linear import linear  # noqa: E402
+from pyops.weights import quantize_weight  # noqa: E402
 
 NAME = "linear"
 COLUMNS = ["shape", "M", "K", "N", "provider", "ms", "TFLOPS", "x bf16", "weight MB",
@@ -72,7 +81,7 @@ QUICK = [(1, 256, 128), (16, 128, 256), (64, 256, 192)]
 DEFAULT = [("Flux", 4608, 3072, 3072), ("Flux", 4608, 3072, 12288),
            ("small M", 1, 3072, 3072), ("small M", 16, 3072, 3072)]
 DEFAULT_PROVIDERS = ("bf16 nn.Linear", "_scaled_mm rowwise (pre-quantized)", "pyops fp8 auto",
-                     "pyops fp8 cuda", "pyops fp8 triton", "pyops nvfp4 auto",
+                     "pyops fp8 torch._scaled_mm", "pyops fp8 triton", "pyops nvfp4 auto",
                      "torchao fp8 rowwise compiled")
 DEFAULT_BUDGET_S = 45
 ACC_ROWS = 1024
@@ -97,7 +106,7 @@ def _norm_quant_fn():
     fn = getattr(pyops, "norm_modulate_quant", None)
     if fn is None:
         try:
-            from pyops.fused import norm_modulate_quant as fn
+            from pyops.ops.norm_modulate_quant import norm_modulate_quant as fn
         except Exception:
             fn = None
     return fn
@@ -168,11 +177,12 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
             ctao = torch.compile(tao, dynamic=False)
             providers.append(("torchao fp8 rowwise compiled", lambda: ctao(x), qw8.nbytes, True,
                               "torch.compile"))
+    b8 = _backend.resolve(_fp8.OP, device, None, M=M, N=N, K=K, out_dtype=dt)
     providers.append(("pyops fp8 auto", lambda: linear(x, qw8, b), qw8.nbytes, False,
-                      "incl. activation quantization"))
+                      f"incl. activation quantization; backend {b8}"))
     if device.type == "cuda":
-        for be in ("cuda", "triton"):
-            providers.append((f"pyops fp8 {be}", lambda be=be: linear(x, qw8, b, backend=be),
+        for label, be in (("torch._scaled_mm", "torch"), ("triton", "triton")):
+            providers.append((f"pyops fp8 {label}", lambda be=be: linear(x, qw8, b, backend=be),
                               qw8.nbytes, False, "incl. activation quantization"))
     nmq = _norm_quant_fn()
     if nmq is not None and M > 1:
@@ -187,17 +197,19 @@ def run_shape(table: U.Table, label: str, M: int, K: int, N: int, device, args, 
         providers.append(("pyops norm_modulate_quant + fp8", lambda: linear(
             nmq(h, shift, scale), qw8, b), qw8.nbytes, False, "fused norm+modulate+quant"))
     providers.append(("pyops nvfp4 auto", lambda: linear(x, qw4, b), qw4.nbytes, False,
-                      f"variant {_nv4.pick_variant(M, N, K, device)}"))
+                      "backend {} variant {}".format(*_nv4.choose(device, None, M, N, K, dt))))
     if device.type == "cuda":
         d4, s4, g4 = qw4.data, qw4.scales.view(torch.uint8), qw4.global_scale
-        for var in ("fused", "dequant"):
-            providers.append((f"pyops nvfp4 {var}", lambda var=var: _nv4.nvfp4_linear_impl(
-                x, d4, s4, g4, K, b, "triton", var), qw4.nbytes, False, None))
-        if _nv4.native_fp4_supported(device)[0]:
+        for label, be, var in (("triton fused", "triton", "fused"),
+                               ("torch dequant+cuBLAS", "torch", "dequant")):
+            providers.append((f"pyops nvfp4 {label}", lambda be=be, var=var:
+                              _nv4.nvfp4_linear_op(x, d4, s4, g4, K, b, be, var),
+                              qw4.nbytes, False, None))
+        if _backend.native_fp4(device):
             s4sw = qw4.swizzled_scales().view(torch.uint8)
-            providers.append(("pyops nvfp4 w4a4", lambda: _nv4.nvfp4_linear_impl(
-                x, d4, s4sw, g4, K, b, "triton", "w4a4"), qw4.nbytes, False,
-                "incl. NVFP4 activation quantization"))
+            providers.append(("pyops nvfp4 torch w4a4 (cuBLASLt FP4)",
+                              lambda: _nv4.nvfp4_linear_op(x, d4, s4sw, g4, K, b, "torch", "w4a4"),
+                              qw4.nbytes, False, "incl. NVFP4 activation quantization"))
 
     if names is not None:
         providers = [pr for pr in providers if pr[0] in names]

@@ -58,3 +58,20 @@ def test_bench_linear_default_run_path(tmp_path, monkeypatch):
     assert provs == ["bf16 nn.Linear", "pyops fp8 auto", "pyops nvfp4 auto"]
     assert all(p in bl.DEFAULT_PROVIDERS for p in provs)
     assert all(r.get("ms") for r in recs)
+
+
+def test_bench_linear_provider_names_say_who_runs():
+    """Provider labels use the backend names of pyops/_backend.py (torch = a vendor GEMM through
+    torch, triton = ours): no "pyops ... cuda" label, since pyops has no CUDA GEMM of its own."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_linear as bl
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    src = (ROOT / "bench" / "bench_linear.py").read_text()
+    assert "pyops fp8 torch._scaled_mm" in bl.DEFAULT_PROVIDERS
+    assert not any(p.startswith("pyops") and "cuda" in p.split() for p in bl.DEFAULT_PROVIDERS)
+    for label in ("pyops nvfp4 triton fused", "pyops nvfp4 torch dequant+cuBLAS",
+                  "pyops nvfp4 torch w4a4 (cuBLASLt FP4)"):
+        assert label.split("pyops nvfp4 ")[1] in src, label
+    assert '"pyops fp8 {be}"' not in src and "pyops nvfp4 {var}" not in src
