@@ -1,9 +1,11 @@
-"""pyops.cache.block_similarity / cache_apply: reference rules vs a host-side replay, Triton (and
-CUDA on a GPU) vs the reference, 0/0, errors, opcheck, torch.compile, CUDA-graph capture."""
+"""pyops.block_similarity (op module pyops/ops/block_similarity.py): reference rules vs a
+host-side replay, Triton (and CUDA on a GPU) vs the reference, 0/0, errors, opcheck,
+torch.compile, CUDA-graph capture. The companion op cache_apply: tests/test_cache_apply.py."""
 import pytest
 import torch
 
-from pyops import cache as C
+from pyops.ops import block_similarity as C
+from pyops.ops.cache_apply import cache_apply
 from pyops.reference import block_similarity as R
 
 from _util import BACKENDS, DEVICE, HAS_CUDA, capture_graph, need_backend
@@ -107,21 +109,6 @@ def test_threshold_zero_never_reuses(backend):
         assert int(reuse) == 0 and float(m) == 0.0
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_apply(backend, dtype):
-    need_backend("cache_apply", backend)
-    g = torch.Generator().manual_seed(3)
-    out = torch.randn(4, 5, 33, generator=g).to(dtype).to(DEVICE)
-    x = torch.randn(4, 5, 33, generator=g).to(dtype).to(DEVICE)
-    r = torch.randn(4, 5, 33, generator=g).to(dtype).to(DEVICE)
-    reuse = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
-    want = out.clone()
-    want[2:] = (x[2:].float() + r[2:].float()).to(dtype)
-    C.cache_apply(out, x, r, reuse, groups=2, backend=backend)
-    assert torch.equal(out.cpu(), want.cpu())
-
-
 def test_errors_before_launch():
     a = torch.randn(2, 8, 4)
     st = C.new_state(1)
@@ -136,8 +123,6 @@ def test_errors_before_launch():
     buf = torch.randn(3, 8, 4)  # ref overlaps a without sharing its start
     with pytest.raises(ValueError, match="overlap"):
         C.block_similarity(buf[:2], buf[1:], st, threshold=0.1)
-    with pytest.raises(ValueError, match="reuse must be"):
-        C.cache_apply(a.clone(), a, a.clone(), torch.zeros(1, dtype=torch.int32), groups=0)
     with pytest.raises(ValueError, match="overlap"):
         C.block_similarity(a, a, st, threshold=0.1)
     with pytest.raises(ValueError, match="rule"):
@@ -157,17 +142,13 @@ def test_opcheck(backend):
             False, 1, backend)
     torch.library.opcheck(torch.ops.pyops.block_similarity.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    r = torch.tensor([1], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.pyops.cache_apply.default,
-                          (a.clone(), a, a, r, 1, backend),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_aot_eager():
     def f(a, ref, st):
         reuse, m = C.block_similarity(a, ref, st, threshold=0.5, backend="reference")
         out = torch.zeros_like(a)
-        C.cache_apply(out, a, a, reuse, backend="reference")
+        cache_apply(out, a, a, reuse, backend="reference")
         return out, m
     a = torch.randn(1, 8, 16)
     ref1, st1 = a + 0.01, C.new_state(1)

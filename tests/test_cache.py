@@ -372,6 +372,69 @@ def test_chunk_level_full_budget_equals_uncached_and_picks_changed_chunks():
     assert err < 0.5
 
 
+@pytest.mark.parametrize("N,tokens", [
+    (16, [10, 11]),                 # one chunk, as the chunk level picks it
+    (13, [0, 5, 6, 12]),            # odd N, first and last rows
+    (13, [7, 2, 2]),                # unsorted, a repeated row
+    (9, list(range(9))),            # every row
+])
+def test_dit_block_forward_rows_equals_full_forward_rows(N, tokens):
+    """DiTBlock.forward_rows (the chunk level's partial forward) == the full block forward on the
+    selected rows, fp32; queries of the rows attend to every token's keys/values."""
+    torch.manual_seed(N)
+    m = DiT.random(DiTConfig(hidden=48, depth=1, heads=3, in_channels=8), seed=N).eval()
+    blk = m.blocks[0]
+    x = torch.randn(2, N, 48)
+    x[:, :, 5] *= 20.0  # an outlier channel
+    c = torch.randn(2, 48)
+    tok = torch.tensor(tokens)
+    with torch.no_grad():
+        want = blk(x, c)[:, tok]
+        got = blk.forward_rows(x, c, tok)
+        # keys/values from all N tokens, not only the selected rows (what a subset forward does)
+        if len(set(tokens)) < N:
+            subset = blk(x[:, tok], c)
+            assert float((got - subset).abs().max()) > 1e-2 * float(want.abs().max())
+    assert got.shape == (2, len(tokens), 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tokens"):
+        blk.forward_rows(x, c, tok.int())
+    with pytest.raises(ValueError, match="x must be"):
+        blk.forward_rows(x[0], c, tok)
+
+
+def test_old_import_paths_are_the_op_modules():
+    """pyops.cache keeps every name it had; the ops are the op modules' functions."""
+    import pyops
+    from pyops.ops import block_similarity as BS
+    from pyops.ops import cache_apply as CA
+    assert C.block_similarity is BS.block_similarity is pyops.block_similarity
+    assert C.cache_apply is CA.cache_apply is pyops.cache_apply
+    assert C.new_state is BS.new_state
+    assert (C.RULES, C.WRITE_REF, C.STATE_SIZE) == (R.RULES, R.WRITE_REF, R.STATE_SIZE)
+    assert C.apply is pyops.cache_model
+    assert (C.CacheConfig, C.BlockSpec, C.CachedModel) == (
+        pyops.CacheConfig, pyops.BlockSpec, pyops.CachedModel)
+    assert C.LEVELS == ("step", "block", "chunk") and callable(C.find_blocks)
+
+
+def test_chunk_level_regions_are_declared_dataclasses():
+    """No attribute outside the dataclass fields: regions are slots-free dataclasses whose
+    instance dict holds exactly the declared fields after cached forwards."""
+    import dataclasses
+    m = _dit()
+    inputs = _dit_inputs(steps=4)
+    for level in ("step", "block", "chunk"):
+        h = C.apply(m, C.CacheConfig(level=level, threshold=0.05, chunks=8, budget=2,
+                                     num_steps=4, fn=1, bn=1))
+        _run(m, inputs)
+        regions = list(h.regions().values())
+        h.remove()
+        assert regions
+        for r in regions:
+            assert set(vars(r)) == {f.name for f in dataclasses.fields(r)}
+
+
 def test_chunk_level_errors():
     with pytest.raises(ValueError, match="budget"):
         C.apply(_dit(), C.CacheConfig(level="chunk", chunks=4, budget=5))
