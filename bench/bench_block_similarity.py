@@ -1,5 +1,6 @@
-"""Fused cache check (pyops.cache.block_similarity): GB/s against the copy bandwidth measured in
-the same run, and µs per check (the overhead a cached block pays).
+"""Fused cache check (pyops.block_similarity, op module pyops/ops/block_similarity.py): GB/s
+against the copy bandwidth measured in the same run, and µs per check (the overhead a cached
+block pays).
 
     python bench/bench_block_similarity.py [--out bench/out] [--full | --quick] [--device cuda]
 
@@ -37,7 +38,7 @@ import utils as U  # noqa: E402
 
 import pyops  # noqa: E402,F401
 from pyops import _backend  # noqa: E402
-from pyops import cache as C  # noqa: E402
+from pyops.ops import block_similarity as C  # noqa: E402
 
 NAME = "block_similarity"
 COLUMNS = ["shape", "MB", "case", "provider", "ms", "µs", "GB/s", "% copy", "ms graph", "note"]
