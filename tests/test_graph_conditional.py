@@ -55,7 +55,7 @@ def _stub_op():
         _STUB_LIB.define(_binding_schema())
         _STUB_LIB.impl("_graph_set_conditional", lambda flag, index, handle, invert: None,
                        "CPU")
-        GC._register_fake(f"{name}::_graph_set_conditional")
+        torch.library.register_fake(f"{name}::_graph_set_conditional")(GC._fake)
     return getattr(torch.ops, name)._graph_set_conditional.default
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path, overlaps
+from .._op import binding_fake
 from ..reference import block_similarity as _ref
 
 OP = "block_similarity"
@@ -79,13 +80,7 @@ def _(a, ref, state, metric, reuse, threshold, eps, rule, warmup, max_reuse, num
     return None
 
 
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_block_similarity_cuda"):
-        torch.library.register_fake("pyops::_block_similarity_cuda")(lambda *a: None)
-
-
-if _backend.extension_status()[0]:
-    _register_cuda_fakes()
+binding_fake("_block_similarity_cuda")
 
 
 # ---- the public function ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path
+from .._op import binding_fake
 from ..reference import block_similarity as _ref
 
 OP = "cache_apply"
@@ -54,13 +55,7 @@ def _(out, x, residual, reuse, groups, backend):
     return None
 
 
-def _register_cuda_fakes() -> None:
-    if hasattr(torch.ops.pyops, "_cache_apply_cuda"):
-        torch.library.register_fake("pyops::_cache_apply_cuda")(lambda *a: None)
-
-
-if _backend.extension_status()[0]:
-    _register_cuda_fakes()
+binding_fake("_cache_apply_cuda")
 
 
 # ---- the public function ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from .._op import binding_fake
 
 OP = "_graph_set_conditional"
 QUALNAME = f"pyops::{OP}"
@@ -31,12 +32,8 @@ def status() -> tuple[bool, str]:
 
 
 def _fake(flag, index, handle, invert) -> None:
+    """The fake (meta) implementation: the op writes no tensor and returns nothing."""
     return None
-
-
-def _register_fake(qualname: str = QUALNAME) -> None:
-    """Register the fake of ``qualname`` (the real op; tests pass a stub op's name)."""
-    torch.library.register_fake(qualname)(_fake)
 
 
 def signed_handle(handle: int) -> int:
@@ -80,5 +77,4 @@ def graph_set_conditional(flag: torch.Tensor, index: int, handle: int, *,
     torch.ops.pyops._graph_set_conditional(flag, index, h, run_when == "zero")
 
 
-if status()[0]:
-    _register_fake()
+binding_fake(OP, _fake)  # only when the extension defines the op
