@@ -1,21 +1,26 @@
-// common.cuh - helpers shared by the pyops quantization kernels. Torch-free.
+// common.cuh - the one set of device helpers of the pyops kernels: element load/store, exact
+// fp32 arithmetic, FP8/FP4 codecs, reductions, launch helpers. Torch-free; every csrc/*.cu uses
+// these (no kernel file defines its own loads, stores, conversions or _rn arithmetic).
 //
 // Bit-exactness rules (spec: pyops/reference/*.py, fp32 math, IEEE RNE):
-//  - every division is div_rn, every product mul_rn: inline PTX div.rn.f32 / mul.rn.f32 without
-//    .ftz, so neither -use_fast_math / -ftz=true nor FMA contraction can change a result
-//    (libdevice's __fdiv_rn would follow -ftz and flush subnormals);
-//  - clamps propagate NaN like torch.clamp (a comparison-select, never fminf/fmaxf);
-//  - fp32 -> e4m3 is the hardware RNE cast with satfinite (inputs are already clamped to
-//    +-448 as in the spec, so saturation never decides a finite result);
+//  - every division / product / sum / difference / square root is div_rn, mul_rn, add_rn,
+//    sub_rn, sqrt_rn: inline PTX div.rn.f32 etc. without .ftz, so neither -use_fast_math /
+//    -ftz=true nor FMA contraction can change a result (libdevice's __fdiv_rn / __fadd_rn /
+//    __fmul_rn follow -ftz and flush subnormals, fabsf/fmaxf become abs.ftz / max.ftz);
+//  - clamps and maxima propagate NaN like torch.clamp (a comparison-select, never fminf/fmaxf);
+//  - widening fp16/bf16 -> fp32 is exact; narrowing fp32 -> fp16/bf16 rounds to nearest even
+//    (torch's Tensor.to); fp32 -> e4m3 is the hardware RNE cast with satfinite (inputs are
+//    already clamped to +-448 as in the spec, so saturation never decides a finite result);
 //  - E2M1 is the branch-free threshold sum of the reference, sign bit = (v < 0).
 #pragma once
 
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "pyops.h"
+#include "pyops/common.h"
 
 namespace pyops {
 
@@ -26,26 +31,64 @@ constexpr int kThreads = 256;
 
 // ---- element types ----------------------------------------------------------------------------
 // Each type moves in 16-byte chunks of V elements; a chunk is kept as raw bits in a uint4 and
-// converted to fp32 exactly (all three input types embed exactly in fp32).
+// converted to fp32 exactly (all three input types embed exactly in fp32). from_float rounds
+// fp32 to the type, to nearest even (the hardware cvt.rn, which keeps subnormals).
 struct F32 {
   using storage = uint32_t;
   static constexpr int V = 4;
+  static constexpr pyops_dtype_t dtype = PYOPS_DTYPE_F32;
   static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ uint32_t from_float(float v) { return __float_as_uint(v); }
 };
 struct F16 {
   using storage = uint16_t;
   static constexpr int V = 8;
+  static constexpr pyops_dtype_t dtype = PYOPS_DTYPE_F16;
   static __device__ __forceinline__ float to_float(uint16_t b) {
     return __half2float(__ushort_as_half(b));
+  }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __half_as_ushort(__float2half_rn(v));
   }
 };
 struct BF16 {
   using storage = uint16_t;
   static constexpr int V = 8;
+  static constexpr pyops_dtype_t dtype = PYOPS_DTYPE_BF16;
   static __device__ __forceinline__ float to_float(uint16_t b) {
     return __uint_as_float(static_cast<uint32_t>(b) << 16);
   }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
 };
+
+// ---- scalar loads / stores with the dtype known at run time (element-wise kernels) ----------
+// Element i of a buffer of dtype t (PYOPS_DTYPE_F32 / F16 / BF16), widened to fp32 exactly.
+__device__ __forceinline__ float load_float(const void* p, pyops_dtype_t t, int64_t i) {
+  switch (t) {
+    case PYOPS_DTYPE_BF16: return BF16::to_float(static_cast<const uint16_t*>(p)[i]);
+    case PYOPS_DTYPE_F16: return F16::to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return F32::to_float(static_cast<const uint32_t*>(p)[i]);
+  }
+}
+
+// Element i of a buffer of dtype t <- v, rounded to nearest even.
+__device__ __forceinline__ void store_float(void* p, pyops_dtype_t t, int64_t i, float v) {
+  switch (t) {
+    case PYOPS_DTYPE_BF16: static_cast<uint16_t*>(p)[i] = BF16::from_float(v); break;
+    case PYOPS_DTYPE_F16: static_cast<uint16_t*>(p)[i] = F16::from_float(v); break;
+    default: static_cast<uint32_t*>(p)[i] = F32::from_float(v); break;
+  }
+}
+
+// dst[i] = src[i], both of dtype t, as raw bits.
+__device__ __forceinline__ void copy_elem(void* dst, const void* src, pyops_dtype_t t, int64_t i) {
+  if (t == PYOPS_DTYPE_F32)
+    static_cast<uint32_t*>(dst)[i] = static_cast<const uint32_t*>(src)[i];
+  else
+    static_cast<uint16_t*>(dst)[i] = static_cast<const uint16_t*>(src)[i];
+}
 
 // Input view: element (m, k) at base + m*sm + k*sk (elements).
 struct InView {
@@ -53,15 +96,21 @@ struct InView {
   int64_t M, K, sm, sk;
 };
 
-// Raw bits of element j (0 <= j < V) of a chunk.
+// Raw bits of element j of a little-endian run of 32-bit words holding elements of type E.
 template <typename E>
-__device__ __forceinline__ typename E::storage chunk_elem(const uint4& c, int j) {
-  const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+__device__ __forceinline__ typename E::storage word_elem(const uint32_t* w, int j) {
   if constexpr (sizeof(typename E::storage) == 4) {
     return w[j];
   } else {
     return static_cast<uint16_t>((w[j >> 1] >> ((j & 1) * 16)) & 0xFFFFu);
   }
+}
+
+// Raw bits of element j (0 <= j < V) of a chunk.
+template <typename E>
+__device__ __forceinline__ typename E::storage chunk_elem(const uint4& c, int j) {
+  const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+  return word_elem<E>(w, j);
 }
 
 template <typename E>
@@ -97,6 +146,76 @@ __device__ __forceinline__ uint4 load_chunk(const InView& in, int64_t m, int64_t
     if (k < in.K) chunk_set<E>(c, j, __ldg(x + row + k * in.sk));
   }
   return c;
+}
+
+// N (4 or 8) consecutive elements k0 .. k0+N-1 of type E at base + off + k, as fp32; 0 for
+// k >= D. VEC: base + off + k0 is aligned to the N elements' size (>= 8 bytes) -- then a whole
+// run is one or two vector loads.
+template <typename E, int N>
+__device__ __forceinline__ void load_floats(const void* base, int64_t off, int64_t k0,
+                                            int64_t D, bool vec, float (&f)[N]) {
+  using S = typename E::storage;
+  const S* ptr = static_cast<const S*>(base) + off + k0;
+  constexpr int kWords = N * static_cast<int>(sizeof(S)) / 4;
+  static_assert(kWords == 2 || kWords % 4 == 0, "runs of 8, 16 or 32 bytes");
+  if (vec && k0 + N <= D) {
+    uint32_t w[kWords];
+    if constexpr (kWords == 2) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(ptr));
+      w[0] = u.x;
+      w[1] = u.y;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWords / 4; ++i) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
+        w[4 * i] = u.x;
+        w[4 * i + 1] = u.y;
+        w[4 * i + 2] = u.z;
+        w[4 * i + 3] = u.w;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) f[j] = E::to_float(word_elem<E>(w, j));
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) f[j] = (k0 + j < D) ? E::to_float(__ldg(ptr + j)) : 0.0f;
+}
+
+// Elements k0 .. k0+N-1 (those < D) of type E at base + off + k <- f, rounded to nearest even.
+// VEC as for load_floats.
+template <typename E, int N>
+__device__ __forceinline__ void store_floats(void* base, int64_t off, int64_t k0, int64_t D,
+                                             bool vec, const float (&f)[N]) {
+  using S = typename E::storage;
+  S* ptr = static_cast<S*>(base) + off + k0;
+  constexpr int kWords = N * static_cast<int>(sizeof(S)) / 4;
+  static_assert(kWords == 2 || kWords % 4 == 0, "runs of 8, 16 or 32 bytes");
+  if (vec && k0 + N <= D) {
+    uint32_t w[kWords];
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = 0u;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if constexpr (sizeof(S) == 4) {
+        w[j] = E::from_float(f[j]);
+      } else {
+        w[j >> 1] |= static_cast<uint32_t>(E::from_float(f[j])) << ((j & 1) * 16);
+      }
+    }
+    if constexpr (kWords == 2) {
+      *reinterpret_cast<uint2*>(ptr) = make_uint2(w[0], w[1]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWords / 4; ++i)
+        reinterpret_cast<uint4*>(ptr)[i] =
+            make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (k0 + j < D) ptr[j] = E::from_float(f[j]);
 }
 
 // |x| bits: max over a group of these is the group's amax when < kInfBits; a value >= kInfBits
@@ -160,6 +279,15 @@ __device__ __forceinline__ float sqrt_rn(float a) {
   return r;
 }
 
+// 1 / sqrt(v), both steps IEEE RNE (rsqrtf is approximate).
+__device__ __forceinline__ float rsqrt_rn(float v) { return div_rn(1.0f, sqrt_rn(v)); }
+
+// |v| from the bits (abs.f32 would be abs.ftz.f32 in an -ftz build); NaN stays NaN.
+__device__ __forceinline__ float abs_rn(float v) { return __uint_as_float(abs_bits(v)); }
+
+// torch.clamp_min(v, lo) / max(v, lo) with NaN passing through (fmaxf would drop the NaN).
+__device__ __forceinline__ float max_nan(float v, float lo) { return v < lo ? lo : v; }
+
 // (v < 0) from the bits, so an -ftz build cannot turn a negative subnormal into -0:
 // sign set, not +-0, not NaN.
 __device__ __forceinline__ bool is_negative(float v) {
@@ -192,12 +320,57 @@ __device__ __forceinline__ float e4m3_to_float(uint32_t byte) {
 
 // E2M1 code of an fp32 already clamped to [-6, 6] (NaN -> 0): the reference's threshold sum.
 __device__ __forceinline__ uint32_t e2m1_code(float v) {
-  const float m = fabsf(v);
+  const float m = abs_rn(v);
   const uint32_t idx = static_cast<uint32_t>(m > 0.25f) + static_cast<uint32_t>(m >= 0.75f) +
                        static_cast<uint32_t>(m > 1.25f) + static_cast<uint32_t>(m >= 1.75f) +
                        static_cast<uint32_t>(m > 2.5f) + static_cast<uint32_t>(m >= 3.5f) +
                        static_cast<uint32_t>(m > 5.0f);
   return idx | (is_negative(v) ? 8u : 0u);
+}
+
+// ---- FP8 e4m3 group quantization (quantize_fp8, norm_modulate_quant) ------------------------
+constexpr float kFp8Max = 448.0f;
+
+// Dequantization scale of a group from the max |x| bits of its elements:
+// max(amax / 448, FLT_MIN); NaN bits when the group holds inf/NaN (mx >= kInfBits).
+__device__ __forceinline__ float fp8_scale(uint32_t mx) {
+  if (mx >= kInfBits) return __uint_as_float(kNanBits);
+  return max_nan(div_rn(__uint_as_float(mx), kFp8Max), kFltMin);
+}
+
+// e4m3(clamp(f / sc, -448, 448)) of V elements into V bytes (little-endian words); all zero if
+// bad (the group holds inf/NaN).
+template <int V>
+__device__ __forceinline__ void fp8_codes(const float (&f)[V], float sc, bool bad,
+                                          uint32_t (&w)[V / 4]) {
+#pragma unroll
+  for (int i = 0; i < V / 4; ++i) {
+    const float* v = f + 4 * i;
+    const uint32_t lo = e4m3x2(clamp_nan(div_rn(v[0], sc), -kFp8Max, kFp8Max),
+                               clamp_nan(div_rn(v[1], sc), -kFp8Max, kFp8Max));
+    const uint32_t hi = e4m3x2(clamp_nan(div_rn(v[2], sc), -kFp8Max, kFp8Max),
+                               clamp_nan(div_rn(v[3], sc), -kFp8Max, kFp8Max));
+    w[i] = bad ? 0u : (lo | (hi << 16));
+  }
+}
+
+// Store the V code bytes of elements k0 .. k0+V-1 of a row (length K) at `row`, skipping
+// k >= K. VEC: row + k0 is V-byte aligned -- then a full chunk is one 4- or 8-byte store.
+template <int V>
+__device__ __forceinline__ void store_codes(uint8_t* row, int64_t k0, int64_t K, bool vec,
+                                            const uint32_t (&w)[V / 4]) {
+  uint8_t* dst = row + k0;
+  if (vec && k0 + V <= K) {
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(dst) = w[0];
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (k0 + j < K) dst[j] = static_cast<uint8_t>(w[j >> 2] >> ((j & 3) * 8));
 }
 
 // (a / b, a % b) for non-negative int64; 32-bit hardware path when both fit.

@@ -1,8 +1,9 @@
-// Device-side setter of a CUDA graph conditional node (spec: pyops/graphs.py). Torch-free.
+// graph_conditional.cu - device-side setter of a CUDA graph conditional node + the
+// pyops_graph_set_conditional C ABI (pyops/graph_conditional.h). Spec: pyops/graphs.py.
+// Torch-free.
 #include <cuda_runtime.h>
-#include <stdint.h>
 
-#include "pyops_graph_conditional.h"
+#include "pyops/graph_conditional.h"
 
 namespace {
 
@@ -14,10 +15,10 @@ __global__ void set_conditional_kernel(cudaGraphConditionalHandle handle, const 
 
 }  // namespace
 
-extern "C" int pyops_graph_set_conditional(uint64_t handle, const int32_t* flag, int64_t index,
-                                           int invert, cudaStream_t stream) {
-  if (flag == nullptr || index < 0) return static_cast<int>(cudaErrorInvalidValue);
-  set_conditional_kernel<<<1, 1, 0, stream>>>(static_cast<cudaGraphConditionalHandle>(handle),
-                                              flag, index, invert);
-  return static_cast<int>(cudaGetLastError());
+extern "C" cudaError_t pyops_graph_set_conditional(const pyops_graph_set_conditional_params* p,
+                                                   cudaStream_t stream) {
+  if (p == nullptr || p->flag == nullptr || p->index < 0) return cudaErrorInvalidValue;
+  set_conditional_kernel<<<1, 1, 0, stream>>>(static_cast<cudaGraphConditionalHandle>(p->handle),
+                                              p->flag, p->index, p->invert);
+  return cudaGetLastError();
 }

@@ -1,6 +1,6 @@
 // norm_modulate_quant.cu - fused LayerNorm/RMSNorm + adaLN modulate + per-token FP8 e4m3
 // quantization, and the pyops_norm_modulate_quant C ABI. Torch-free.
-// Spec: pyops/reference/norm_modulate_quant.py (ABI: pyops_norm_modulate_quant.h).
+// Spec: pyops/reference/norm_modulate_quant.py (ABI: pyops/norm_modulate_quant.h).
 //
 // One CTA per row (grid-stride over rows). Each thread keeps up to kR 16-byte chunks of the row
 // in registers as fp32 (rows longer than kR * blockDim chunks stream the rest, re-read from L2):
@@ -10,16 +10,13 @@
 // All element math uses explicit _rn intrinsics (no FMA contraction), so y equals the reference
 // up to the order of the two row sums, and a chunk recomputed for the streamed part gives the
 // same bits as the first time.
-#include "pyops_norm_modulate_quant.h"
-
-#include <cuda_bf16.h>
+#include "pyops/norm_modulate_quant.h"
 
 #include "common.cuh"
 
 namespace pyops {
 namespace {
 
-constexpr float kNmqFp8Max = 448.0f;
 constexpr int kR = 4;             // chunks per thread held in registers
 constexpr int kMaxThreads = 512;  // 128 registers per thread: the row stays in registers
 
@@ -31,59 +28,16 @@ struct NmqArgs {
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) red[warp] = v;
   __syncthreads();
   const int nw = blockDim.x >> 5;
   float r = 0.0f;
-  for (int i = 0; i < nw; ++i) r += red[i];  // same order in every thread: one value per CTA
+  // same order in every thread: one value per CTA
+  for (int i = 0; i < nw; ++i) r = add_rn(r, red[i]);
   __syncthreads();
   return r;
-}
-
-__device__ __forceinline__ float nmq_scale(uint32_t mx) {
-  if (mx >= kInfBits) return __uint_as_float(kNanBits);
-  return fmaxf(div_rn(__uint_as_float(mx), kNmqFp8Max), kFltMin);
-}
-
-__device__ __forceinline__ float rsqrt_rn(float v) { return div_rn(1.0f, sqrt_rn(v)); }
-
-// V parameter elements d = k0 .. k0+V-1 of the row at `base + off` as fp32 (0 past D).
-template <typename P, int V>
-__device__ __forceinline__ void load_params(const void* base, int64_t off, int64_t k0, int64_t D,
-                                            bool vec, float (&f)[V]) {
-  using S = typename P::storage;
-  const S* ptr = static_cast<const S*>(base) + off + k0;
-  constexpr int kBytes = V * static_cast<int>(sizeof(S));
-  if (vec && k0 + V <= D) {
-    uint32_t w[kBytes / 4];
-    if constexpr (kBytes == 8) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(ptr));
-      w[0] = u.x;
-      w[1] = u.y;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kBytes / 16; ++i) {
-        const uint4 u = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
-        w[4 * i] = u.x;
-        w[4 * i + 1] = u.y;
-        w[4 * i + 2] = u.z;
-        w[4 * i + 3] = u.w;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if constexpr (sizeof(S) == 4) {
-        f[j] = P::to_float(w[j]);
-      } else {
-        f[j] = P::to_float(static_cast<uint16_t>((w[j >> 1] >> ((j & 1) * 16)) & 0xFFFFu));
-      }
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < V; ++j) f[j] = (k0 + j < D) ? P::to_float(__ldg(ptr + j)) : 0.0f;
 }
 
 // v (x as fp32) -> y, for the chunk at k0 of a row with modulation row mr.
@@ -96,22 +50,22 @@ __device__ __forceinline__ void norm_modulate(float (&v)[V], const NmqArgs& a, i
   for (int j = 0; j < V; ++j) v[j] = mul_rn(rms ? v[j] : sub_rn(v[j], mean), rstd);
   float t[V];
   if (p.weight != nullptr) {
-    load_params<P, V>(p.weight, 0, k0, p.D, a.pvec, t);
+    load_floats<P, V>(p.weight, 0, k0, p.D, a.pvec, t);
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = mul_rn(v[j], t[j]);
   }
   if (p.bias != nullptr) {
-    load_params<P, V>(p.bias, 0, k0, p.D, a.pvec, t);
+    load_floats<P, V>(p.bias, 0, k0, p.D, a.pvec, t);
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = add_rn(v[j], t[j]);
   }
   if (p.scale != nullptr) {
-    load_params<P, V>(p.scale, mr * p.scale_stride, k0, p.D, a.pvec, t);
+    load_floats<P, V>(p.scale, mr * p.scale_stride, k0, p.D, a.pvec, t);
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = mul_rn(v[j], add_rn(1.0f, t[j]));
   }
   if (p.shift != nullptr) {
-    load_params<P, V>(p.shift, mr * p.shift_stride, k0, p.D, a.pvec, t);
+    load_floats<P, V>(p.shift, mr * p.shift_stride, k0, p.D, a.pvec, t);
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = add_rn(v[j], t[j]);
   }
@@ -127,72 +81,20 @@ __device__ __forceinline__ uint32_t chunk_amax(const float (&v)[V], int64_t k0, 
   return mx;
 }
 
-// Codes of the chunk (zero if bad) into q row `qrow`, and y if requested.
+// Codes of the chunk (zero if bad) into q row m, and y (rounded to y_dtype) if requested.
 template <int V>
 __device__ __forceinline__ void store_chunk(const NmqArgs& a, int64_t m, int64_t k0,
                                             const float (&v)[V], float sc, bool bad) {
   const pyops_norm_modulate_quant_params& p = a.p;
   const int64_t D = p.D;
-  const bool full = a.ovec && k0 + V <= D;
   uint32_t w[V / 4];
-#pragma unroll
-  for (int i = 0; i < V / 4; ++i) {
-    const float* f = v + 4 * i;
-    const uint32_t lo = e4m3x2(clamp_nan(div_rn(f[0], sc), -kNmqFp8Max, kNmqFp8Max),
-                               clamp_nan(div_rn(f[1], sc), -kNmqFp8Max, kNmqFp8Max));
-    const uint32_t hi = e4m3x2(clamp_nan(div_rn(f[2], sc), -kNmqFp8Max, kNmqFp8Max),
-                               clamp_nan(div_rn(f[3], sc), -kNmqFp8Max, kNmqFp8Max));
-    w[i] = bad ? 0u : (lo | (hi << 16));
-  }
-  const int64_t off = m * D + k0;
-  uint8_t* qd = p.q + off;
-  if (full) {
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint2*>(qd) = make_uint2(w[0], w[1]);
-    } else {
-      *reinterpret_cast<uint32_t*>(qd) = w[0];
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (k0 + j < D) qd[j] = static_cast<uint8_t>(w[j >> 2] >> ((j & 3) * 8));
-  }
+  fp8_codes<V>(v, sc, bad, w);
+  store_codes<V>(p.q + m * D, k0, D, a.ovec, w);
   if (p.y == nullptr) return;
-  if (p.y_dtype == PYOPS_DTYPE_F32) {
-    float* yd = static_cast<float*>(p.y) + off;
-    if (full) {
-#pragma unroll
-      for (int i = 0; i < V / 4; ++i)
-        reinterpret_cast<float4*>(yd)[i] =
-            make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (k0 + j < D) yd[j] = v[j];
-    }
-    return;
-  }
-  uint16_t h[V];
-  const bool bf = p.y_dtype == PYOPS_DTYPE_BF16;
-#pragma unroll
-  for (int j = 0; j < V; ++j)
-    h[j] = bf ? __bfloat16_as_ushort(__float2bfloat16_rn(v[j]))
-              : __half_as_ushort(__float2half_rn(v[j]));
-  uint16_t* yd = static_cast<uint16_t*>(p.y) + off;
-  if (full) {
-    uint32_t hw[V / 2];
-#pragma unroll
-    for (int i = 0; i < V / 2; ++i)
-      hw[i] = static_cast<uint32_t>(h[2 * i]) | (static_cast<uint32_t>(h[2 * i + 1]) << 16);
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint4*>(yd) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-    } else {
-      *reinterpret_cast<uint2*>(yd) = make_uint2(hw[0], hw[1]);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (k0 + j < D) yd[j] = h[j];
+  switch (p.y_dtype) {
+    case PYOPS_DTYPE_BF16: store_floats<BF16, V>(p.y, m * D, k0, D, a.ovec, v); break;
+    case PYOPS_DTYPE_F16: store_floats<F16, V>(p.y, m * D, k0, D, a.ovec, v); break;
+    default: store_floats<F32, V>(p.y, m * D, k0, D, a.ovec, v); break;
   }
 }
 
@@ -277,7 +179,7 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
     }
     mx = block_max(mx, ured);
     const bool bad = mx >= kInfBits;
-    const float sc = nmq_scale(mx);
+    const float sc = fp8_scale(mx);
     if (threadIdx.x == 0) p.q_scale[m] = sc;
     // pass 3: codes (and y)
 #pragma unroll

@@ -1,5 +1,5 @@
-// quantize_fp8.cu - FP8 e4m3 dynamic quantization kernels + the pyops_quantize_fp8 C ABI.
-// Spec: pyops/reference/quantize_fp8.py. Torch-free.
+// quantize_fp8.cu - FP8 e4m3 dynamic quantization kernels + the pyops_quantize_fp8 C ABI
+// (pyops/quantize_fp8.h). Spec: pyops/reference/quantize_fp8.py. Torch-free.
 //
 // Per group: amax over finite |x|; scale = max(amax / 448, FLT_MIN) (IEEE division);
 // q = e4m3(clamp(x / scale, -448, 448)); a group holding inf/NaN gets scale NaN and codes 0.
@@ -11,14 +11,12 @@
 //   fp8_row_kernel                      per-row: a segment of threads per row, row cached in
 //                                       registers (up to R chunks per thread, then re-read).
 //   fp8_tile_kernel                     block128x128: one CTA per tile, tile in registers.
-#include "common.cuh"
+#include "pyops/quantize_fp8.h"
 
-#include <string>
+#include "common.cuh"
 
 namespace pyops {
 namespace {
-
-constexpr float kFp8Max = 448.0f;
 
 struct Fp8Params {
   InView in;
@@ -27,46 +25,6 @@ struct Fp8Params {
   int64_t ng;     // groups (block1x128) or V-chunks (tensor) per row
   int qvec;       // K % V == 0 and q 8-byte aligned: whole chunks stored as one word
 };
-
-// scale from the max |x| bits of a group (NaN bits when the group holds inf/NaN).
-__device__ __forceinline__ float fp8_scale(uint32_t mx) {
-  if (mx >= kInfBits) return __uint_as_float(kNanBits);
-  return fmaxf(div_rn(__uint_as_float(mx), kFp8Max), kFltMin);
-}
-
-// Codes of V elements into V bytes (little-endian words); all zero if bad.
-template <int V>
-__device__ __forceinline__ void fp8_codes(const float (&f)[V], float sc, bool bad,
-                                          uint32_t (&w)[V / 4]) {
-#pragma unroll
-  for (int i = 0; i < V / 4; ++i) {
-    const float* v = f + 4 * i;
-    const uint32_t lo = e4m3x2(clamp_nan(div_rn(v[0], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(div_rn(v[1], sc), -kFp8Max, kFp8Max));
-    const uint32_t hi = e4m3x2(clamp_nan(div_rn(v[2], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(div_rn(v[3], sc), -kFp8Max, kFp8Max));
-    w[i] = bad ? 0u : (lo | (hi << 16));
-  }
-}
-
-// Store the V codes of elements (m, k0..k0+V-1) into q (row length K), skipping k >= K.
-template <int V>
-__device__ __forceinline__ void fp8_store(const Fp8Params& p, int64_t m, int64_t k0,
-                                          const uint32_t (&w)[V / 4]) {
-  const int64_t K = p.in.K;
-  uint8_t* dst = p.q + m * K + k0;
-  if (p.qvec && k0 + V <= K) {  // dst is V-byte aligned
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
-    } else {
-      *reinterpret_cast<uint32_t*>(dst) = w[0];
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < V; ++j)
-    if (k0 + j < K) dst[j] = static_cast<uint8_t>(w[j >> 2] >> ((j & 3) * 8));
-}
 
 template <typename E, bool VEC, bool TENSOR>
 __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
@@ -95,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
     bool bad;
     if constexpr (TENSOR) {
       sc = tsc;
-      bad = isnan(tsc);
+      bad = abs_bits(tsc) > kInfBits;  // NaN: the tensor holds inf/NaN
     } else {
       uint32_t mx = 0;
 #pragma unroll
@@ -108,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
     if (!valid || k0 >= p.in.K) continue;  // no shuffles after this point
     uint32_t w[V / 4];
     fp8_codes<V>(f, sc, bad, w);
-    fp8_store<V>(p, m, k0, w);
+    store_codes<V>(p.q + m * p.in.K, k0, p.in.K, p.qvec != 0, w);
   }
 }
 
@@ -167,7 +125,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
         fp8_codes<V>(f, sc, bad, w);
-        fp8_store<V>(p, m, kc * V, w);
+        store_codes<V>(p.q + m * K, kc * V, K, p.qvec != 0, w);
       }
     }
     for (int64_t kc = t + static_cast<int64_t>(R) * tpr; kc < nc; kc += tpr) {
@@ -175,7 +133,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
       chunk_to_float<E>(load_chunk<E, VEC>(p.in, m, kc * V), f);
       uint32_t w[V / 4];
       fp8_codes<V>(f, sc, bad, w);
-      fp8_store<V>(p, m, kc * V, w);
+      store_codes<V>(p.q + m * K, kc * V, K, p.qvec != 0, w);
     }
   }
 }
@@ -225,7 +183,7 @@ __global__ void __launch_bounds__(kTileThreads) fp8_tile_kernel(Fp8Params p, int
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
         fp8_codes<V>(f, sc, bad, w);
-        fp8_store<V>(p, m, k0, w);
+        store_codes<V>(p.q + m * p.in.K, k0, p.in.K, p.qvec != 0, w);
       }
     }
   }
@@ -326,52 +284,21 @@ cudaError_t launch_fp8_tensor(const InView& in0, pyops_dtype_t dtype, uint8_t* q
 }  // namespace
 }  // namespace pyops
 
-extern "C" cudaError_t pyops_quantize_fp8(const void* x, pyops_dtype_t dtype, int64_t M,
-                                          int64_t K, int64_t stride_m, int64_t stride_k,
-                                          uint8_t* q, float* scale,
-                                          pyops_fp8_granularity_t granularity,
+extern "C" cudaError_t pyops_quantize_fp8(const pyops_quantize_fp8_params* params,
                                           cudaStream_t stream) {
   using namespace pyops;
-  if (M < 0 || K < 0 || !valid_dtype(dtype)) return cudaErrorInvalidValue;
-  if (granularity < PYOPS_FP8_TENSOR || granularity > PYOPS_FP8_BLOCK128X128)
+  if (params == nullptr) return cudaErrorInvalidValue;
+  const pyops_quantize_fp8_params& p = *params;
+  if (p.M < 0 || p.K < 0 || !valid_dtype(p.dtype)) return cudaErrorInvalidValue;
+  if (p.granularity < PYOPS_FP8_TENSOR || p.granularity > PYOPS_FP8_BLOCK128X128)
     return cudaErrorInvalidValue;
-  if (M == 0 || K == 0) return cudaSuccess;
-  if (x == nullptr || q == nullptr || scale == nullptr) return cudaErrorInvalidValue;
-  const InView in{x, M, K, stride_m, stride_k};
-  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+  if (p.M == 0 || p.K == 0) return cudaSuccess;
+  if (p.x == nullptr || p.q == nullptr || p.scale == nullptr) return cudaErrorInvalidValue;
+  const InView in{p.x, p.M, p.K, p.stride_m, p.stride_k};
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using E = decltype(tag);
-    if (granularity == PYOPS_FP8_TENSOR) return launch_fp8_tensor<E>(in, dtype, q, scale, stream);
-    return launch_fp8<E>(in, q, scale, granularity, stream);
+    if (p.granularity == PYOPS_FP8_TENSOR)
+      return launch_fp8_tensor<E>(in, p.dtype, p.q, p.scale, stream);
+    return launch_fp8<E>(in, p.q, p.scale, p.granularity, stream);
   });
-}
-
-// Compute capabilities this file was compiled for, from nvcc's __CUDA_ARCH_LIST__ (e.g.
-// "900,1000" -> "90;100").
-#define PYOPS_STR2_(...) #__VA_ARGS__
-#define PYOPS_STR_(...) PYOPS_STR2_(__VA_ARGS__)
-extern "C" const char* pyops_cuda_archs(void) {
-#ifdef __CUDA_ARCH_LIST__
-  static const std::string archs = [] {
-    const std::string raw = PYOPS_STR_(__CUDA_ARCH_LIST__);
-    std::string out, num;
-    auto flush = [&] {
-      if (num.empty()) return;
-      const int v = std::stoi(num);
-      if (!out.empty()) out += ';';
-      out += std::to_string(v / 10);
-      num.clear();
-    };
-    for (char ch : raw) {
-      if (ch >= '0' && ch <= '9')
-        num += ch;
-      else
-        flush();
-    }
-    flush();
-    return out;
-  }();
-  return archs.c_str();
-#else
-  return "";
-#endif
 }

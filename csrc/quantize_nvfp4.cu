@@ -1,5 +1,5 @@
-// quantize_nvfp4.cu - NVFP4 quantization kernel + the pyops_quantize_nvfp4 C ABI.
-// Spec: pyops/reference/quantize_nvfp4.py. Torch-free.
+// quantize_nvfp4.cu - NVFP4 quantization kernel + the pyops_quantize_nvfp4 C ABI
+// (pyops/quantize_nvfp4.h). Spec: pyops/reference/quantize_nvfp4.py. Torch-free.
 //
 // Per 16-element block along K (all fp32, IEEE RNE, in this order):
 //   s     = e4m3(min((block_amax / 6) / g, 448))       (block_amax over finite |x|)
@@ -11,13 +11,14 @@
 //
 // One kernel does the blocks: 16/V lanes per block (2 for 16-bit inputs, 4 for fp32), each lane
 // loads one 16-byte chunk, the block amax is a 1-2 step shuffle, each lane writes V/2 bytes.
+#include "pyops/quantize_nvfp4.h"
+
 #include "common.cuh"
 
 namespace pyops {
 namespace {
 
 constexpr float kFp4Max = 6.0f;
-constexpr float kE4m3Max = 448.0f;
 constexpr float kGlobalDiv = 2688.0f;  // 6 * 448
 constexpr uint32_t kScaleNan = 0x7Fu;
 
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
     const bool bad = mx >= kInfBits;
     // Only finite elements enter the block amax; a bad block's scale/codes are overwritten.
     const float bamax = bad ? 0.0f : __uint_as_float(mx);
-    const float s_f = clamp_nan(div_rn(div_rn(bamax, kFp4Max), g), -INFINITY, kE4m3Max);
+    const float s_f = clamp_nan(div_rn(div_rn(bamax, kFp4Max), g), -INFINITY, kFp8Max);
     const uint32_t sbyte = e4m3(s_f);
     const float sf = e4m3_to_float(sbyte);
     const bool zero = bad || sf == 0.0f;
@@ -96,43 +97,42 @@ __global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
 // amax bits of the finite elements (from launch_amax<true>) -> global scale, in place.
 __global__ void nvfp4_finalize_kernel(float* gscale) {
   const uint32_t mx = *reinterpret_cast<const uint32_t*>(gscale);
-  *gscale = fmaxf(div_rn(__uint_as_float(mx), kGlobalDiv), kFltMin);
+  *gscale = max_nan(div_rn(__uint_as_float(mx), kGlobalDiv), kFltMin);
 }
 
 }  // namespace
 }  // namespace pyops
 
-extern "C" cudaError_t pyops_quantize_nvfp4(const void* x, pyops_dtype_t dtype, int64_t M,
-                                            int64_t K, int64_t stride_m, int64_t stride_k,
-                                            uint8_t* data, uint8_t* scales,
-                                            float* global_scale, int compute_global,
-                                            int swizzle, cudaStream_t stream) {
+extern "C" cudaError_t pyops_quantize_nvfp4(const pyops_quantize_nvfp4_params* params,
+                                            cudaStream_t stream) {
   using namespace pyops;
-  if (M < 0 || K < 0 || !valid_dtype(dtype)) return cudaErrorInvalidValue;
-  if (M == 0 || K == 0) return cudaSuccess;
-  if (x == nullptr || data == nullptr || scales == nullptr || global_scale == nullptr)
+  if (params == nullptr) return cudaErrorInvalidValue;
+  const pyops_quantize_nvfp4_params& p = *params;
+  if (p.M < 0 || p.K < 0 || !valid_dtype(p.dtype)) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.K == 0) return cudaSuccess;
+  if (p.x == nullptr || p.data == nullptr || p.scales == nullptr || p.global_scale == nullptr)
     return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(data) % 4 != 0) return cudaErrorInvalidValue;
-  const InView in{x, M, K, stride_m, stride_k};
+  if (reinterpret_cast<uintptr_t>(p.data) % 4 != 0) return cudaErrorInvalidValue;
+  const InView in{p.x, p.M, p.K, p.stride_m, p.stride_k};
   cudaError_t e;
-  if (compute_global) {
-    e = launch_amax<true>(in, dtype, reinterpret_cast<uint32_t*>(global_scale), stream);
+  if (p.compute_global) {
+    e = launch_amax<true>(in, p.dtype, reinterpret_cast<uint32_t*>(p.global_scale), stream);
     if (e != cudaSuccess) return e;
-    nvfp4_finalize_kernel<<<1, 1, 0, stream>>>(global_scale);
+    nvfp4_finalize_kernel<<<1, 1, 0, stream>>>(p.global_scale);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
-  const int64_t nb = cdiv(K, 16);
-  Nvfp4Params p{in, data, scales, global_scale, nb, cdiv(nb, 4) * 4, swizzle ? 1 : 0};
-  const bool vec = vec_ok(in, elem_size(dtype));
-  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+  const int64_t nb = cdiv(p.K, 16);
+  Nvfp4Params kp{in, p.data, p.scales, p.global_scale, nb, cdiv(nb, 4) * 4, p.swizzle ? 1 : 0};
+  const bool vec = vec_ok(in, elem_size(p.dtype));
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using E = decltype(tag);
     int grid = 0;
-    cudaError_t err = grid_for(M * nb * (16 / E::V), kThreads, 8, &grid);
+    cudaError_t err = grid_for(p.M * nb * (16 / E::V), kThreads, 8, &grid);
     if (err != cudaSuccess) return err;
     if (vec)
-      nvfp4_kernel<E, true><<<grid, kThreads, 0, stream>>>(p);
+      nvfp4_kernel<E, true><<<grid, kThreads, 0, stream>>>(kp);
     else
-      nvfp4_kernel<E, false><<<grid, kThreads, 0, stream>>>(p);
+      nvfp4_kernel<E, false><<<grid, kThreads, 0, stream>>>(kp);
     return cudaGetLastError();
   });
 }

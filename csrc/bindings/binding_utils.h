@@ -26,21 +26,30 @@
 
 namespace pyops_bind {
 
-// fp32 / fp16 / bf16 -> the C ABI's dtype code; anything else is an error naming the tensor.
-inline pyops_dtype_t float_dtype(const at::Tensor& t, const char* op, const char* name) {
+// How a refused dtype is worded. Both wordings are part of the ops' Python-visible behaviour
+// (tests/test_binding_checks.py matches them), so each binding keeps the one it always had.
+enum class DtypeWording {
+  kMustBe,    // "<op>: <name> must be float32, float16 or bfloat16, got <dtype>"  (quantizers, nmq)
+  kHasDtype,  // "<op>: <name> has dtype <dtype>; supported: float32, bfloat16, float16"
+};
+
+// The one fp32 / fp16 / bf16 -> pyops_dtype_t mapping of the bindings; anything else is a
+// TORCH_CHECK error naming the tensor.
+inline pyops_dtype_t dtype_code(const at::Tensor& t, const char* op, const char* name,
+                                DtypeWording wording = DtypeWording::kMustBe) {
   switch (t.scalar_type()) {
     case at::ScalarType::Float: return PYOPS_DTYPE_F32;
     case at::ScalarType::Half: return PYOPS_DTYPE_F16;
     case at::ScalarType::BFloat16: return PYOPS_DTYPE_BF16;
     default: break;
   }
+  if (wording == DtypeWording::kHasDtype) {
+    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                "; supported: float32, bfloat16, float16");
+  }
   TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
               t.scalar_type());
   return PYOPS_DTYPE_F32;  // not reached
-}
-
-inline pyops_dtype_t input_dtype(const at::Tensor& x, const char* op) {
-  return float_dtype(x, op, "x");
 }
 
 // The primary input (named `xname`): a defined CUDA tensor. Checked first; every other tensor is
@@ -81,6 +90,14 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* o
 inline void check_aligned(const at::Tensor& t, int64_t bytes, const char* op, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0,
               op, ": ", name, " must be ", bytes, "-byte aligned (data_ptr ", t.data_ptr(), ")");
+}
+
+// A buffer indexed flat: CUDA on x's device, contiguous, element-aligned (any dtype).
+inline void check_flat(const at::Tensor& t, const at::Tensor& x, const char* op,
+                       const char* name) {
+  check_cuda(t, x, op, name);
+  check_contiguous(t, op, name);
+  check_aligned(t, static_cast<int64_t>(t.element_size()), op, name);
 }
 
 // A destination buffer: CUDA on x's device, `dtype`, contiguous, element-aligned.
@@ -157,8 +174,12 @@ inline float check_finite_float(double v, const char* op, const char* name) {
   return f;
 }
 
-inline void check_status(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, op, " failed: ", cudaGetErrorString(e));
+// The C ABI's return value. The two wordings are the ones the bindings always used:
+// "<op> failed: <error>" (quantizers) and "<op>: <what> failed: <error>" (the others).
+inline void check_status(cudaError_t e, const char* op, const char* what = nullptr) {
+  if (e == cudaSuccess) return;
+  if (what == nullptr) TORCH_CHECK(false, op, " failed: ", cudaGetErrorString(e));
+  TORCH_CHECK(false, op, ": ", what, " failed: ", cudaGetErrorString(e));
 }
 
 }  // namespace pyops_bind

@@ -1,5 +1,5 @@
-// Binding of pyops::_block_similarity_cuda and pyops::_cache_apply_cuda: tensor checks, then the
-// torch-free launchers on the current stream. No math here
+// Binding of pyops::_block_similarity_cuda: tensor checks, then the torch-free launcher
+// (pyops/block_similarity.h) on the current stream. No math here
 // (spec: pyops/reference/block_similarity.py).
 //
 // block_similarity touches, for a viewed as (rows = a.size(0), row_len = a.numel() / rows) and
@@ -12,38 +12,17 @@
 //   grid         (rows*chunks, ceil(row_len/chunks / 16384)): rows*chunks <= INT_MAX and at
 //                most 65535 splits;
 //   rule 0/1, write_ref 0/1/2; warmup, max_reuse, num_steps, last_steps are narrowed to int.
-// cache_apply touches out/x/residual flat [0, rows*row_len) (contiguous, one shape) and
-// reuse[row / (rows/groups)] (contiguous int32 (groups,)); grid.x = rows <= INT_MAX.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../pyops_block_similarity.h"
 #include "binding_utils.h"
 
 namespace {
 
-constexpr int64_t kSplitElems = 16384;  // elements per stage-1 block (csrc/block_similarity.cu)
+constexpr int64_t kSplitElems = PYOPS_BLOCK_SIMILARITY_SPLIT;  // elements per stage-1 block
 constexpr int64_t kMaxGridY = 65535;
-
-int dtype_code(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return PYOPS_BS_FLOAT32;
-    case at::kBFloat16: return PYOPS_BS_BFLOAT16;
-    case at::kHalf: return PYOPS_BS_FLOAT16;
-    default: TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                         "; supported: float32, bfloat16, float16");
-  }
-  return -1;
-}
-
-// A CUDA tensor on `ref`'s device, contiguous (every buffer here is indexed flat).
-void check_flat(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
-  pyops_bind::check_cuda(t, ref, op, name);
-  pyops_bind::check_contiguous(t, op, name);
-  pyops_bind::check_aligned(t, static_cast<int64_t>(t.element_size()), op, name);
-}
 
 void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::Tensor metric,
                            at::Tensor reuse, double threshold, double eps, int64_t rule,
@@ -54,11 +33,11 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   const char* op = "pyops.block_similarity";
   check_input(a, op, "a");
   check_flat(a, a, op, "a");
-  check_flat(a, ref, op, "ref");
-  check_flat(a, state, op, "state");
-  check_flat(a, metric, op, "metric");
-  check_flat(a, reuse, op, "reuse");
-  const int dtype = dtype_code(a, op, "a");
+  check_flat(ref, a, op, "ref");
+  check_flat(state, a, op, "state");
+  check_flat(metric, a, op, "metric");
+  check_flat(reuse, a, op, "reuse");
+  const pyops_dtype_t dtype = dtype_code(a, op, "a", DtypeWording::kHasDtype);
   TORCH_CHECK(a.sizes() == ref.sizes() && a.scalar_type() == ref.scalar_type(), op,
               ": ref must match a in shape and dtype, got ", ref.sizes(), " ", ref.scalar_type(),
               " vs ", a.sizes(), " ", a.scalar_type());
@@ -95,16 +74,12 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
               ": eps must be > 0 (as a float32), got ", eps);
   check_no_overlap_pairwise(
       {{"a", &a}, {"ref", &ref}, {"state", &state}, {"metric", &metric}, {"reuse", &reuse}}, op);
-  const int64_t ws = pyops_block_similarity_workspace(rows, row_len, static_cast<int>(chunks));
-  const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor workspace = at::empty({ws}, a.options().dtype(at::kFloat));
   pyops_block_similarity_params p{};
   p.a = a.data_ptr();
   p.ref = ref.data_ptr();
   p.state = state.data_ptr<float>();
   p.metric = metric.data_ptr<float>();
   p.reuse = reuse.data_ptr<int32_t>();
-  p.workspace = workspace.data_ptr<float>();
   p.dtype = dtype;
   p.rows = rows;
   p.row_len = row_len;
@@ -119,52 +94,12 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   p.last_steps = last_steps_i;
   p.all_groups = all_groups ? 1 : 0;
   p.write_ref = write_ref_i;
-  const int err = pyops_block_similarity(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, op, ": launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
-void cache_apply_cuda(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor reuse,
-                      int64_t groups) {
-  using namespace pyops_bind;
-  const char* op = "pyops.cache_apply";
-  check_input(out, op, "out");
-  check_flat(out, out, op, "out");
-  check_flat(out, x, op, "x");
-  check_flat(out, residual, op, "residual");
-  check_flat(out, reuse, op, "reuse");
-  const int out_dtype = dtype_code(out, op, "out");
-  const int x_dtype = dtype_code(x, op, "x");
-  const int residual_dtype = dtype_code(residual, op, "residual");
-  TORCH_CHECK(x.sizes() == out.sizes() && residual.sizes() == out.sizes(), op,
-              ": x and residual must have out's shape ", out.sizes(), ", got ", x.sizes(),
-              " and ", residual.sizes());
-  TORCH_CHECK(out.dim() >= 1 && out.numel() > 0, op, ": out is empty (shape ", out.sizes(), ")");
-  check_int(groups, 1, kIntMax, op, "groups");
-  check_dtype(reuse, at::kInt, op, "reuse");
-  check_shape(reuse, {groups}, op, "reuse");
-  const int64_t rows = out.size(0);
-  TORCH_CHECK(rows % groups == 0, op, ": batch ", rows, " is not divisible by groups=", groups);
-  TORCH_CHECK(rows <= kIntMax, op, ": batch ", rows, " exceeds the grid limit ", kIntMax);
-  // out = x + residual element by element: out may be x or residual itself, never a shifted view.
-  check_no_partial_overlap(out, x, op, "out", "x");
-  check_no_partial_overlap(out, residual, op, "out", "residual");
-  check_no_overlap(out, reuse, op, "out", "reuse");
-  pyops_cache_apply_params p{};
-  p.out = out.data_ptr();
-  p.x = x.data_ptr();
-  p.residual = residual.data_ptr();
-  p.reuse = reuse.data_ptr<int32_t>();
-  p.out_dtype = out_dtype;
-  p.x_dtype = x_dtype;
-  p.residual_dtype = residual_dtype;
-  p.rows = rows;
-  p.row_len = out.numel() / rows;
-  p.groups = static_cast<int>(groups);
-  const c10::cuda::CUDAGuard guard(out.device());
-  const int err = pyops_cache_apply(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, op, ": launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor workspace =
+      at::empty({pyops_block_similarity_workspace_size(&p)}, a.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  check_status(pyops_block_similarity(&p, c10::cuda::getCurrentCUDAStream().stream()), op,
+               "launch");
 }
 
 }  // namespace
@@ -174,11 +109,8 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
         "Tensor(d!) reuse, float threshold, float eps, int rule, int warmup, int max_reuse, "
         "int num_steps, int last_steps, int chunks, int groups, bool all_groups, int write_ref) "
         "-> ()");
-  m.def("_cache_apply_cuda(Tensor(a!) out, Tensor x, Tensor residual, Tensor reuse, int groups) "
-        "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   m.impl("_block_similarity_cuda", &block_similarity_cuda);
-  m.impl("_cache_apply_cuda", &cache_apply_cuda);
 }

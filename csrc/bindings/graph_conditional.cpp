@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../pyops_graph_conditional.h"
 #include "binding_utils.h"
 
 namespace {
@@ -35,11 +34,12 @@ void graph_set_conditional(const at::Tensor& flag, int64_t index, int64_t handle
   TORCH_CHECK(capture == cudaStreamCaptureStatusActive, kOp,
               ": must be called while the current stream is being captured into the graph that "
               "owns the conditional handle (the setter kernel is only valid inside that graph)");
-  const int err = pyops_graph_set_conditional(static_cast<uint64_t>(handle),
-                                              flag.data_ptr<int32_t>(), index, invert ? 1 : 0,
-                                              stream);
-  TORCH_CHECK(err == 0, kOp, ": conditional setter launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  pyops_graph_set_conditional_params p{};
+  p.handle = static_cast<uint64_t>(handle);
+  p.flag = flag.data_ptr<int32_t>();
+  p.index = index;
+  p.invert = invert ? 1 : 0;
+  check_status(pyops_graph_set_conditional(&p, stream), kOp, "conditional setter launch");
 }
 
 }  // namespace

@@ -8,7 +8,7 @@
 
 #include <torch/library.h>
 
-#include "pyops.h"
+#include "pyops/common.h"  // pyops_cuda_archs
 
 namespace {
 

@@ -18,7 +18,6 @@
 
 #include <optional>
 
-#include "../pyops_norm_modulate_quant.h"
 #include "binding_utils.h"
 
 namespace {
@@ -38,7 +37,7 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, kOp, ": eps must be finite and >= 0, got ", eps);
   const int64_t M = x.size(0), D = x.size(1);
   pyops_norm_modulate_quant_params p{};
-  p.x_dtype = float_dtype(x, kOp, "x");
+  p.x_dtype = dtype_code(x, kOp, "x");
   p.M = M;
   p.D = D;
   p.stride_m = x.stride(0);
@@ -50,7 +49,7 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   std::optional<at::ScalarType> pdt;
   auto param = [&](const at::Tensor& t, const char* name) {
     check_cuda(t, x, kOp, name);
-    p.param_dtype = float_dtype(t, kOp, name);
+    p.param_dtype = dtype_code(t, kOp, name);
     if (pdt.has_value()) {
       TORCH_CHECK(t.scalar_type() == *pdt, kOp, ": weight/bias/shift/scale must share one dtype, ",
                   name, " is ", t.scalar_type(), " and another is ", *pdt);
@@ -94,7 +93,7 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   p.q_scale = q_scale.data_ptr<float>();
   if (y.has_value()) {
     check_cuda(*y, x, kOp, "y");
-    p.y_dtype = float_dtype(*y, kOp, "y");
+    p.y_dtype = dtype_code(*y, kOp, "y");
     check_shape(*y, {M, D}, kOp, "y");
     check_contiguous(*y, kOp, "y");
     check_aligned(*y, static_cast<int64_t>(y->element_size()), kOp, "y");
@@ -118,9 +117,8 @@ void norm_modulate_quant_cuda(const at::Tensor& x, const std::optional<at::Tenso
   if (M == 0 || D == 0) return;
   p.x = x.data_ptr();
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err =
-      pyops_norm_modulate_quant(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": launch failed: ", cudaGetErrorString(err));
+  check_status(pyops_norm_modulate_quant(&p, c10::cuda::getCurrentCUDAStream().stream()), kOp,
+               "launch");
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ void quantize_fp8_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& scale,
   using namespace pyops_bind;
   check_input(x, kOp, "x");
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (M, K), got ", x.dim(), " dims");
-  const pyops_dtype_t dtype = input_dtype(x, kOp);
+  const pyops_dtype_t dtype = dtype_code(x, kOp, "x");
   TORCH_CHECK(granularity >= PYOPS_FP8_TENSOR && granularity <= PYOPS_FP8_BLOCK128X128, kOp,
               ": granularity must be 0 (tensor), 1 (row), 2 (block1x128) or 3 (block128x128), "
               "got ", granularity);
@@ -44,11 +44,17 @@ void quantize_fp8_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& scale,
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  check_status(pyops_quantize_fp8(x.data_ptr(), dtype, M, K, x.stride(0), x.stride(1),
-                                  static_cast<uint8_t*>(q.data_ptr()),
-                                  scale.data_ptr<float>(),
-                                  static_cast<pyops_fp8_granularity_t>(granularity), stream),
-               kOp);
+  pyops_quantize_fp8_params p{};
+  p.x = x.data_ptr();
+  p.dtype = dtype;
+  p.M = M;
+  p.K = K;
+  p.stride_m = x.stride(0);
+  p.stride_k = x.stride(1);
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.scale = scale.data_ptr<float>();
+  p.granularity = static_cast<pyops_fp8_granularity_t>(granularity);
+  check_status(pyops_quantize_fp8(&p, stream), kOp);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scal
   using namespace pyops_bind;
   check_input(x, kOp, "x");
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (M, K), got ", x.dim(), " dims");
-  const pyops_dtype_t dtype = input_dtype(x, kOp);
+  const pyops_dtype_t dtype = dtype_code(x, kOp, "x");
   check_out(data, x, at::ScalarType::Byte, kOp, "data");
   check_out(scales, x, at::ScalarType::Byte, kOp, "scales");
   check_out(global_scale, x, at::ScalarType::Float, kOp, "global_scale");
@@ -43,11 +43,19 @@ void quantize_nvfp4_cuda(const at::Tensor& x, at::Tensor& data, at::Tensor& scal
   if (M == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  check_status(pyops_quantize_nvfp4(x.data_ptr(), dtype, M, K, x.stride(0), x.stride(1),
-                                    data.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
-                                    global_scale.data_ptr<float>(), compute_global ? 1 : 0,
-                                    swizzle ? 1 : 0, stream),
-               kOp);
+  pyops_quantize_nvfp4_params p{};
+  p.x = x.data_ptr();
+  p.dtype = dtype;
+  p.M = M;
+  p.K = K;
+  p.stride_m = x.stride(0);
+  p.stride_k = x.stride(1);
+  p.data = data.data_ptr<uint8_t>();
+  p.scales = scales.data_ptr<uint8_t>();
+  p.global_scale = global_scale.data_ptr<float>();
+  p.compute_global = compute_global ? 1 : 0;
+  p.swizzle = swizzle ? 1 : 0;
+  check_status(pyops_quantize_nvfp4(&p, stream), kOp);
 }
 
 }  // namespace

@@ -15,29 +15,17 @@
 
 #include <optional>
 
-#include "../pyops_sample_step.h"
 #include "binding_utils.h"
 
 namespace {
 
 constexpr const char* kOp = "pyops.sample_step";
 
-int dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return PYOPS_SS_FLOAT32;
-    case at::kBFloat16: return PYOPS_SS_BFLOAT16;
-    case at::kHalf: return PYOPS_SS_FLOAT16;
-    default: TORCH_CHECK(false, kOp, ": ", name, " has dtype ", t.scalar_type(),
-                         "; supported: float32, bfloat16, float16");
-  }
-  return -1;
-}
-
 // A buffer of the step: CUDA on state's device, state's shape, contiguous, element-aligned.
-int check_like(const at::Tensor& state, const at::Tensor& t, const char* name) {
+pyops_dtype_t check_like(const at::Tensor& state, const at::Tensor& t, const char* name) {
   using namespace pyops_bind;
   check_cuda(t, state, kOp, name);
-  const int code = dtype_code(t, name);
+  const pyops_dtype_t code = dtype_code(t, kOp, name, DtypeWording::kHasDtype);
   TORCH_CHECK(t.sizes() == state.sizes(), kOp, ": ", name, " has shape ", t.sizes(),
               ", state has ", state.sizes());
   check_contiguous(t, kOp, name);
@@ -80,9 +68,7 @@ void sample_step_cuda(at::Tensor state, std::optional<at::Tensor> x_out, at::Ten
   if (uncond.has_value()) p.uncond = uncond->data_ptr();
   if (noise.has_value()) p.noise = noise->data_ptr();
   const c10::cuda::CUDAGuard guard(state.device());
-  const int err = pyops_sample_step(&p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, kOp, ": launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  check_status(pyops_sample_step(&p, c10::cuda::getCurrentCUDAStream().stream()), kOp, "launch");
 }
 
 }  // namespace

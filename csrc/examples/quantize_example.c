@@ -1,5 +1,6 @@
 /* quantize_example.c - the libpyops C ABI from plain C: quantize a small bf16 matrix to FP8
- * (per-row scales) and NVFP4 (computed global scale), then print what came back.
+ * (per-row scales) and NVFP4 (computed global scale), then print what came back. Every entry
+ * point takes a params struct and a stream: pyops_<op>(const pyops_<op>_params*, cudaStream_t).
  * Without a usable GPU it says so and exits 0. */
 #include <stdint.h>
 #include <stdio.h>
@@ -9,8 +10,8 @@
 
 #include "pyops.h"
 
-#define M 4
-#define K 32
+#define ROWS 4
+#define COLS 32
 
 static uint16_t to_bf16(float f) { /* round to nearest even */
   uint32_t b;
@@ -37,45 +38,72 @@ int main(void) {
   }
   printf("libpyops built for compute capabilities: %s\n", pyops_cuda_archs());
 
-  uint16_t hx[M * K];
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < K; ++k) hx[m * K + k] = to_bf16((float)((k - 16) * (m + 1)) * 0.37f);
+  uint16_t hx[ROWS * COLS];
+  for (int m = 0; m < ROWS; ++m)
+    for (int k = 0; k < COLS; ++k)
+      hx[m * COLS + k] = to_bf16((float)((k - 16) * (m + 1)) * 0.37f);
 
-  const int nb = (K + 15) / 16;
+  const int nb = (COLS + 15) / 16;
   void* dx = NULL;
   uint8_t *dq = NULL, *ddata = NULL, *dscales = NULL;
   float *dscale = NULL, *dglobal = NULL;
   CHECK(cudaMalloc(&dx, sizeof hx));
-  CHECK(cudaMalloc((void**)&dq, M * K));
-  CHECK(cudaMalloc((void**)&dscale, M * sizeof(float)));
-  CHECK(cudaMalloc((void**)&ddata, M * nb * 8));
-  CHECK(cudaMalloc((void**)&dscales, M * nb));
+  CHECK(cudaMalloc((void**)&dq, ROWS * COLS));
+  CHECK(cudaMalloc((void**)&dscale, ROWS * sizeof(float)));
+  CHECK(cudaMalloc((void**)&ddata, ROWS * nb * 8));
+  CHECK(cudaMalloc((void**)&dscales, ROWS * nb));
   CHECK(cudaMalloc((void**)&dglobal, sizeof(float)));
   CHECK(cudaMemcpy(dx, hx, sizeof hx, cudaMemcpyHostToDevice));
 
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
-  CHECK(pyops_quantize_fp8(dx, PYOPS_DTYPE_BF16, M, K, /*stride_m=*/K, /*stride_k=*/1, dq, dscale,
-                           PYOPS_FP8_ROW, stream));
-  CHECK(pyops_quantize_nvfp4(dx, PYOPS_DTYPE_BF16, M, K, K, 1, ddata, dscales, dglobal,
-                             /*compute_global=*/1, /*swizzle=*/0, stream));
+  {
+    pyops_quantize_fp8_params p;
+    memset(&p, 0, sizeof p);
+    p.x = dx;
+    p.dtype = PYOPS_DTYPE_BF16;
+    p.M = ROWS;
+    p.K = COLS;
+    p.stride_m = COLS; /* row-major, contiguous */
+    p.stride_k = 1;
+    p.q = dq;
+    p.scale = dscale;
+    p.granularity = PYOPS_FP8_ROW;
+    CHECK(pyops_quantize_fp8(&p, stream));
+  }
+  {
+    pyops_quantize_nvfp4_params p;
+    memset(&p, 0, sizeof p);
+    p.x = dx;
+    p.dtype = PYOPS_DTYPE_BF16;
+    p.M = ROWS;
+    p.K = COLS;
+    p.stride_m = COLS;
+    p.stride_k = 1;
+    p.data = ddata;
+    p.scales = dscales;
+    p.global_scale = dglobal;
+    p.compute_global = 1;
+    p.swizzle = 0;
+    CHECK(pyops_quantize_nvfp4(&p, stream));
+  }
   CHECK(cudaStreamSynchronize(stream));
 
-  uint8_t q[M * K], data[M * 16], scales[M * 2];
-  float scale[M], global;
+  uint8_t q[ROWS * COLS], data[ROWS * 16], scales[ROWS * 2];
+  float scale[ROWS], global;
   CHECK(cudaMemcpy(q, dq, sizeof q, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(scale, dscale, sizeof scale, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(data, ddata, (size_t)M * nb * 8, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(scales, dscales, (size_t)M * nb, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(data, ddata, (size_t)ROWS * nb * 8, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(scales, dscales, (size_t)ROWS * nb, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(&global, dglobal, sizeof global, cudaMemcpyDeviceToHost));
 
-  for (int m = 0; m < M; ++m) {
+  for (int m = 0; m < ROWS; ++m) {
     printf("row %d: fp8 scale %.6g, codes", m, scale[m]);
-    for (int k = 0; k < 8; ++k) printf(" %02x", q[m * K + k]);
+    for (int k = 0; k < 8; ++k) printf(" %02x", q[m * COLS + k]);
     printf(" ...\n");
   }
   printf("nvfp4 global scale %.6g\n", global);
-  for (int m = 0; m < M; ++m) {
+  for (int m = 0; m < ROWS; ++m) {
     printf("row %d: nvfp4 block scales %02x %02x, bytes", m, scales[m * nb], scales[m * nb + 1]);
     for (int i = 0; i < 8; ++i) printf(" %02x", data[m * nb * 8 + i]);
     printf(" ...\n");

@@ -1,5 +1,5 @@
 /*
- * pyops_norm_modulate_quant.h - torch-free C ABI of the fused LayerNorm/RMSNorm + adaLN modulate
+ * pyops/norm_modulate_quant.h - torch-free C ABI of the fused LayerNorm/RMSNorm + adaLN modulate
  * + per-token FP8 e4m3 quantization kernel (spec: pyops/reference/norm_modulate_quant.py).
  *
  * For every row m of x (M, D), in fp32, each operation rounded on its own:
@@ -13,17 +13,14 @@
  * q and q_scale are always exactly the FP8 row quantization of the fp32 y that is written to
  * `y` when y_dtype is PYOPS_DTYPE_F32.
  *
- * Same conventions as pyops.h: int64 sizes/strides in elements, device pointers, enqueued on
- * `stream` only (no sync, no allocation: CUDA-graph safe), returns cudaErrorInvalidValue for bad
- * arguments without enqueuing anything, M == 0 or D == 0 is a no-op.
+ * Conventions: pyops/common.h (int64 sizes/strides in elements, device pointers, enqueued on
+ * `stream` only, cudaErrorInvalidValue for bad arguments without enqueuing anything).
+ * M == 0 or D == 0 is a no-op.
  */
 #ifndef PYOPS_NORM_MODULATE_QUANT_H_
 #define PYOPS_NORM_MODULATE_QUANT_H_
 
-#include <stdint.h>
-#include <cuda_runtime_api.h>
-
-#include "pyops.h" /* pyops_dtype_t */
+#include "common.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -58,7 +55,7 @@ typedef struct pyops_norm_modulate_quant_params {
   pyops_dtype_t y_dtype;
 } pyops_norm_modulate_quant_params;
 
-cudaError_t pyops_norm_modulate_quant(const pyops_norm_modulate_quant_params* params,
+cudaError_t pyops_norm_modulate_quant(const pyops_norm_modulate_quant_params* p,
                                       cudaStream_t stream);
 
 #ifdef __cplusplus
