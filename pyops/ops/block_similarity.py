@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path, overlaps
-from .._op import binding_fake
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, overlaps
+from .._op import binding_fake, define
 from ..reference import block_similarity as _ref
 
 OP = "block_similarity"
@@ -55,29 +55,20 @@ _backend.register(OP, "cuda", _cuda)
 
 
 # ---- the op -------------------------------------------------------------------------------------
-def block_similarity_impl(a, refbuf, state, metric, reuse, threshold, eps, rule, warmup,
-                          max_reuse, num_steps, last_steps, chunks, groups, all_groups,
-                          write_ref, backend) -> None:
-    _backend.impl(OP, backend)(a, refbuf, state, metric, reuse, threshold, eps, rule, warmup,
-                               max_reuse, num_steps, last_steps, chunks, groups, all_groups,
-                               write_ref)
+def _fake(a, ref, state, metric, reuse, threshold, eps, rule, warmup, max_reuse, num_steps,
+          last_steps, chunks, groups, all_groups, write_ref, backend):
+    return None
 
 
-@torch.library.custom_op("pyops::block_similarity",
-                         mutates_args=("ref", "state", "metric", "reuse"))
+@define(OP, fake=_fake, mutates_args=("ref", "state", "metric", "reuse"))
 def block_similarity_op(a: torch.Tensor, ref: torch.Tensor, state: torch.Tensor,
                         metric: torch.Tensor, reuse: torch.Tensor, threshold: float, eps: float,
                         rule: int, warmup: int, max_reuse: int, num_steps: int, last_steps: int,
                         chunks: int, groups: int, all_groups: bool, write_ref: int,
                         backend: str) -> None:
-    block_similarity_impl(a, ref, state, metric, reuse, threshold, eps, rule, warmup, max_reuse,
-                          num_steps, last_steps, chunks, groups, all_groups, write_ref, backend)
-
-
-@block_similarity_op.register_fake
-def _(a, ref, state, metric, reuse, threshold, eps, rule, warmup, max_reuse, num_steps,
-      last_steps, chunks, groups, all_groups, write_ref, backend):
-    return None
+    _backend.impl(OP, backend)(a, ref, state, metric, reuse, threshold, eps, rule, warmup,
+                               max_reuse, num_steps, last_steps, chunks, groups, all_groups,
+                               write_ref)
 
 
 binding_fake("_block_similarity_cuda")
@@ -163,8 +154,5 @@ def block_similarity(a: torch.Tensor, ref: torch.Tensor, state: torch.Tensor, *,
     args = (a, ref, state, metric, reuse, float(threshold), float(eps), rule_c, int(warmup),
             int(max_reuse), int(num_steps), int(last_steps), chunks, groups, bool(all_groups),
             wr, b)
-    if eager_fast_path(a, ref, state, metric, reuse):
-        block_similarity_impl(*args)
-    else:
-        torch.ops.pyops.block_similarity(*args)
+    block_similarity_op(*args)
     return reuse, metric

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, eager_fast_path
-from .._op import binding_fake
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._op import binding_fake, define
 from ..reference import block_similarity as _ref
 
 OP = "cache_apply"
@@ -40,19 +40,14 @@ _backend.register(OP, "cuda", _cuda)
 
 
 # ---- the op -------------------------------------------------------------------------------------
-def cache_apply_impl(out, x, residual, reuse, groups, backend) -> None:
-    _backend.impl(OP, backend)(out, x, residual, reuse, groups)
+def _fake(out, x, residual, reuse, groups, backend):
+    return None
 
 
-@torch.library.custom_op("pyops::cache_apply", mutates_args=("out",))
+@define(OP, fake=_fake, mutates_args=("out",))
 def cache_apply_op(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
                    reuse: torch.Tensor, groups: int, backend: str) -> None:
-    cache_apply_impl(out, x, residual, reuse, groups, backend)
-
-
-@cache_apply_op.register_fake
-def _(out, x, residual, reuse, groups, backend):
-    return None
+    _backend.impl(OP, backend)(out, x, residual, reuse, groups)
 
 
 binding_fake("_cache_apply_cuda")
@@ -83,7 +78,4 @@ def cache_apply(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
     if groups < 1 or out.shape[0] % groups or reuse.shape != (groups,):
         raise ValueError(f"pyops.cache_apply: reuse must be ({groups},) and batch divisible")
     b = _backend.resolve(op, out.device, backend)
-    if eager_fast_path(out, x, residual, reuse):
-        cache_apply_impl(out, x, residual, reuse, groups, b)
-    else:
-        torch.ops.pyops.cache_apply(out, x, residual, reuse, groups, b)
+    cache_apply_op(out, x, residual, reuse, groups, b)
