@@ -261,6 +261,19 @@ def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
     return True, facts.why
 
 
+def triton_runs(device: torch.device) -> tuple[bool, str]:
+    """(ok, why): whether pyops' Triton kernels run on ``device`` at all (a CUDA device, or the
+    CPU under TRITON_INTERPRET=1); per-op capability limits come on top (``available``)."""
+    ok, why = triton_status()
+    if not ok:
+        return ok, why
+    if device.type == "cpu" and triton_interpret():
+        return True, why + " (interpreter)"
+    if device.type != "cuda":
+        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+    return True, why
+
+
 def available(op: str, backend: str, device: torch.device, **shape) -> tuple[bool, str]:
     """(ok, why): whether ``op``'s ``backend`` can run on ``device`` (and, for a backend with a
     shape-aware rule, on ``shape``)."""
@@ -272,13 +285,9 @@ def available(op: str, backend: str, device: torch.device, **shape) -> tuple[boo
     if (op, backend) in _AVAILABILITY:
         return _AVAILABILITY[(op, backend)](device, **shape)
     if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
+        ok, why = triton_runs(device)
+        if not ok or device.type != "cuda":
             return ok, why
-        if device.type == "cpu" and triton_interpret():
-            return True, why + " (interpreter)"
-        if device.type != "cuda":
-            return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
         need = _MIN_CAPABILITY.get((op, "triton"))
         if need is not None:
             cap = device_capability(device)

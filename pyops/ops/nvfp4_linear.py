@@ -135,7 +135,7 @@ def w4a4_epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.T
 
     One Triton pass where Triton can run (the GPU, or the interpreter); PyTorch fp32 otherwise
     (alpha is never rounded to 16 bits: a 0-dim fp32 tensor in a bf16 PyTorch op would be)."""
-    if _triton_runs(out.device)[0]:
+    if _backend.triton_runs(out.device)[0]:
         from ..triton_kernels import nvfp4_w4a4 as tk4
         tk4.w4a4_epilogue(acc, alpha, bias, out)
         return
@@ -179,19 +179,6 @@ def _torch(x, data, scales, g, K: int, bias, out, variant: str) -> None:
         torch.addmm(b, x, w.t(), out=out)
 
 
-def _triton_runs(device: torch.device) -> tuple[bool, str]:
-    """Whether pyops' Triton kernels run on ``device`` (a CUDA device, or the CPU under
-    TRITON_INTERPRET=1): the registry's generic Triton rule."""
-    ok, why = _backend.triton_status()
-    if not ok:
-        return ok, why
-    if device.type == "cpu" and _backend.triton_interpret():
-        return True, why + " (interpreter)"
-    if device.type != "cuda":
-        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
-    return True, why
-
-
 def _half(dtype, who: str) -> tuple[bool, str]:
     if dtype is None or dtype in HALF_DTYPES:
         return True, ""
@@ -201,7 +188,7 @@ def _half(dtype, who: str) -> tuple[bool, str]:
 def triton_available(device, dtype: Optional[torch.dtype] = None, **_) -> tuple[bool, str]:
     """(ok, why) of backend ``triton`` (the fused W4A16 kernel) for activations of ``dtype``."""
     ok, why = _half(dtype, "the Triton W4A16 kernel")
-    return _triton_runs(torch.device(device)) if ok else (ok, why)
+    return _backend.triton_runs(torch.device(device)) if ok else (ok, why)
 
 
 def torch_variant(device, forced: Optional[str] = None) -> str:
@@ -225,7 +212,7 @@ def torch_available(device, dtype: Optional[torch.dtype] = None,
         return ok, (f"w4a4: cuBLASLt NVFP4 GEMM via torch._scaled_mm ({why})" if ok else
                     f"variant w4a4 (cuBLASLt NVFP4 via torch._scaled_mm) needs native NVFP4: "
                     f"{why}")
-    ok, why = _triton_runs(device)
+    ok, why = _backend.triton_runs(device)
     return ok, (f"dequant: Triton weight pass + torch.mm ({why})" if ok else
                 f"variant dequant dequantizes the weight with a Triton kernel: {why}")
 
