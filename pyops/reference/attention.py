@@ -50,12 +50,11 @@ import math
 
 import torch
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-FP8_MAX = 448.0
-INT8_MAX = 127.0
-FLT_MIN = 2.0**-126
-P_SCALE_FP8 = 448.0
+from .formats import (E2M1_MAX, E4M3_MAX, FLT_MIN, INT8_MAX, LN2, LOG2E,  # noqa: F401
+                      NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR)
+
+FP8_MAX = E4M3_MAX
+P_SCALE_FP8 = E4M3_MAX  # P in [0, 1] is cast as e4m3(p * 448)
 PRECISIONS = ("fp8", "int8", "int8_fp16pv", "nvfp4", "bf16")
 # how each precision quantizes QK and PV
 QK_KIND = {"fp8": "fp8", "int8": "int8", "int8_fp16pv": "int8", "nvfp4": "nvfp4", "bf16": "none"}
@@ -128,14 +127,14 @@ def quant_nvfp4_tokens(x: torch.Tensor):
     Two levels: fp32 g = max(amax_token / 2688, FLT_MIN) per token, E4M3 per 16 channels. D not
     a multiple of 16 is zero-padded to whole blocks (as the kernel's padding to 64/128 does: zero
     channels change no amax and get code 0), so every head_dim is supported."""
-    from .quantize_nvfp4 import E4M3_MAX, FP4_MAX, GLOBAL_DIV, e2m1_codes, e2m1_values
+    from .quantize_nvfp4 import e2m1_codes, e2m1_values
     D = x.shape[-1]
-    x = torch.nn.functional.pad(x, (0, (-D) % 16))
-    g = torch.clamp_min(x.abs().amax(dim=-1) / GLOBAL_DIV, FLT_MIN)
-    xb = x.reshape(*x.shape[:-1], x.shape[-1] // 16, 16)
+    x = torch.nn.functional.pad(x, (0, (-D) % NVFP4_BLOCK))
+    g = torch.clamp_min(x.abs().amax(dim=-1) / NVFP4_GLOBAL_DIVISOR, FLT_MIN)
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     bamax = xb.abs().amax(dim=-1)
-    sb = ((bamax / FP4_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
-    v = (xb / (sb * g[..., None])[..., None]).clamp(-FP4_MAX, FP4_MAX)
+    sb = ((bamax / E2M1_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    v = (xb / (sb * g[..., None])[..., None]).clamp(-E2M1_MAX, E2M1_MAX)
     vals = e2m1_values(e2m1_codes(v)).view_as(xb) * sb[..., None]
     vals = torch.where((sb == 0)[..., None], torch.zeros_like(vals), vals)
     return vals.reshape(x.shape)[..., :D], g
@@ -247,16 +246,16 @@ def quantize_qkv(q, k, v, precision: str, scale=None, *, smooth_k=True, smooth_q
 
 def _p_nvfp4(p: torch.Tensor):
     """p (..., N) in [0, 1] -> (e2m1 * e4m3 values, per-row g): p ~= values * g."""
-    from .quantize_nvfp4 import E4M3_MAX, FP4_MAX, GLOBAL_DIV, e2m1_codes, e2m1_values
+    from .quantize_nvfp4 import e2m1_codes, e2m1_values
     N = p.shape[-1]
-    pad = (-N) % 16
+    pad = (-N) % NVFP4_BLOCK
     pp = torch.nn.functional.pad(p, (0, pad))
-    g = torch.clamp_min(pp.amax(dim=-1) / GLOBAL_DIV, FLT_MIN)
-    pb = pp.reshape(*pp.shape[:-1], -1, 16)
-    sb = ((pb.amax(-1) / FP4_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    g = torch.clamp_min(pp.amax(dim=-1) / NVFP4_GLOBAL_DIVISOR, FLT_MIN)
+    pb = pp.reshape(*pp.shape[:-1], -1, NVFP4_BLOCK)
+    sb = ((pb.amax(-1) / E2M1_MAX) / g[..., None]).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     sb = sb.float()
     den = torch.where(sb > 0, sb * g[..., None], torch.ones_like(sb))
-    vals = e2m1_values(e2m1_codes((pb / den[..., None]).clamp(-FP4_MAX, FP4_MAX))) * sb[..., None]
+    vals = e2m1_values(e2m1_codes((pb / den[..., None]).clamp(-E2M1_MAX, E2M1_MAX))) * sb[..., None]
     return vals.reshape(pp.shape)[..., :N], g
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
-FLT_MIN = 2.0**-126  # smallest normal fp32; keeps 0/0 out of all-zero groups
-FLT_MAX = torch.finfo(torch.float32).max
+from .formats import E4M3_MAX, FLT_MAX, FLT_MIN, FP8_BLOCK  # noqa: F401 (re-exported)
+
+FP8_MAX = E4M3_MAX
 GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
-BLOCK = 128
+BLOCK = FP8_BLOCK
 
 
 def _cdiv(a: int, b: int) -> int:

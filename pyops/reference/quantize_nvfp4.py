@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import torch
 
-from .quantize_fp8 import FLT_MAX, FLT_MIN, div_rn
+from .formats import (E2M1_MAX, E2M1_VALUES, E4M3_MAX, E4M3_NAN, FLT_MAX, FLT_MIN,
+                      NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR)
+from .quantize_fp8 import div_rn
 
-FP4_MAX = 6.0
-E4M3_MAX = 448.0
-GLOBAL_DIV = FP4_MAX * E4M3_MAX  # 2688
-BLOCK = 16
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-SCALE_NAN = 0x7F
+FP4_MAX = E2M1_MAX
+GLOBAL_DIV = NVFP4_GLOBAL_DIVISOR
+BLOCK = NVFP4_BLOCK
+SCALE_NAN = E4M3_NAN
 
 
 def _cdiv(a: int, b: int) -> int:
