@@ -279,6 +279,136 @@ def test_hw_e4m3_cast_lowering(tmp_path):
     assert res["90"]["direct"] > 0 and res["90"]["via_f16_rz"] == 0, res
 
 
+# ---- the other codecs of _cvt (E2M1, bf16, int8, E8M0) vs the reference / torch -----------------
+@triton.jit
+def _e2m1_kernel(v_ptr, c_ptr, d_ptr, r_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    v = tl.load(v_ptr + o, mask=m, other=0.0)
+    c = _cvt.e2m1_codes(v)
+    tl.store(c_ptr + o, c, mask=m)
+    tl.store(d_ptr + o, _cvt.e2m1_to_f32(c), mask=m)
+    tl.store(r_ptr + o, _cvt.e2m1_round(v), mask=m)
+
+
+def _e2m1_inputs():
+    """Every E2M1 value and rounding boundary with their fp32 neighbours, both signs, zeros,
+    NaN, values past 6, a wide random spread."""
+    pts = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0,
+                        6.0, 7.0, 100.0, 2.0**-149, 1e-30])
+    near = torch.cat([(pts.view(torch.int32) + d).view(torch.float32) for d in (-2, -1, 0, 1, 2)])
+    near = near[near >= 0]
+    gen = torch.Generator().manual_seed(13)
+    wide = torch.rand(3000, generator=gen) * 7.0
+    x = torch.cat([near, -near, wide, -wide, torch.tensor([-0.0, float("nan"), -float("nan")])])
+    return x
+
+
+def test_e2m1_codecs_match_reference():
+    """``e2m1_codes`` (the one E2M1 encoder of the kernels) against the reference's threshold
+    sum, ``e2m1_to_f32`` against the reference's table for every code, and ``e2m1_round`` (the
+    fused value path of the emulated NVFP4 attention) against decode(encode), bit for bit,
+    NaN and -0.0 included."""
+    x = _e2m1_inputs()
+    n = x.numel()
+    v = x.to(DEV)
+    c = poisoned((n,), torch.int32)
+    d = poisoned((n,), torch.float32)
+    r = poisoned((n,), torch.float32)
+    _e2m1_kernel[(triton.cdiv(n, 1024),)](v, c, d, r, n, BLOCK=1024)
+    want_c = ref4.e2m1_codes(x).to(torch.int32)
+    want_v = ref4.e2m1_values(want_c)
+    assert torch.equal(c.cpu(), want_c), _mismatches(x, c.cpu().float(), want_c.float())
+    assert torch.equal(_bits(d).cpu(), _bits(want_v)), _mismatches(x, d.cpu(), want_v)
+    assert torch.equal(_bits(r).cpu(), _bits(want_v)), _mismatches(x, r.cpu(), want_v)
+    assert want_c[x.isnan()].eq(0).all() and (want_c[(x == 0) & x.signbit()] == 0).all()
+    codes = torch.arange(16, dtype=torch.int32)
+    x16 = ref4.e2m1_values(codes)  # every code's value encodes back to the code (but -0 -> 0)
+    c16 = poisoned((16,), torch.int32)
+    d16 = poisoned((16,), torch.float32)
+    r16 = poisoned((16,), torch.float32)
+    _e2m1_kernel[(1,)](x16.to(DEV), c16, d16, r16, 16, BLOCK=16)
+    assert torch.equal(c16.cpu(), torch.where(codes == 8, 0, codes))
+    assert torch.equal(_bits(r16).cpu(), _bits(x16.where(codes != 8, 0.0)))
+
+
+@triton.jit
+def _bf16_kernel(b_ptr, w_ptr, x_ptr, n0_ptr, n1_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    tl.store(w_ptr + o, _cvt.bf16_bits_to_f32(tl.load(b_ptr + o, mask=m, other=0)), mask=m)
+    x = tl.load(x_ptr + o, mask=m, other=0.0)
+    tl.store(n0_ptr + o, _cvt.f32_to_bf16_bits(x, _cvt.BF16_NAN_BITS_TORCH_CPU).to(
+        tl.int16, bitcast=True), mask=m)
+    tl.store(n1_ptr + o, _cvt.f32_to_bf16_bits(x, _cvt.BF16_NAN_BITS_CANONICAL).to(
+        tl.int16, bitcast=True), mask=m)
+
+
+def test_bf16_codec():
+    """Widening: all 65536 bf16 bit patterns exactly (subnormals, NaN payloads). Narrowing:
+    torch's RNE cast on ties, near-ties, subnormals, overflow; NaN -> the asked-for bits."""
+    n = 1 << 16
+    b = torch.arange(n, dtype=torch.int32).to(torch.int16)
+    ties = _cvt_inputs()
+    x = torch.cat([ties, torch.tensor([float("nan"), -float("nan"), float("inf"),
+                                       -float("inf"), 3.4e38, -3.39e38])])
+    x = torch.cat([x, x.new_zeros(n - x.numel())]) if x.numel() < n else x[:n]
+    w = poisoned((n,), torch.float32)
+    n0 = poisoned((n,), torch.int16)
+    n1 = poisoned((n,), torch.int16)
+    _bf16_kernel[(triton.cdiv(n, 1024),)](b.to(DEV), w, x.to(DEV), n0, n1, n, BLOCK=1024)
+    want_w = b.view(torch.bfloat16).float()
+    assert torch.equal(_bits(w).cpu(), _bits(want_w)), "bf16 -> fp32"
+    want = x.to(torch.bfloat16).view(torch.int16)
+    nan = x.isnan()
+    for got, nan_bits in ((n0, 0xFFFF), (n1, 0x7FC0)):
+        got = got.cpu()
+        assert torch.equal(got[~nan], want[~nan]), _mismatches(
+            x[~nan], got[~nan].view(torch.bfloat16), want[~nan].view(torch.bfloat16))
+        assert ((got[nan].to(torch.int32) & 0xFFFF) == nan_bits).all(), hex(nan_bits)
+
+
+@triton.jit
+def _int8_e8m0_kernel(x_ptr, q_ptr, e_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    x = tl.load(x_ptr + o, mask=m, other=0.0)
+    tl.store(q_ptr + o, _cvt.f32_to_int8(x), mask=m)
+    tl.store(e_ptr + o, _cvt.e8m0_nearest(tl.abs(x)), mask=m)
+
+
+def test_int8_and_e8m0_codecs():
+    """int8: round half to even (torch.round) then saturate to +-127, on every tie up to 200 and
+    its neighbours. E8M0 (interpreter test hook): powers of two map to exponent + 127, 0 to 0."""
+    t = torch.arange(-200, 201, dtype=torch.float32) + 0.5
+    near = torch.cat([(t.view(torch.int32) + d).view(torch.float32) for d in (-1, 0, 1)])
+    p2 = torch.exp2(torch.arange(-9, 9, dtype=torch.float32))
+    x = torch.cat([near, torch.tensor([0.0, -0.0, 1e-30, 127.49, -127.5, 1e6, -1e6]), p2])
+    n = x.numel()
+    q = poisoned((n,), torch.int8)
+    e = poisoned((n,), torch.uint8)
+    _int8_e8m0_kernel[(triton.cdiv(n, 1024),)](x.to(DEV), q, e, n, BLOCK=1024)
+    assert torch.equal(q.cpu(), torch.round(x).clamp(-127, 127).to(torch.int8))
+    want_e = (torch.log2(p2) + 127).to(torch.uint8)
+    assert torch.equal(e.cpu()[-p2.numel():], want_e)
+    assert e.cpu()[near.numel()] == 0  # |x| == 0
+
+
+@triton.jit
+def _e4m3_int_kernel(b_ptr, d_ptr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(d_ptr + o, _cvt.e4m3_to_f32(tl.load(b_ptr + o).to(tl.int32), True))
+
+
+def test_e4m3_decode_of_int32_bytes():
+    """The soft E4M3 decode on bytes widened to int32 (how the NVFP4 GEMM reads its scales):
+    every byte like torch, NaN included."""
+    d = poisoned((256,), torch.float32)
+    _e4m3_int_kernel[(1,)](torch.arange(256, dtype=torch.uint8).to(DEV), d, BLOCK=256)
+    assert_bits(d, torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float(),
+                "e4m3 from int32")
+
+
 # ---- FP8 ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("g", GRANS)
 @pytest.mark.parametrize("dtype", DTYPES)

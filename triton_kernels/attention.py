@@ -62,23 +62,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_quant import _e2m1_rne_value
-from ._cvt import (as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out,
-                   load_f32, nvfp4_block_scales, out_kind, use_soft_cvt)
+from ._cvt import (ATTENTION_KINDS, E2M1_MAX, KIND_FP8, KIND_FP16, KIND_INT8, KIND_NVFP4,
+                   KIND_RAW, LN2, LOG2E, NVFP4_BLOCK, as_kernel_input, as_kernel_output,
+                   e2m1_round, e4m3_bits, e4m3_to_f32, e8m0_nearest, f32_to_out, load_f32,
+                   nvfp4_block_scales, nvfp4_global_scale, out_kind, use_soft_cvt)
 
-LN2 = tl.constexpr(0.6931471805599453)
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
 # test hook: under the interpreter, run the kernel's GPU branch (native operand dtypes: fp16
 # codes, fp8 bytes bitcast and decoded to fp16, fp16 dots) instead of its fp32 decode. Exact
 # for "nvfp4" (the interpreter multiplies fp16 operands exactly); conversions still follow
 # SOFT, since the interpreter's own fp8 casts are inexact.
 GPU_BRANCH_IN_INTERPRETER = False
-# precision -> (QK kind, PV kind): QK 0 raw 16-bit, 1 fp8, 2 int8, 3 fp16 (nvfp4 decoded);
-# PV 0 raw 16-bit, 1 fp8 (P x 448), 2 fp16, 3 two-level NVFP4 P x fp8 V (emulated: decoded
-# exactly to fp16 operands)
-KINDS = {"bf16": (0, 0), "fp8": (1, 1), "int8": (2, 1), "int8_fp16pv": (2, 2), "nvfp4": (3, 3)}
-P_SCALE = {0: 1.0, 1: 448.0, 2: 1.0, 3: 1.0}
-FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+# The kernel's QK and PV constexprs are the ``qk`` and ``p`` kinds of ``_cvt.ATTENTION_KINDS``:
+# QK KIND_RAW (16-bit input), KIND_FP8, KIND_INT8, KIND_NVFP4 (emulated: fp16 decoded codes);
+# PV KIND_RAW, KIND_FP8 (P x 448), KIND_FP16, KIND_NVFP4 (two-level NVFP4 P x fp8 V, emulated:
+# decoded exactly to fp16 operands).
 
 
 @triton.jit
@@ -88,9 +86,9 @@ def _operand(ptr, offs, mask, KIND: tl.constexpr, IS_BF16: tl.constexpr,
     under the interpreter exact fp32 values. HAS_MASK=False: an unmasked (vectorizable) load on
     the GPU (the interpreter always masks; it is not about speed there)."""
     if INTERPRET:
-        if KIND == 1:
+        if KIND == KIND_FP8:
             x = e4m3_to_f32(tl.load(ptr + offs, mask=mask, other=0), True)
-        elif KIND == 2:
+        elif KIND == KIND_INT8:
             x = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
         else:
             x = load_f32(ptr, offs, mask, IS_BF16)
@@ -99,7 +97,7 @@ def _operand(ptr, offs, mask, KIND: tl.constexpr, IS_BF16: tl.constexpr,
             x = tl.load(ptr + offs, mask=mask, other=0)
         else:
             x = tl.load(ptr + offs)
-        if KIND == 1:
+        if KIND == KIND_FP8:
             x = x.to(tl.float8e4nv, bitcast=True)
     return x
 
@@ -112,9 +110,7 @@ def _fp4_scales(ptr, offs, mask, INTERPRET: tl.constexpr):
     zero stays byte 0 (2^-127; its codes are all zero)."""
     b = tl.load(ptr + offs, mask=mask, other=0)
     if INTERPRET:
-        v = e4m3_to_f32(b, True)
-        e = tl.math.floor(tl.math.log2(tl.maximum(v, 1e-30)) + 0.5) + 127.0
-        r = tl.where(v > 0, e, 0.0).to(tl.uint8)
+        r = e8m0_nearest(e4m3_to_f32(b, True))
     else:
         r = b.to(tl.float8e4nv, bitcast=True)
     return r
@@ -133,29 +129,30 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
     cmask = cols < Sk
     if NATIVE_FP4:  # packed E2M1 K^T [D/2, BLOCK_N] (packed along D) + E4M3 [BLOCK_N, D/16]
         dh = tl.arange(0, D // 2)
-        ds = tl.arange(0, D // 16)
+        ds = tl.arange(0, D // NVFP4_BLOCK)
         kt = tl.load(k_ptr + kbase + cols[None, :] * sks + dh[:, None] * skd,
                      mask=cmask[None, :], other=0)
-        ksb = _fp4_scales(ksb_ptr, (ksbase + cols[:, None]) * (D // 16) + ds[None, :],
+        ksb = _fp4_scales(ksb_ptr, (ksbase + cols[:, None]) * (D // NVFP4_BLOCK) + ds[None, :],
                           cmask[:, None], INTERPRET)
     else:
         kt = _operand(k_ptr, kbase + cols[None, :] * sks + d[:, None] * skd, cmask[None, :], QK,
-                      IS_BF16 and QK == 0, INTERPRET, MASK)  # [D, BLOCK_N]
-    # V operand kind: fp8 bytes for PV 1 and 3, 16-bit for PV 0 (raw input) and 2 (fp16 codes)
+                      IS_BF16 and QK == KIND_RAW, INTERPRET, MASK)  # [D, BLOCK_N]
+    # V operand: E4M3 bytes for PV fp8 and nvfp4 (ATTENTION_KINDS' v), 16-bit for PV raw (the
+    # input) and fp16 (fp16 codes)
     v = _operand(v_ptr, vbase + cols[:, None] * svs + d[None, :] * svd, cmask[:, None],
-                 1 if (PV == 1 or PV == 3) else 0, IS_BF16 and PV == 0, INTERPRET,
-                 MASK)  # [BLOCK_N, D]
+                 KIND_FP8 if (PV == KIND_FP8 or PV == KIND_NVFP4) else KIND_RAW,
+                 IS_BF16 and PV == KIND_RAW, INTERPRET, MASK)  # [BLOCK_N, D]
     if NATIVE_FP4:  # NVFP4 x NVFP4 -> fp32 (tcgen05 / mma.sync kind::mxf4nvf4, block 16)
         s = tl.dot_scaled(q, qsb, "e2m1", kt, ksb, "e2m1")
     elif INTERPRET:
         s = tl.dot(q, kt, input_precision="ieee")
-    elif QK == 2:
+    elif QK == KIND_INT8:
         s = tl.dot(q, kt).to(tl.float32)
     else:
         s = tl.dot(q, kt)
     # scores in log2 units are s * qsc[i] * ksc[j]; qsc > 0 is folded into the max and the
     # exp2 argument (one FMA), so only ksc costs a multiply per score
-    if QK != 0:
+    if QK != KIND_RAW:
         if MASK:
             ksc = tl.load(ks_ptr + ksbase + cols, mask=cmask, other=0.0)
         else:
@@ -166,7 +163,7 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None])
         s = tl.where(valid, s, float("-inf"))
-    if QK != 0:
+    if QK != KIND_RAW:
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qsc)
         p = tl.math.exp2(s * qsc[:, None] - m_new[:, None])
     else:
@@ -174,23 +171,24 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
         p = tl.math.exp2(s * c_raw - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if PV == 1:
+    if PV == KIND_FP8:
         if INTERPRET:
             pq = e4m3_to_f32(e4m3_bits(p * P_SCALE, True), True)
         else:
             pq = (p * P_SCALE).to(tl.float8e4nv)
-    elif PV == 2:
+    elif PV == KIND_FP16:
         if INTERPRET:
             pq = p.to(tl.float16).to(tl.float32)
         else:
             pq = p.to(tl.float16)
-    elif PV == 3:  # NVFP4 P: fp32 per row (block row max / 2688), E4M3 per 16 keys, E2M1
-        g = tl.maximum(tl.math.div_rn(tl.max(p, axis=1), 2688.0), FLT_MIN)
+    elif PV == KIND_NVFP4:  # NVFP4 P: fp32 per row (block row max / 2688), E4M3 per 16
+        # keys, E2M1
+        g = nvfp4_global_scale(tl.max(p, axis=1))
         # the E4M3 scale of each 16-key group, broadcast back over its keys; kept 2-D (no
         # rank-3 reshape of the dot result: module docstring, "NVFP4 on sm_90")
         sb = nvfp4_block_scales(p, g, BLOCK_N, SOFT)  # p >= 0
         den = sb * g[:, None]
-        e = _e2m1_rne_value(tl.minimum(tl.math.div_rn(p, tl.where(den > 0, den, 1.0)), 6.0))
+        e = e2m1_round(tl.minimum(tl.math.div_rn(p, tl.where(den > 0, den, 1.0)), E2M1_MAX))
         pq = tl.where(sb > 0, e * sb, 0.0)
         if not INTERPRET:
             pq = pq.to(tl.float16)  # e2m1 x e4m3: exact in fp16
@@ -204,7 +202,7 @@ def _attn_block(acc, l_i, m_i, q, qsc, rows, n0, Sk, k_ptr, kbase, sks, skd, v_p
         pv = tl.dot(pq, v, input_precision="ieee")
     else:
         pv = tl.dot(pq, v)
-    if PV == 3:
+    if PV == KIND_NVFP4:
         pv = pv * g[:, None]
     # a fresh fp32 product per key block, added in fp32 (FP8 MMA partial sums never span
     # more than one key block)
@@ -233,16 +231,16 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
     d = tl.arange(0, D)
     if NATIVE_FP4:  # packed E2M1 Q [BLOCK_M, D/2] + E4M3 block scales [BLOCK_M, D/16]
         dh = tl.arange(0, D // 2)
-        ds = tl.arange(0, D // 16)
+        ds = tl.arange(0, D // NVFP4_BLOCK)
         q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + dh[None, :] * sqd,
                     mask=rmask[:, None], other=0)
-        qsb = _fp4_scales(qsb_ptr, (bh.to(tl.int64) * Sq + rows[:, None]) * (D // 16)
+        qsb = _fp4_scales(qsb_ptr, (bh.to(tl.int64) * Sq + rows[:, None]) * (D // NVFP4_BLOCK)
                           + ds[None, :], rmask[:, None], INTERPRET)
     else:
         q = _operand(q_ptr, b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-                     rmask[:, None], QK, IS_BF16 and QK == 0, INTERPRET)
+                     rmask[:, None], QK, IS_BF16 and QK == KIND_RAW, INTERPRET)
         qsb = rmask  # unused
-    if QK != 0:
+    if QK != KIND_RAW:
         qsc = tl.load(qs_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=1.0)
     else:
         qsc = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
@@ -269,14 +267,14 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, qb_ptr, o_ptr,
                                     qsb, ksb_ptr, QK, PV, IS_BF16, True, CAUSAL, P_SCALE,
                                     BLOCK_N, INTERPRET, NATIVE_FP4, D, SOFT)
     o = acc / l_i[:, None]
-    if PV != 0:
+    if PV != KIND_RAW:
         vsc = tl.load(vs_ptr + bhk * D + d)
         o = o * (vsc / P_SCALE)[None, :]
     tl.store(o_ptr + b * sob + h * soh + rows[:, None] * sos + d[None, :] * sod,
              f32_to_out(o, OUT_KIND, SOFT), mask=rmask[:, None])
     if HAS_LSE:
         lse = (m_i + tl.math.log2(l_i)) * LN2
-        if QK != 0:
+        if QK != KIND_RAW:
             lse = lse + tl.load(qb_ptr + bh.to(tl.int64) * Sq + rows, mask=rmask, other=0.0)
         tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=rmask)
 
@@ -292,23 +290,16 @@ def pick_config(D: int, precision: str, interpret: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128 if quant else 64, num_warps=8, num_stages=3)
 
 
-def native_fp4_supported(device) -> bool:
-    """The native NVFP4 (``tl.dot_scaled`` e2m1 x e2m1, E4M3 scales per 16) path: sm_100/103
-    (tcgen05.mma kind::mxf4nvf4 block16) and sm_120/121 (mma.sync m16n8k64 kind::mxf4nvf4
-    scale_vec::4X ue4m3) -- the instructions the 3.9 compiler emits ahead of time
-    (tests/test_attention_build.py). Elsewhere (Hopper, the interpreter) nvfp4 runs emulated.
-    ``PYOPS_NVFP4_NATIVE=0`` forces emulation. One definition: ``pyops._backend.native_fp4``."""
-    from pyops._backend import native_fp4
-    return native_fp4(device)
-
-
 def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: bool,
                   sm_scale: float, Hq: int, qsb=None, ksb=None) -> None:
     """q (B,Hq,Sq,D) codes or raw, k (B,Hk,Sk,D), v as a (B,Hk,Sk,D) view (for quantized
     precisions: vt (B,Hk,D,Sk_pad) transposed, i.e. ``vt.transpose(-1, -2)[:, :, :Sk]``).
     nvfp4 native (``qsb``/``ksb`` given: ``quantize_qkv(..., native=True)``): q/k are packed
     E2M1 codes (..., D/2) uint8 and qsb/ksb the E4M3 block-scale bytes (..., D/16); QK^T runs
-    through ``tl.dot_scaled``."""
+    through ``tl.dot_scaled``: the caller decides (``pyops._backend.native_fp4``: sm_100/103
+    tcgen05.mma kind::mxf4nvf4 block16, sm_120/121 mma.sync kind::mxf4nvf4 scale_vec::4X ue4m3,
+    the instructions the 3.9 compiler emits ahead of time, tests/test_attention_build.py);
+    elsewhere (Hopper, the interpreter) nvfp4 runs emulated."""
     native = qsb is not None
     B, _, Sq, D = q.shape
     if native:
@@ -317,16 +308,17 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
     interp = q.device.type != "cuda"
     soft = use_soft_cvt(out)
     kinterp = interp and not GPU_BRANCH_IN_INTERPRETER
-    QK, PV = KINDS[precision]
+    kinds = ATTENTION_KINDS[precision]
+    QK, PV = kinds.qk, kinds.p
     cfg = pick_config(D, precision, interp)
     is_bf16 = out.dtype == torch.bfloat16
-    if QK == 0:
+    if QK == KIND_RAW:
         qk_, kk_, vk_ = (as_kernel_input(t) if interp else t for t in (q, k, v))
     else:
         qk_, kk_ = q, k
         vk_ = v
     ok = as_kernel_output(out, soft)
-    dummy = out if QK == 0 else qs
+    dummy = out if QK == KIND_RAW else qs
     if B * Hq > 65535:  # CUDA's grid-y limit
         raise ValueError(f"pyops.attention: batch * heads = {B * Hq} exceeds 65535; split the "
                          f"batch")
@@ -336,9 +328,9 @@ def attention_fwd(q, k, v, qs, ks, vs, qb, out, lse, precision: str, causal: boo
         dummy if vs is None else vs, dummy if qb is None else qb, ok,
         lse if lse is not None else dummy,
         qsb if native else dummy, ksb if native else dummy,
-        Hq, Hq // Hk, Sq, Sk, float(sm_scale) * 1.4426950408889634,
+        Hq, Hq // Hk, Sq, Sk, float(sm_scale) * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         QK=QK, PV=PV, IS_BF16=is_bf16, OUT_KIND=out_kind(out.dtype), CAUSAL=bool(causal),
-        HAS_LSE=lse is not None, P_SCALE=P_SCALE[PV], D=D, BLOCK_M=cfg["BLOCK_M"],
+        HAS_LSE=lse is not None, P_SCALE=kinds.p_scale, D=D, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], INTERPRET=kinterp, SOFT=soft, NATIVE_FP4=native,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

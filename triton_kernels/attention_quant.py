@@ -24,8 +24,10 @@ a row, after the transforms, is quantized as zeros and gets scale NaN (Q: lse co
 V channel holding inf/NaN (its partial amax stored as NaN) gets scale NaN and codes 0. Explicit
 selects, not NaN propagation: tl.max / tl.maximum drop NaN (maxNum, GPU and interpreter alike).
 
-QK kinds: 1 fp8 e4m3 (uint8 bytes), 2 int8, 3 nvfp4 (E2M1 x E4M3-per-16 decoded exactly to fp16;
-per-token fp32 second level in the scale). PV kinds: 1 fp8 e4m3 bytes, 2 fp16.
+Kinds (``_cvt.ATTENTION_KINDS``: ``qk`` -> QK_KIND, ``v`` -> PV_KIND): Q/K codes KIND_FP8 (e4m3
+uint8 bytes), KIND_INT8, KIND_NVFP4 (E2M1 x E4M3-per-16 decoded exactly to fp16, or with
+``native`` packed E2M1 codes + E4M3 scale bytes; per-token fp32 second level in the scale); V
+codes KIND_FP8 (e4m3 bytes) or KIND_FP16.
 """
 from __future__ import annotations
 
@@ -35,17 +37,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cvt import (as_kernel_input, e4m3_bits, e4m3_to_f32, load_f32, nvfp4_block_scales,
+from ._cvt import (ATTENTION_KINDS, E2M1_MAX, E4M3_MAX, FLT_MIN, INT8_MAX, KIND_FP8,
+                   KIND_FP16, KIND_INT8, KIND_NVFP4, LN2, LOG2E, NVFP4_BLOCK, as_kernel_input,
+                   e2m1_codes, e2m1_pack, e2m1_round, e4m3_bits, e4m3_to_f32, f32_to_int8,
+                   load_f32, nvfp4_block_scale, nvfp4_block_scales, nvfp4_global_scale,
                    nvfp4_pow2_scale, use_soft_cvt)
 
-FP8_MAX = tl.constexpr(448.0)
-INT8_MAX = tl.constexpr(127.0)
-FLT_MIN = tl.constexpr(1.1754943508222875e-38)
-LN2 = tl.constexpr(0.6931471805599453)
-RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + M) - M rounds |x| < 2**22 to even
 MAX_CHUNKS = 32
-QK_KIND = {"fp8": 1, "int8": 2, "int8_fp16pv": 2, "nvfp4": 3}
-PV_KIND = {"fp8": 1, "int8": 1, "int8_fp16pv": 2, "nvfp4": 1}
+# storage dtype of each code kind (Q/K codes, V codes)
+_CODE_DTYPE = {KIND_FP8.value: torch.uint8, KIND_INT8.value: torch.int8,
+               KIND_NVFP4.value: torch.float16, KIND_FP16.value: torch.float16}
 
 
 @triton.jit
@@ -117,43 +118,23 @@ def _hadamard(D: tl.constexpr, LOG_D: tl.constexpr, RSQRT_D: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_rne_value(v):
-    """|v| <= 6 -> the nearest E2M1 value (ties to even), sign kept (-0.1 -> -0 is fine here)."""
-    m = tl.abs(v)
-    r = tl.where(m <= 0.25, 0.0, tl.where(m < 0.75, 0.5, tl.where(m <= 1.25, 1.0, tl.where(
-        m < 1.75, 1.5, tl.where(m <= 2.5, 2.0, tl.where(m < 3.5, 3.0, tl.where(
-            m <= 5.0, 4.0, 6.0)))))))
-    return tl.where(v < 0, -r, r)
-
-
-@triton.jit
-def _e2m1_rne_code(v):
-    """|v| <= 6 -> the E2M1 code (bits 0-2 magnitude index of {0, .5, 1, 1.5, 2, 3, 4, 6}, bit 3
-    sign), round to nearest even: the same thresholds as ``_e2m1_rne_value``."""
-    m = tl.abs(v)
-    c = tl.where(m <= 0.25, 0, tl.where(m < 0.75, 1, tl.where(m <= 1.25, 2, tl.where(
-        m < 1.75, 3, tl.where(m <= 2.5, 4, tl.where(m < 3.5, 5, tl.where(m <= 5.0, 6, 7)))))))
-    return tl.where(v < 0, c | 8, c)
-
-
-@triton.jit
 def _nvfp4_parts(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
                  POW2: tl.constexpr):
     """x (BT, D) fp32 -> (s (BT,) fp32 per-token second level, E4M3 block-scale bytes
     (BT, D/16) uint8, their fp32 values, E2M1 values v (BT, D/16, 16) in [-6, 6] before
     rounding). POW2 (test hook): block scales rounded up to powers of two (the interpreter's
     dot_scaled decodes scales as E8M0 only)."""
-    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 2688.0), FLT_MIN)
-    xb = tl.reshape(x, [BT, D // 16, 16])
+    s = nvfp4_global_scale(tl.max(tl.abs(x), axis=1))
+    xb = tl.reshape(x, [BT, D // NVFP4_BLOCK, NVFP4_BLOCK])
     bam = tl.max(tl.abs(xb), axis=2)
-    sb = tl.minimum(tl.math.div_rn(tl.math.div_rn(bam, 6.0), s[:, None]), FP8_MAX)
+    sb = nvfp4_block_scale(bam, s[:, None])
     if POW2:
         sb = nvfp4_pow2_scale(sb)
     sbits = e4m3_bits(sb, SOFT)
     sb = e4m3_to_f32(sbits, SOFT)
     den = sb * s[:, None]
     v = tl.math.div_rn(xb, tl.where(den > 0, den, 1.0)[:, :, None])
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    v = tl.minimum(tl.maximum(v, -E2M1_MAX), E2M1_MAX)
     v = tl.where((sb > 0)[:, :, None], v, 0.0)
     return s, sbits, sb, v
 
@@ -170,21 +151,20 @@ def _nvfp4_values_2d(x, SOFT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     of the Hadamard dot) is never reshaped to (BT, D/16, 16): see ``attention.py``'s module
     docstring, "NVFP4 on sm_90"."""
     a = tl.abs(x)
-    s = tl.maximum(tl.math.div_rn(tl.max(a, axis=1), 2688.0), FLT_MIN)
+    s = nvfp4_global_scale(tl.max(a, axis=1))
     sb = nvfp4_block_scales(a, s, D, SOFT, POW2)
     den = sb * s[:, None]
     v = tl.math.div_rn(x, tl.where(den > 0, den, 1.0))
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
-    return tl.where(sb > 0, _e2m1_rne_value(v) * sb, 0.0), s
+    v = tl.minimum(tl.maximum(v, -E2M1_MAX), E2M1_MAX)
+    return tl.where(sb > 0, e2m1_round(v) * sb, 0.0), s
 
 
 @triton.jit
 def _pack_e2m1(v, R: tl.constexpr, C: tl.constexpr):
     """E2M1 values v (any shape with R * C elements) -> (R, C/2) uint8 codes, element 2i in the
     low nibble (the NVFP4 / tl.dot_scaled packing along the reduction dim)."""
-    c = tl.reshape(_e2m1_rne_code(v), [R, C // 2, 2])
-    lo, hi = tl.split(c)
-    return (lo | (hi << 4)).to(tl.uint8)
+    lo, hi = tl.split(tl.reshape(e2m1_codes(v), [R, C // 2, 2]))
+    return e2m1_pack(lo, hi)
 
 
 @triton.jit
@@ -192,17 +172,15 @@ def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D
                   POW2: tl.constexpr = False):
     """x (BT, D) fp32 -> (codes to store, per-token scale (BT,))."""
     amax = tl.max(tl.abs(x), axis=1)
-    if KIND == 1:
-        s = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FLT_MIN)
+    if KIND == KIND_FP8:
+        s = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)
         v = tl.math.div_rn(x, s[:, None])
-        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
         c = e4m3_bits(v, SOFT)
-    elif KIND == 2:
+    elif KIND == KIND_INT8:
         s = tl.maximum(tl.math.div_rn(amax, INT8_MAX), FLT_MIN)
-        v = tl.math.div_rn(x, s[:, None])
-        v = (v + RNE_MAGIC) - RNE_MAGIC
-        c = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX).to(tl.int8)
-    else:  # nvfp4 emulated: per-token fp32 s, E4M3 per 16 channels, E2M1; stored decoded (fp16)
+        c = f32_to_int8(tl.math.div_rn(x, s[:, None]))
+    else:  # KIND_NVFP4 emulated: per-token fp32 s, E4M3 per 16 channels, E2M1; stored decoded
         val, s = _nvfp4_values_2d(x, SOFT, BT, D, POW2)
         c = val.to(tl.float16)  # e2m1 x e4m3: exact in fp16
     return c, s
@@ -269,10 +247,11 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if NATIVE:  # packed E2M1 codes (Sq, D/2) + E4M3 scale bytes (Sq, D/16)
             s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
             dh = tl.arange(0, D // 2)
-            ds = tl.arange(0, D // 16)
+            ds = tl.arange(0, D // NVFP4_BLOCK)
             tl.store(qc_ptr + (obh * Sq + rows[:, None]) * (D // 2) + dh[None, :],
                      _pack_e2m1(v, BT, D), mask=rm[:, None])
-            tl.store(qsb_ptr + (obh * Sq + rows[:, None]) * (D // 16) + ds[None, :], sbits,
+            tl.store(qsb_ptr + (obh * Sq + rows[:, None]) * (D // NVFP4_BLOCK) + ds[None, :],
+                     sbits,
                      mask=rm[:, None])
         else:
             c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
@@ -296,10 +275,11 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         if NATIVE:
             s, sbits, sb, v = _nvfp4_parts(x, SOFT, BT, D, POW2)
             dh = tl.arange(0, D // 2)
-            ds = tl.arange(0, D // 16)
+            ds = tl.arange(0, D // NVFP4_BLOCK)
             tl.store(kc_ptr + (bhk * Sk + rows[:, None]) * (D // 2) + dh[None, :],
                      _pack_e2m1(v, BT, D), mask=rm[:, None])
-            tl.store(ksb_ptr + (bhk * Sk + rows[:, None]) * (D // 16) + ds[None, :], sbits,
+            tl.store(ksb_ptr + (bhk * Sk + rows[:, None]) * (D // NVFP4_BLOCK) + ds[None, :],
+                     sbits,
                      mask=rm[:, None])
         else:
             c, s = _quant_tokens(x, QK_KIND, SOFT, BT, D, POW2)
@@ -309,13 +289,13 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         # a channel holding inf/NaN (a NaN partial): scale NaN, codes 0
         vp = tl.load(va_ptr + sofs, mask=cm, other=0.0)
         vnan = tl.max(tl.where(vp == vp, 0, 1), axis=0) > 0
-        vs = tl.maximum(tl.math.div_rn(tl.max(vp, axis=0), FP8_MAX), FLT_MIN)
+        vs = tl.maximum(tl.math.div_rn(tl.max(vp, axis=0), E4M3_MAX), FLT_MIN)
         vs = tl.where(vnan, float("nan"), vs)
         vbase = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
         y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, rm[:, None], IS_BF16)
         y = tl.math.div_rn(y, vs[None, :])
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        if PV_KIND == 1:
+        y = tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX)
+        if PV_KIND == KIND_FP8:
             yc = e4m3_bits(y, SOFT)
         else:
             yc = y.to(tl.float16)
@@ -328,17 +308,20 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
 def prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, device, native: bool = False):
     """Allocate the pre-pass outputs (shapes only). ``native`` (nvfp4 only): qc/kc hold packed
     E2M1 codes (..., D/2) uint8 and qsb/ksb the E4M3 block-scale bytes (..., D/16)."""
-    qk, pv = QK_KIND[precision], PV_KIND[precision]
-    cdt = {1: torch.uint8, 2: torch.int8, 3: torch.float16}[qk]
-    vdt = {1: torch.uint8, 2: torch.float16}[pv]
+    kinds = ATTENTION_KINDS[precision]
+    qk = kinds.qk
+    if qk not in _CODE_DTYPE:
+        raise ValueError(f"precision {precision!r} has no pre-pass (not quantized)")
+    cdt, vdt = _CODE_DTYPE[qk], _CODE_DTYPE[kinds.v]
     sk_pad = triton.cdiv(Sk, 16) * 16
     f32 = dict(dtype=torch.float32, device=device)
     u8 = dict(dtype=torch.uint8, device=device)
     if native:
-        if qk != 3:
+        if qk != KIND_NVFP4.value:
             raise ValueError(f"native packed codes exist for nvfp4 only, not {precision!r}")
-        extra = dict(qsb=torch.empty((B, Hq, Sq, D // 16), **u8),
-                     ksb=torch.empty((B, Hk, Sk, D // 16), **u8))
+        nbs = D // NVFP4_BLOCK.value
+        extra = dict(qsb=torch.empty((B, Hq, Sq, nbs), **u8),
+                     ksb=torch.empty((B, Hk, Sk, nbs), **u8))
         dq, cdt = D // 2, torch.uint8
     else:
         extra, dq = {}, D
@@ -365,6 +348,7 @@ def quantize_qkv(q, k, v, precision: str, sm_scale: float, *, smooth_k: bool = T
     interp = dev.type != "cuda"
     soft = use_soft_cvt(q)
     out = prepass_buffers(B, Hq, Hk, Sq, Sk, D, precision, dev, native)
+    kinds = ATTENTION_KINDS[precision]
     S = max(Sq, Sk)
     nch = max(1, min(MAX_CHUNKS, triton.cdiv(S, 4 * block_t)))
     chq = triton.cdiv(triton.cdiv(Sq, nch), block_t) * block_t
@@ -383,15 +367,15 @@ def quantize_qkv(q, k, v, precision: str, sm_scale: float, *, smooth_k: bool = T
         IS_BF16=is_bf16, D=D, BT=block_t, num_warps=nw)
     nqt, nkt = triton.cdiv(Sq, block_t), triton.cdiv(Sk, block_t)
     n_q = B * Hq * nqt
-    c_log2 = float(sm_scale) * 1.4426950408889634
+    c_log2 = float(sm_scale) * LOG2E.value
     _qkv_quant_kernel[(n_q + B * Hk * nkt,)](
         qk_, kk_, vk_, qa, kmx, kmn, va,
         out["qc"], out["qs"], out["qb"], out["kc"], out["ks"], out["vt"], out["vs"],
         out.get("qsb", out["qs"]), out.get("ksb", out["ks"]),
         n_q, nqt, nkt, Hq, Hk, Hq // Hk, Sq, Sk, out["sk_pad"], nch, c_log2, *strides,
-        QK_KIND=QK_KIND[precision], PV_KIND=PV_KIND[precision], SMOOTH_K=bool(smooth_k),
-        SMOOTH_QK=bool(smooth_qk), ROTATE=bool(rotate), IS_BF16=is_bf16, SOFT=soft,
-        INTERPRET=interp, D=D, LOG_D=int(math.log2(D)),
+        QK_KIND=kinds.qk, PV_KIND=kinds.v, SMOOTH_K=bool(smooth_k), SMOOTH_QK=bool(smooth_qk),
+        ROTATE=bool(rotate), IS_BF16=is_bf16, SOFT=soft, INTERPRET=interp, D=D,
+        LOG_D=int(math.log2(D)),
         RSQRT_D=float(torch.tensor(1.0 / math.sqrt(D), dtype=torch.float32)), BT=block_t,
         NCH_P=triton.next_power_of_2(nch), NATIVE=bool(native), POW2=bool(pow2_scales),
         num_warps=nw)

@@ -31,31 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cvt import NVFP4_BLOCK, e2m1_to_f32, e2m1_unpack, e4m3_to_f32
+
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
 NUM_SMS_DEFAULT = 132
-
-
-@triton.jit
-def _e2m1_f32(c):
-    """4-bit codes (int32) -> fp32: magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign."""
-    m = c & 7
-    # m >= 2: exponent (m >> 1) - 1, mantissa bit m & 1 -> fp32 bits directly
-    big = (((m >> 1) + 126) << 23) | ((m & 1) << 22)
-    bits = tl.where(m >= 2, big, tl.where(m == 1, 0x3F000000, 0))
-    bits = bits | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e4m3_f32(b):
-    """E4M3 scale byte (int32, 0..255) -> fp32 (exact; 0x7F NaN)."""
-    e = (b >> 3) & 0xF
-    m = b & 7
-    nrm = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125
-    mag = tl.where(e == 0, sub, nrm)
-    mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
-    return tl.where((b & 0x80) != 0, -mag, mag)
 
 
 @triton.jit
@@ -73,7 +52,7 @@ def _nvfp4_linear_kernel(x_ptr, d_ptr, s_ptr, g_ptr, b_ptr, o_ptr, ws_ptr, M, N,
     rm_c = tl.minimum(rm, M - 1)
     rkh = tl.arange(0, BLOCK_K // 2)
     rk = tl.arange(0, BLOCK_K)
-    rb = tl.arange(0, BLOCK_K // 16)
+    rb = tl.arange(0, BLOCK_K // NVFP4_BLOCK)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -81,16 +60,16 @@ def _nvfp4_linear_kernel(x_ptr, d_ptr, s_ptr, g_ptr, b_ptr, o_ptr, ws_ptr, M, N,
         # weight tile: packed bytes [BN, BK/2] and block scales [BN, BK/16]; the data row
         # holds nb*8 bytes (a zero-padded last block), so whole 16-blocks never run past it
         kh = k0 // 2 + rkh
-        kb = k0 // 16 + rb
+        kb = k0 // NVFP4_BLOCK + rb
         pk = tl.load(d_ptr + rn_c[:, None] * sdn + kh[None, :],
                      mask=(2 * kh < K)[None, :], other=0).to(tl.int32)
         sb = tl.load(s_ptr + rn_c[:, None] * ssn + kb[None, :],
-                     mask=(16 * kb < K)[None, :], other=0).to(tl.int32)
-        codes = tl.reshape(tl.join(pk & 0xF, pk >> 4), [BLOCK_N, BLOCK_K])
-        v = _e2m1_f32(codes)
-        s = _e4m3_f32(sb)
-        w = tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // 16, 16]) * s[:, :, None],
-                       [BLOCK_N, BLOCK_K])
+                     mask=(kb * NVFP4_BLOCK < K)[None, :], other=0).to(tl.int32)
+        codes = tl.reshape(e2m1_unpack(pk), [BLOCK_N, BLOCK_K])
+        v = e2m1_to_f32(codes)
+        s = e4m3_to_f32(sb, True)  # integer decode on the GPU too
+        w = tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // NVFP4_BLOCK, NVFP4_BLOCK])
+                       * s[:, :, None], [BLOCK_N, BLOCK_K])
         kk = k0 + rk
         xt = tl.load(x_ptr + rm_c[None, :] * sxm + kk[:, None] * sxk,
                      mask=(kk < k_hi)[:, None], other=0.0)  # [BK, BM]
@@ -134,16 +113,16 @@ def _nvfp4_dequant_kernel(d_ptr, s_ptr, g_ptr, o_ptr, N, K, sdn, ssn, son,
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    kb = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    kb = k0 // NVFP4_BLOCK + tl.arange(0, BLOCK_K // NVFP4_BLOCK)
     nmask = (rn < N)[:, None]
     pk = tl.load(d_ptr + rn[:, None] * sdn + kh[None, :], mask=nmask & (2 * kh < K)[None, :],
                  other=0).to(tl.int32)
-    sb = tl.load(s_ptr + rn[:, None] * ssn + kb[None, :], mask=nmask & (16 * kb < K)[None, :],
-                 other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(pk & 0xF, pk >> 4), [BLOCK_N, BLOCK_K])
-    sg = _e4m3_f32(sb) * tl.load(g_ptr)
-    w = tl.reshape(tl.reshape(_e2m1_f32(codes), [BLOCK_N, BLOCK_K // 16, 16]) * sg[:, :, None],
-                   [BLOCK_N, BLOCK_K])
+    sb = tl.load(s_ptr + rn[:, None] * ssn + kb[None, :],
+                 mask=nmask & (kb * NVFP4_BLOCK < K)[None, :], other=0).to(tl.int32)
+    codes = tl.reshape(e2m1_unpack(pk), [BLOCK_N, BLOCK_K])
+    sg = e4m3_to_f32(sb, True) * tl.load(g_ptr)
+    w = tl.reshape(tl.reshape(e2m1_to_f32(codes), [BLOCK_N, BLOCK_K // NVFP4_BLOCK, NVFP4_BLOCK])
+                   * sg[:, :, None], [BLOCK_N, BLOCK_K])
     kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(o_ptr + rn[:, None] * son + kk[None, :], w.to(o_ptr.dtype.element_ty),
              mask=nmask & (kk < K)[None, :])

@@ -27,11 +27,11 @@ import triton
 import triton.language as tl
 
 from ._amax import partial_amax, pow2 as _pow2, warps as _warps
-from ._cvt import (FLT_MAX, FLT_MIN, as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32,
-                   f32_to_out, load_f32, out_kind, use_soft_cvt)
+from ._cvt import (E4M3_MAX, F32_NAN_BITS, FLT_MAX, FLT_MIN, FP8_BLOCK, as_kernel_input,
+                   as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out, load_f32, out_kind,
+                   use_soft_cvt)
 
-FP8_MAX = tl.constexpr(448.0)
-NAN_BITS = tl.constexpr(0x7FC00000)  # the reference's NaN scale (torch.full_like(..., nan))
+BLOCK = FP8_BLOCK.value  # the block granularities' 128 (host side)
 ROW_SINGLE_MAX = 8192  # rows up to this length are kept in registers (one pass)
 ROW_CHUNK = 4096  # chunk along K for longer rows (two passes)
 TILE_ELEMS = 8192  # target elements per program
@@ -41,8 +41,8 @@ TILE_ELEMS = 8192  # target elements per program
 def _fp8_group_scale(amax):
     """amax over the group with non-finite values mapped to +inf -> (scale, bad)."""
     bad = amax > FLT_MAX
-    s = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FLT_MIN)
-    nan = tl.full(amax.shape, NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    s = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)
+    nan = tl.full(amax.shape, F32_NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(bad, nan, s), bad
 
 
@@ -56,7 +56,7 @@ def _abs_mark(x):
 @triton.jit
 def _fp8_codes(x, scale, bad, SOFT: tl.constexpr):
     v = tl.math.div_rn(x, scale)
-    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
     bits = e4m3_bits(v, SOFT)
     return tl.where(bad, 0, bits).to(tl.uint8)
 
@@ -131,10 +131,10 @@ def _fp8_dequant_kernel(q_ptr, s_ptr, o_ptr, M, K, sqm, som, n_tiles_k, ssm,
         s = tl.load(s_ptr + rows * 0, mask=rmask, other=0.0)
     elif MODE == 1:
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
-    elif MODE == 2:  # BK == 128: the tile's columns are one K block
+    elif MODE == 2:  # BK == FP8_BLOCK: the tile's columns are one K block
         s = tl.load(s_ptr + rows * ssm + pid_k, mask=rmask, other=0.0)
     else:
-        s = tl.load(s_ptr + (rows // 128) * ssm + pid_k, mask=rmask, other=0.0)
+        s = tl.load(s_ptr + (rows // FP8_BLOCK) * ssm + pid_k, mask=rmask, other=0.0)
     b = tl.load(q_ptr + rows[:, None] * sqm + cols[None, :], mask=mask, other=0)
     v = e4m3_to_f32(b, SOFT) * s[:, None]
     tl.store(o_ptr + rows[:, None] * som + cols[None, :], f32_to_out(v, OUT_KIND, SOFT), mask=mask)
@@ -150,8 +150,8 @@ def _check_2d(name, t, M, K):
 
 
 def _scale_shape(M: int, K: int, g: int):
-    nk = triton.cdiv(K, 128)
-    return [(1,), (M,), (M, nk), (triton.cdiv(M, 128), nk)][g]
+    nk = triton.cdiv(K, BLOCK)
+    return [(1,), (M,), (M, nk), (triton.cdiv(M, BLOCK), nk)][g]
 
 
 def quantize_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, granularity: int) -> None:
@@ -177,7 +177,7 @@ def quantize_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, granular
     qk = q.view(torch.uint8)
     is_bf16 = x.dtype == torch.bfloat16
     sxm, sxk = x.stride()
-    n_sk = triton.cdiv(K, 128)
+    n_sk = triton.cdiv(K, BLOCK)
     single, p_block, part, n_part = True, 1, scale, 1
     if g == 0:
         part, n_part, p_block = partial_amax(xk, x, mark_nonfinite=True)
@@ -190,11 +190,11 @@ def quantize_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, granular
         BM = min(max(TILE_ELEMS // BK, 1), _pow2(M))
         n_tiles_k = 1
     elif g == 2:
-        BK = 128
+        BK = BLOCK
         BM = min(TILE_ELEMS // BK, _pow2(M))
         n_tiles_k = n_sk
     else:
-        BK, BM = 128, 128
+        BK, BM = BLOCK, BLOCK
         n_tiles_k = n_sk
     grid = (triton.cdiv(M, BM) * n_tiles_k,)
     _fp8_quant_kernel[grid](xk, qk, scale, part, n_part, M, K, sxm, sxk, qk.stride(0),
@@ -222,12 +222,12 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: int,
     soft = use_soft_cvt(q)
     ok = as_kernel_output(out, soft)
     qk = q.view(torch.uint8)
-    n_sk = triton.cdiv(K, 128)
+    n_sk = triton.cdiv(K, BLOCK)
     if g in (0, 1):
         BK = min(_pow2(K), 1024)
         BM = min(max(TILE_ELEMS // BK, 1), _pow2(M))
     else:
-        BK = 128
+        BK = BLOCK
         BM = min(64, _pow2(M))
     n_tiles_k = triton.cdiv(K, BK)
     grid = (triton.cdiv(M, BM) * n_tiles_k,)

@@ -27,13 +27,12 @@ import triton
 import triton.language as tl
 
 from ._amax import partial_amax, pow2 as _pow2, warps as _warps
-from ._cvt import (FLT_MAX, FLT_MIN, as_kernel_input, as_kernel_output, e4m3_bits, e4m3_to_f32,
-                   f32_to_out, load_f32, out_kind, use_soft_cvt)
+from ._cvt import (E2M1_MAX, E4M3_NAN, FLT_MAX, NVFP4_BLOCK, as_kernel_input, as_kernel_output,
+                   e2m1_codes, e2m1_pack, e2m1_to_f32, e2m1_unpack, e4m3_bits, e4m3_to_f32,
+                   f32_to_out, load_f32, nvfp4_block_scale, nvfp4_global_scale, out_kind,
+                   use_soft_cvt)
 
-FP4_MAX = tl.constexpr(6.0)
-E4M3_MAX = tl.constexpr(448.0)
-GLOBAL_DIV = tl.constexpr(2688.0)  # 6 * 448
-SCALE_NAN = tl.constexpr(0x7F)
+BLOCK = NVFP4_BLOCK.value  # elements per block scale (host side)
 TILE_ELEMS = 8192  # target input elements per program
 MAX_NBB = 64  # at most 64 blocks (1024 elements) along K per tile
 
@@ -48,25 +47,6 @@ def _swizzle_offset(rows, blks, n_cols_padded):
 
 
 @triton.jit
-def _e2m1_codes(v):
-    """fp32 in [-6, 6] -> 4-bit codes (int32): the reference's threshold sum, sign = v < 0."""
-    m = tl.abs(v)
-    idx = ((m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
-           + (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32)
-           + (m > 5.0).to(tl.int32))
-    return idx | ((v < 0).to(tl.int32) << 3)
-
-
-@triton.jit
-def _e2m1_values(c):
-    """4-bit codes (int32) -> fp32 (code 8 -> -0.0, like the reference's table)."""
-    m = c & 7
-    big = ((((m >> 1) + 126) << 23) | ((m & 1) << 22)).to(tl.float32, bitcast=True)
-    mag = tl.where(m >= 2, big, m.to(tl.float32) * 0.5)
-    return tl.where((c & 8) != 0, -mag, mag)
-
-
-@triton.jit
 def _nvfp4_quant_kernel(x_ptr, d_ptr, s_ptr, g_ptr, part_ptr, n_part, M, K, nb, sxm, sxk,
                         sdm, n_tiles_b, s_rows, s_cols,
                         COMPUTE_G: tl.constexpr, SWIZZLE: tl.constexpr, IS_BF16: tl.constexpr,
@@ -77,7 +57,7 @@ def _nvfp4_quant_kernel(x_ptr, d_ptr, s_ptr, g_ptr, part_ptr, n_part, M, K, nb, 
     pid_b = pid % n_tiles_b
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     blks = pid_b.to(tl.int64) * NBB + tl.arange(0, NBB)
-    cols = blks[:, None] * 16 + tl.arange(0, 16)[None, :]  # [NBB, 16]
+    cols = blks[:, None] * NVFP4_BLOCK + tl.arange(0, NVFP4_BLOCK)[None, :]  # [NBB, 16]
     rmask = rows < M
     bmask = blks < nb
     mask = rmask[:, None, None] & (cols < K)[None, :, :]
@@ -86,7 +66,7 @@ def _nvfp4_quant_kernel(x_ptr, d_ptr, s_ptr, g_ptr, part_ptr, n_part, M, K, nb, 
     if COMPUTE_G:
         pofs = tl.arange(0, P_BLOCK)
         amax = tl.max(tl.load(part_ptr + pofs, mask=pofs < n_part, other=0.0), axis=0)
-        g = tl.maximum(tl.math.div_rn(amax, GLOBAL_DIV), FLT_MIN)
+        g = nvfp4_global_scale(amax)
         if pid == 0:
             tl.store(g_ptr, g)
     else:
@@ -96,22 +76,22 @@ def _nvfp4_quant_kernel(x_ptr, d_ptr, s_ptr, g_ptr, part_ptr, n_part, M, K, nb, 
     bamax = tl.max(tl.where(a <= FLT_MAX, a, float("inf")), axis=2)  # [BM, NBB]; inf = bad
     bad = bamax > FLT_MAX
     # NaN must survive the clamps as in torch.clamp (GPU min/max drop NaN by default)
-    s = tl.minimum(tl.math.div_rn(tl.math.div_rn(bamax, FP4_MAX), g), E4M3_MAX,
-                   propagate_nan=tl.PropagateNan.ALL)
+    s = nvfp4_block_scale(bamax, g, NAN_SAFE=True)
     sbits = e4m3_bits(s, SOFT)
     sf = e4m3_to_f32(sbits, SOFT)
     denom = sf * g
     v = tl.math.div_rn(x, denom[:, :, None])
-    v = tl.minimum(tl.maximum(v, -FP4_MAX, propagate_nan=tl.PropagateNan.ALL), FP4_MAX,
+    v = tl.minimum(tl.maximum(v, -E2M1_MAX, propagate_nan=tl.PropagateNan.ALL), E2M1_MAX,
                    propagate_nan=tl.PropagateNan.ALL)
-    codes = _e2m1_codes(v)
+    codes = e2m1_codes(v)
     codes = tl.where((bad | (sf == 0))[:, :, None], 0, codes)
-    lo, hi = tl.split(tl.reshape(codes, [BM, NBB, 8, 2]))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    doffs = rows[:, None, None] * sdm + blks[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    lo, hi = tl.split(tl.reshape(codes, [BM, NBB, NVFP4_BLOCK // 2, 2]))
+    packed = e2m1_pack(lo, hi)
+    doffs = (rows[:, None, None] * sdm + blks[None, :, None] * (NVFP4_BLOCK // 2)
+             + tl.arange(0, NVFP4_BLOCK // 2)[None, None, :])
     tl.store(d_ptr + doffs, packed, mask=(rmask[:, None] & bmask[None, :])[:, :, None])
 
-    sbyte = tl.where(bad, SCALE_NAN, sbits.to(tl.int32))
+    sbyte = tl.where(bad, E4M3_NAN, sbits.to(tl.int32))
     inside = rmask[:, None] & bmask[None, :]
     if SWIZZLE:  # also write the padding's zeros
         sbyte = tl.where(inside, sbyte, 0)
@@ -134,17 +114,18 @@ def _nvfp4_dequant_kernel(d_ptr, s_ptr, g_ptr, o_ptr, M, K, nb, sdm, som, n_tile
     blks = pid_b.to(tl.int64) * NBB + tl.arange(0, NBB)
     rmask = rows < M
     inside = rmask[:, None] & (blks < nb)[None, :]
-    doffs = rows[:, None, None] * sdm + blks[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    doffs = (rows[:, None, None] * sdm + blks[None, :, None] * (NVFP4_BLOCK // 2)
+             + tl.arange(0, NVFP4_BLOCK // 2)[None, None, :])
     byte = tl.load(d_ptr + doffs, mask=inside[:, :, None], other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(byte & 0xF, byte >> 4), [BM, NBB, 16])
+    codes = tl.reshape(e2m1_unpack(byte), [BM, NBB, NVFP4_BLOCK])
     if SWIZZLED:
         soffs = _swizzle_offset(rows, blks, s_cols)
     else:
         soffs = rows[:, None] * nb + blks[None, :]
     sf = e4m3_to_f32(tl.load(s_ptr + soffs, mask=inside, other=0), SOFT)
     denom = sf * tl.load(g_ptr)
-    v = _e2m1_values(codes) * denom[:, :, None]
-    cols = blks[:, None] * 16 + tl.arange(0, 16)[None, :]
+    v = e2m1_to_f32(codes) * denom[:, :, None]
+    cols = blks[:, None] * NVFP4_BLOCK + tl.arange(0, NVFP4_BLOCK)[None, :]
     omask = rmask[:, None, None] & (cols < K)[None, :, :]
     tl.store(o_ptr + rows[:, None, None] * som + cols[None, :, :],
              f32_to_out(v, OUT_KIND, SOFT), mask=omask)
@@ -154,7 +135,7 @@ def _nvfp4_dequant_kernel(d_ptr, s_ptr, g_ptr, o_ptr, M, K, nb, sdm, som, n_tile
 
 def _tiles(M: int, nb: int):
     NBB = min(_pow2(nb), MAX_NBB)
-    BM = min(max(TILE_ELEMS // (NBB * 16), 1), _pow2(M))
+    BM = min(max(TILE_ELEMS // (NBB * BLOCK), 1), _pow2(M))
     return BM, NBB
 
 
@@ -175,8 +156,8 @@ def quantize_nvfp4(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be bf16/fp16/fp32, got {x.dtype}")
     M, K = x.shape
-    nb = triton.cdiv(K, 16)
-    _check("data", data, (M, nb * 8), torch.uint8)
+    nb = triton.cdiv(K, BLOCK)
+    _check("data", data, (M, nb * BLOCK // 2), torch.uint8)
     s_shape = _swizzled_shape(M, nb) if swizzle else (M, nb)
     _check("scales", scales, s_shape, torch.uint8)
     _check("global_scale", global_scale.view(-1), (1,), torch.float32)
@@ -197,7 +178,7 @@ def quantize_nvfp4(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
                               data.stride(0), n_tiles_b, s_rows, s_cols,
                               COMPUTE_G=bool(compute_global), SWIZZLE=bool(swizzle),
                               IS_BF16=is_bf16, SOFT=soft, BM=BM, NBB=NBB, P_BLOCK=p_block,
-                              num_warps=_warps(BM * NBB * 16))
+                              num_warps=_warps(BM * NBB * BLOCK))
 
 
 def dequantize_nvfp4(data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
@@ -206,8 +187,8 @@ def dequantize_nvfp4(data: torch.Tensor, scales: torch.Tensor, global_scale: tor
         raise ValueError(f"data must be 2-D, got shape {tuple(data.shape)}")
     M = data.shape[0]
     K = int(K)
-    nb = triton.cdiv(K, 16)
-    _check("data", data, (M, nb * 8), torch.uint8)
+    nb = triton.cdiv(K, BLOCK)
+    _check("data", data, (M, nb * BLOCK // 2), torch.uint8)
     s_shape = _swizzled_shape(M, nb) if swizzled else (M, nb)
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
@@ -226,4 +207,4 @@ def dequantize_nvfp4(data: torch.Tensor, scales: torch.Tensor, global_scale: tor
     _nvfp4_dequant_kernel[grid](data, scales, global_scale, ok, M, K, nb, data.stride(0),
                                 ok.stride(0), n_tiles_b, s_shape[1],
                                 SWIZZLED=bool(swizzled), OUT_KIND=out_kind(out.dtype), SOFT=soft,
-                                BM=BM, NBB=NBB, num_warps=_warps(BM * NBB * 16))
+                                BM=BM, NBB=NBB, num_warps=_warps(BM * NBB * BLOCK))

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cvt import BF16_NAN_BITS_CANONICAL, f32_to_bf16_bits
+
 BLOCK = 1024
 
 
@@ -17,14 +19,12 @@ BLOCK = 1024
 def _round_store(ptr, offs, y, mask):
     """Store fp32 ``y`` in ``ptr``'s dtype, rounding to nearest even (as torch's casts do).
 
-    fp32 -> bf16 is done on the bits: the Triton interpreter's own cast truncates, and the
-    explicit form is what cvt.rn.bf16.f32 computes on the GPU anyway (NaN stays NaN).
+    fp32 -> bf16 is done on the bits (``_cvt.f32_to_bf16_bits``, on the GPU too): the Triton
+    interpreter's own cast truncates, and the explicit form is what cvt.rn.bf16.f32 computes on
+    the GPU anyway (NaN stays NaN, written as 0x7FC0).
     """
     if ptr.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        hi = (bits >> 16).to(tl.uint16)
-        hi = tl.where(y != y, 0x7FC0, hi).to(tl.uint16)
+        hi = f32_to_bf16_bits(y, BF16_NAN_BITS_CANONICAL)
         tl.store(ptr + offs, hi.to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
