@@ -1,4 +1,14 @@
-"""pyops.quantize_fp8 / dequantize_fp8: spec, backends bit-exact, errors, opcheck, compile."""
+"""pyops.quantize_fp8 / dequantize_fp8: spec, backends bit-exact, errors, opcheck, compile.
+
+Sections: the reference against independent computations; the public function on every backend
+the registry holds; each backend's destination-passing entry point (``_backend.impl``) with
+poisoned outputs; errors; op registration; Triton-only internals; the CUDA backend at production
+shapes (GPU). The Triton conversion helpers themselves are tested in tests/test_cvt.py.
+
+References are computed on the host from a host copy of the input (see tests/_quantize_util.py);
+codes compare as bytes, fp32 scales by their bit patterns (a NaN scale must be the very NaN the
+reference writes, 0x7FC00000).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +16,16 @@ import pytest
 import torch
 
 import pyops
+from pyops import _backend
 from pyops.reference import quantize_fp8 as ref
 
-from _util import (BACKENDS, DEVICE, HAS_CUDA, assert_bits_equal, make_input, need_backend,
-                   non_contiguous, registered_backends)
+from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
+                            randn_cuda, raw_bits)
+from _util import (BACKENDS, DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
+                   make_input, need_backend, non_contiguous, registered_backends, schema_check)
+
+# the interpreter's numpy ops warn on x/0 and inf-inf in groups the kernels then overwrite
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 GRANS = list(ref.GRANULARITIES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -324,3 +340,182 @@ def test_triton_min_capability(monkeypatch):
     assert _backend.available("quantize_fp8", "triton", dev)[0]  # uint8 views: any arch
     monkeypatch.setattr(_backend, "_CAPABILITY", {0: (9, 0)})
     assert _backend.available("fp8_linear", "triton", dev)[0]
+
+
+# ---- each backend's entry point (destination-passing), poisoned outputs --------------------------
+# The entry points the registry holds (``_backend.impl(op, backend)``, what the op calls with its
+# freshly allocated outputs), called on outputs poisoned with 0xAA bytes so an unwritten element
+# is caught. "cuda" is the compiled binding (GPU); a dequantize backend registered later is picked
+# up without editing the tests.
+KERNEL_BACKENDS = registered_backends("quantize_fp8")
+DEQ_BACKENDS = registered_backends("dequantize_fp8")
+DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
+
+
+def run_kernel(x, g, backend="triton"):
+    """The backend's entry point on x's device vs the reference on the host; returns the
+    (checked) outputs."""
+    M, K = x.shape
+    want_q, want_s = ref.quantize_fp8(x.cpu(), g)
+    q = poisoned((M, K), torch.float8_e4m3fn, x.device)
+    s = poisoned(want_s.shape, torch.float32, x.device)
+    _backend.impl("quantize_fp8", backend)(x, q, s, g)
+    assert_bits(q, want_q, f"{backend} q {g}")
+    assert torch.equal(raw_bits(s).cpu(), raw_bits(want_s).cpu()), f"{backend} scale {g}"  # NaN bits
+    return q, s
+
+
+def check_deq(q, s, g, out_dtype, backend="triton"):
+    M, K = q.shape
+    out = poisoned((M, K), out_dtype, q.device)
+    _backend.impl("dequantize_fp8", backend)(q, s, g, out)
+    assert_bits(out, ref.dequantize_fp8(q.cpu(), s.cpu(), g, out_dtype),
+                f"{backend} deq {g} {out_dtype}")
+
+
+def check_deq_all(q, s, g, out_dtype):
+    """Every dequantize backend the registry holds that can run here, on the checked codes."""
+    for b in DEQ_NAMES:
+        if _backend.available("dequantize_fp8", b, q.device)[0]:
+            check_deq(q, s, g, out_dtype, b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("g", GRANS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_dtypes_outliers_nonfinite(backend, g, dtype):
+    need_backend("quantize_fp8", backend)
+    x = make_x(130, 300, dtype, seed=1, nonfinite=True)
+    q, s = run_kernel(x, g, backend)
+    if g != "tensor":
+        assert not s.isnan().all()  # only the groups holding inf/NaN are NaN
+    check_deq_all(q, s, g, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("g", GRANS)
+def test_kernel_shapes(backend, shape, g, dtype):
+    need_backend("quantize_fp8", backend)
+    x = make_x(*shape, dtype, seed=2, nonfinite=True)
+    q, s = run_kernel(x, g, backend)
+    check_deq_all(q, s, g, torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("gran", GRANS)
+def test_kernel_writes_every_output(backend, gran):
+    """Fresh random bf16 input, every output poisoned (was the CUDA binding's own test)."""
+    need_backend("quantize_fp8", backend)
+    s = new_seed()
+    x = make_input((257, 300), torch.bfloat16, seed=s)
+    q = torch.full((257, 300), 0xA5, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+    sc = torch.full(ref.scale_shape_2d(257, 300, gran), -12345.0, device=DEV)
+    _backend.impl("quantize_fp8", backend)(x, q, sc, gran)
+    rq, rs = ref.quantize_fp8(x.cpu(), gran)
+    assert_same(q, rq, f"{backend} codes", s)
+    assert_same(sc, rs, f"{backend} scales", s)
+
+
+@pytest.mark.parametrize("backend", DEQ_BACKENDS)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_kernel_dequant_out_dtypes(backend, out_dtype):
+    need_backend("dequantize_fp8", backend)
+    x = make_x(257, 33, torch.float32, seed=3, nonfinite=True)
+    for g in GRANS:
+        q, s = ref.quantize_fp8(x.cpu(), g)
+        check_deq(q.to(DEV), s.to(DEV), g, out_dtype, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "column_slice"])
+def test_kernel_noncontiguous(backend, view):
+    need_backend("quantize_fp8", backend)
+    base = make_x(300, 130, torch.bfloat16, seed=4)
+    x = base.t() if view == "transposed" else base[:, 7:7 + 97]
+    assert not x.is_contiguous()
+    for g in GRANS:
+        run_kernel(x, g, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_all_zero_and_all_nonfinite(backend):
+    need_backend("quantize_fp8", backend)
+    for g in GRANS:
+        q, s = run_kernel(torch.zeros(129, 130, dtype=torch.float16, device=DEV), g, backend)
+        assert (s == 2.0**-126).all() and (q.view(torch.uint8) == 0).all()
+    x = torch.full((3, 129), float("nan"), device=DEV)
+    for g in GRANS:
+        q, s = run_kernel(x, g, backend)
+        assert s.isnan().all() and (q.view(torch.uint8) == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_rne_ties(backend):
+    """Row 0 has amax 448, so scale 1 and x/scale = x: put x on e4m3 midpoints (normal and
+    subnormal) and their fp32 neighbours; row 1 the same scaled by 2**-20 (scale 2**-20)."""
+    need_backend("quantize_fp8", backend)
+    mids = torch.tensor([1.0625, 1.1875, 17.0, 19.0, 0.5 * 2.0**-9, 1.5 * 2.0**-9, 2.5 * 2.0**-9,
+                         7.5 * 2.0**-9, 2.0**-6 + 2.0**-10, 2.0**-6 + 3 * 2.0**-10, 440.0])
+    up = (mids.view(torch.int32) + 1).view(torch.float32)
+    dn = (mids.view(torch.int32) - 1).view(torch.float32)
+    row = torch.cat([torch.tensor([448.0]), mids, -mids, up, dn, -up,
+                     torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-149)])])
+    x = torch.stack([row, row * 2.0**-20]).to(DEV)
+    for g in GRANS:
+        q, s = run_kernel(x, g, backend)
+    q, s = run_kernel(x, "row", backend)
+    assert torch.equal(s.cpu(), torch.tensor([1.0, 2.0**-20]))
+    assert torch.equal(q[0, 1:5].float().cpu(), torch.tensor([1.0, 1.25, 16.0, 20.0]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_row_stride_over_2_31(backend):
+    """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
+    need_backend("quantize_fp8", backend)
+    if DEV == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    buf = torch.empty(2**31 + 64, dtype=torch.bfloat16, device=DEV)  # untouched pages: no RAM
+    x = buf.as_strided((2, 32), (2**31, 1))
+    gen = torch.Generator().manual_seed(12)
+    x[0] = (torch.randn(32, generator=gen) * 3).to(DEV)
+    x[1] = (torch.randn(32, generator=gen) * 300).to(DEV)
+    q, s = run_kernel(x, "row", backend)
+    check_deq_all(q, s, "row", torch.bfloat16)
+
+
+# ---- Triton only: the kernels' internal paths ------------------------------------------------
+def test_triton_multi_partial_and_two_pass_rows(monkeypatch):
+    """Exercise the persistent partial-amax loop (more tiles than partials) and long rows."""
+    need_backend("quantize_fp8", "triton")
+    from pyops.triton_kernels import _amax as tka
+    from pyops.triton_kernels import quantize_fp8 as tk8
+    monkeypatch.setattr(tka, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "TILE_ELEMS", 512)
+    monkeypatch.setattr(tk8, "TILE_ELEMS", 512)
+    monkeypatch.setattr(tk8, "ROW_SINGLE_MAX", 128)
+    monkeypatch.setattr(tk8, "ROW_CHUNK", 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = make_x(130, 300, dtype, seed=5, nonfinite=dtype == torch.float32)
+        for g in ("tensor", "row"):
+            q, s = run_kernel(x, g)
+    x = make_x(130, 300, torch.float16, seed=6)
+    x[:, 290] = 60000.0  # the amax sits in the last chunk / a late partial
+    run_kernel(x, "tensor")
+    run_kernel(x, "row")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_hw_and_soft_casts(monkeypatch):
+    """The Triton quantizer and dequantizer with the hardware casts (PYOPS_TRITON_SOFT_CVT=0) and
+    the soft bit-level casts (=1) on the GPU, bit-exact with the host reference at a large shape
+    (the conversions themselves: tests/test_cvt.py::test_gpu_hw_and_soft_paths)."""
+    need_backend("quantize_fp8", "triton")
+    for soft in ("0", "1"):
+        monkeypatch.setenv("PYOPS_TRITON_SOFT_CVT", soft)
+        for dtype in DTYPES:
+            x = make_x(1000, 4100, dtype, seed=13, nonfinite=True)
+            for g in GRANS:
+                q, s = run_kernel(x, g)
+                check_deq(q, s, g, dtype)

@@ -1,4 +1,13 @@
-"""pyops.quantize_nvfp4 / dequantize_nvfp4: spec, packing, swizzle, backends bit-exact, errors."""
+"""pyops.quantize_nvfp4 / dequantize_nvfp4: spec, packing, swizzle, backends bit-exact, errors.
+
+Sections: the reference against independent computations; the public function on every backend
+the registry holds; each backend's destination-passing entry point (``_backend.impl``) with
+poisoned outputs; errors; op registration; Triton-only internals; the CUDA backend at production
+shapes (GPU). The Triton E2M1/E4M3 codecs themselves are tested in tests/test_cvt.py.
+
+References are computed on the host from a host copy of the input (see tests/_quantize_util.py);
+data and scales compare as bytes, the fp32 global scale by its bit pattern.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +15,16 @@ import pytest
 import torch
 
 import pyops
+from pyops import _backend
 from pyops.reference import quantize_nvfp4 as ref
 
+from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
+                            randn_cuda, raw_bits)
 from _util import (BACKENDS, DEVICE, assert_bits_equal, make_input, need_backend,
                    non_contiguous, registered_backends)
+
+# the interpreter's numpy ops warn on x/0 and inf-inf in groups the kernels then overwrite
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 E2M1 = torch.tensor(ref.E2M1_VALUES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -307,3 +322,219 @@ def test_tensor_global_scale_checked_with_check_finite():
             q(x, global_scale=torch.tensor([bad]), check_finite=True)
     t = q(x, global_scale=torch.tensor(0.01))
     assert pyops.dequantize_nvfp4(t.data, t.scales, torch.tensor(0.01), 32).shape == (4, 32)
+
+
+# ---- each backend's entry point (destination-passing), poisoned outputs --------------------------
+# The entry points the registry holds (``_backend.impl(op, backend)``, what the op calls with its
+# freshly allocated outputs), called on outputs poisoned with 0xAA bytes so an unwritten element
+# is caught. "cuda" is the compiled binding (GPU); a dequantize backend registered later is picked
+# up without editing the tests.
+KERNEL_BACKENDS = registered_backends("quantize_nvfp4")
+DEQ_BACKENDS = registered_backends("dequantize_nvfp4")
+DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
+# Backends whose caller zero-fills the swizzled layout's padding (the CUDA binding's contract,
+# csrc/bindings/quantize_nvfp4.cpp; the op allocates the swizzled scales with torch.zeros): their
+# padding starts at 0, every other byte is still poisoned. The Triton kernel zeroes it itself.
+CALLER_ZEROES_PADDING = ("cuda",)
+
+
+def run_kernel(x, gs=None, swizzle=False, backend="triton"):
+    """gs None: computed global scale; else a static fp32 (1,) tensor. Returns the reference's
+    outputs on x's device (equal to the backend's: checked)."""
+    M, K = x.shape
+    want_d, want_s, want_g = ref.quantize_nvfp4(x.cpu(), None if gs is None else gs.cpu(),
+                                                swizzle)
+    d = poisoned(want_d.shape, torch.uint8, x.device)
+    s = poisoned(want_s.shape, torch.uint8, x.device)  # swizzle padding included
+    if swizzle and backend in CALLER_ZEROES_PADDING:
+        real = ref.swizzle_scales(torch.ones((M, want_d.shape[1] // 8), dtype=torch.uint8))
+        s[(real == 0).to(x.device)] = 0
+    g = poisoned((1,), torch.float32, x.device) if gs is None else gs.clone()
+    _backend.impl("quantize_nvfp4", backend)(x, d, s, g, gs is None, swizzle)
+    assert_bits(d, want_d, f"{backend} data")
+    assert_bits(s, want_s.view(torch.uint8), f"{backend} scales")
+    assert torch.equal(raw_bits(g).cpu(), raw_bits(want_g.reshape(1)).cpu()), \
+        f"{backend} global scale"
+    return want_d.to(x.device), want_s.to(x.device), want_g.to(x.device)
+
+
+def check_deq(d, s, g, K, swizzled, out_dtype, backend="triton"):
+    M = d.shape[0]
+    out = poisoned((M, K), out_dtype, d.device)
+    _backend.impl("dequantize_nvfp4", backend)(d, s.view(torch.uint8), g, K, swizzled, out)
+    assert_bits(out, ref.dequantize_nvfp4(d.cpu(), s.cpu(), g.cpu(), K, swizzled, out_dtype),
+                f"{backend} nvfp4 deq")
+
+
+def check_deq_all(d, s, g, K, swizzled, out_dtype):
+    """Every dequantize backend the registry holds that can run here."""
+    for b in DEQ_NAMES:
+        if _backend.available("dequantize_nvfp4", b, d.device)[0]:
+            check_deq(d, s, g, K, swizzled, out_dtype, b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("swizzle", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_dtypes_outliers_nonfinite(backend, dtype, static, swizzle):
+    need_backend("quantize_nvfp4", backend)
+    x = make_x(130, 300, dtype, seed=7, nonfinite=True)
+    gs = torch.tensor([0.37], device=DEV) if static else None
+    d, s, g = run_kernel(x, gs, swizzle, backend)
+    check_deq_all(d, s, g, 300, swizzle, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("swizzle", [False, True])
+def test_kernel_shapes(backend, shape, swizzle, dtype):
+    need_backend("quantize_nvfp4", backend)
+    x = make_x(*shape, dtype, seed=8, nonfinite=True)
+    d, s, g = run_kernel(x, None, swizzle, backend)
+    check_deq_all(d, s, g, shape[1], swizzle, torch.float32)
+    run_kernel(x, torch.tensor([1e-3], device=DEV), swizzle, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("swizzle", [False, True])
+def test_kernel_writes_every_output(backend, swizzle):
+    """Fresh random fp16 input, K = 100 (a partial last block), computed global scale (was the
+    CUDA binding's own test; the scales are poisoned too, the swizzle padding as in run_kernel)."""
+    need_backend("quantize_nvfp4", backend)
+    s = new_seed()
+    x = make_input((130, 100), torch.float16, seed=s)
+    nb = 7
+    data = torch.full((130, nb * 8), 0xA5, dtype=torch.uint8, device=DEV)
+    shape = ref.swizzled_shape(130, nb) if swizzle else (130, nb)
+    scales = torch.full(shape, 0xA5, dtype=torch.uint8, device=DEV)
+    if swizzle and backend in CALLER_ZEROES_PADDING:
+        real = ref.swizzle_scales(torch.ones((130, nb), dtype=torch.uint8))
+        scales[(real == 0).to(DEV)] = 0
+    g = torch.full((1,), -1.0, device=DEV)
+    _backend.impl("quantize_nvfp4", backend)(x, data, scales, g, True, swizzle)
+    rd, rsc, rg = ref.quantize_nvfp4(x.cpu(), None, swizzle)
+    assert_same(data, rd, f"{backend} data", s)
+    assert_same(scales, rsc.view(torch.uint8), f"{backend} scales", s)
+    assert_same(g, rg, f"{backend} global", s)
+
+
+@pytest.mark.parametrize("backend", DEQ_BACKENDS)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_kernel_dequant_out_dtypes(backend, out_dtype):
+    need_backend("dequantize_nvfp4", backend)
+    x = make_x(257, 33, torch.float32, seed=9, nonfinite=True, device="cpu")
+    for swizzle in (False, True):
+        d, s, g = ref.quantize_nvfp4(x, None, swizzle)
+        check_deq(d.to(DEV), s.to(DEV), g.to(DEV), 33, swizzle, out_dtype, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "column_slice"])
+def test_kernel_noncontiguous(backend, view):
+    need_backend("quantize_nvfp4", backend)
+    base = make_x(300, 130, torch.float16, seed=10)
+    x = base.t() if view == "transposed" else base[:, 5:5 + 75]
+    assert not x.is_contiguous()
+    for swizzle in (False, True):
+        run_kernel(x, None, swizzle, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_all_zero_and_nonfinite(backend):
+    need_backend("quantize_nvfp4", backend)
+    for swizzle in (False, True):
+        d, s, g = run_kernel(torch.zeros(3, 40, dtype=torch.bfloat16, device=DEV), None, swizzle,
+                             backend)
+        assert (d == 0).all() and g.item() == 2.0**-126
+    x = torch.randn(4, 64, device=DEV)
+    x[1, 20] = float("nan")
+    x[3, 63] = float("inf")
+    d, s, g = run_kernel(x, None, False, backend)
+    sb = s.view(torch.uint8).cpu()
+    assert sb[1, 1] == 0x7F and sb[3, 3] == 0x7F and (d[1, 8:16] == 0).all()
+    run_kernel(torch.full((2, 16), float("inf"), device=DEV), None, True, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_e2m1_ties(backend):
+    """Static g = 1 and a block amax of 6 give s_blk = 1, so v = x exactly: put v on every E2M1
+    rounding boundary (ties to even) and on either side of it; also g = 0.5 with x halved."""
+    need_backend("quantize_nvfp4", backend)
+    t = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    up = (t.view(torch.int32) + 1).view(torch.float32)
+    dn = (t.view(torch.int32) - 1).view(torch.float32)
+    blk = [torch.cat([torch.tensor([6.0]), t, -t, torch.tensor([-0.0])]),
+           torch.cat([torch.tensor([-6.0]), up, -dn, torch.tensor([-0.1])]),
+           torch.cat([torch.tensor([6.0]), dn, -up, torch.tensor([0.1])])]
+    x = torch.cat(blk).reshape(1, 48).to(DEV)
+    d, s, g = run_kernel(x, torch.tensor([1.0], device=DEV), False, backend)
+    codes = ref.unpack_codes(d.cpu())[0, :16].tolist()
+    assert codes == [7, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14, 0]
+    run_kernel(x * 0.5, torch.tensor([0.5], device=DEV), True, backend)
+    run_kernel(x, None, False, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_e4m3_scale_ties(backend):
+    """Static g = 1: block amax / 6 lands exactly on e4m3 midpoints (normal and subnormal) for
+    the block scale, and on the 448 saturation edge."""
+    need_backend("quantize_nvfp4", backend)
+    targets = [1.0625, 1.1875, 17.0, 19.0, 1.5 * 2.0**-9, 2.5 * 2.0**-9, 0.5 * 2.0**-9, 464.0,
+               2.0**-6 + 2.0**-10, 300.0]
+    rows = []
+    for i, t in enumerate(targets):
+        r = torch.linspace(-1.0, 1.0, 16) * (6.0 * t)
+        r[i % 16] = 6.0 * t * (-1) ** i
+        rows.append(r)
+    x = torch.stack(rows).to(DEV)
+    d, s, g = run_kernel(x, torch.tensor([1.0], device=DEV), False, backend)
+    want = torch.tensor(targets).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(s.view(torch.uint8)[:, 0].cpu(), want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_row_stride_over_2_31(backend):
+    """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
+    need_backend("quantize_nvfp4", backend)
+    if DEV == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    buf = torch.empty(2**31 + 64, dtype=torch.bfloat16, device=DEV)  # untouched pages: no RAM
+    x = buf.as_strided((2, 32), (2**31, 1))
+    gen = torch.Generator().manual_seed(12)
+    x[0] = (torch.randn(32, generator=gen) * 3).to(DEV)
+    x[1] = (torch.randn(32, generator=gen) * 300).to(DEV)
+    run_kernel(x, torch.tensor([0.05], device=DEV), False, backend)
+    run_kernel(x, None, True, backend)
+
+
+# ---- Triton only: the kernels' internal paths ------------------------------------------------
+def test_triton_multi_partial_and_tiles(monkeypatch):
+    need_backend("quantize_nvfp4", "triton")
+    from pyops.triton_kernels import _amax as tka
+    from pyops.triton_kernels import quantize_nvfp4 as tk4
+    monkeypatch.setattr(tka, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(tka, "TILE_ELEMS", 256)
+    monkeypatch.setattr(tk4, "TILE_ELEMS", 256)
+    monkeypatch.setattr(tk4, "MAX_NBB", 4)
+    x = make_x(130, 300, torch.bfloat16, seed=11, nonfinite=True)
+    x[129, 299] = 3000.0
+    for swizzle in (False, True):
+        d, s, g = run_kernel(x, None, swizzle)
+        check_deq(d, s, g, 300, swizzle, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_hw_and_soft_casts(monkeypatch):
+    """The Triton quantizer and dequantizer with the hardware casts (PYOPS_TRITON_SOFT_CVT=0) and
+    the soft bit-level casts (=1) on the GPU, bit-exact with the host reference at a large shape
+    (the conversions themselves: tests/test_cvt.py::test_gpu_hw_and_soft_paths)."""
+    need_backend("quantize_nvfp4", "triton")
+    for soft in ("0", "1"):
+        monkeypatch.setenv("PYOPS_TRITON_SOFT_CVT", soft)
+        for dtype in DTYPES:
+            x = make_x(1000, 4100, dtype, seed=13, nonfinite=True)
+            for swizzle in (False, True):
+                d, s, g = run_kernel(x, None, swizzle)
+                check_deq(d, s, g, 4100, swizzle, dtype)
