@@ -538,3 +538,158 @@ def test_triton_gpu_hw_and_soft_casts(monkeypatch):
             for swizzle in (False, True):
                 d, s, g = run_kernel(x, None, swizzle)
                 check_deq(d, s, g, 4100, swizzle, dtype)
+
+
+# ---- the CUDA backend at production shapes (GPU) -----------------------------------------------
+# The public function with backend="cuda" against the reference on a CPU copy of the input, at the
+# shapes, layouts and dtypes the kernel's vector and scalar paths see in a model. CUDA only: at
+# these sizes the Triton interpreter would take minutes on a CPU machine (the Triton backend runs
+# the same checks at small shapes above, and at a large shape in test_triton_gpu_hw_and_soft_casts).
+CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
+
+
+@pytest.fixture
+def cuda_backend():
+    ok, why = _backend.available("quantize_nvfp4", "cuda", torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"CUDA backend unavailable: {why}")
+
+
+def check_cuda(x: torch.Tensor, gs, swizzle: bool, seed=None):
+    got = q(x, global_scale=gs, swizzle=swizzle, backend="cuda")
+    gs_cpu = gs.cpu() if isinstance(gs, torch.Tensor) else gs
+    want = q(x.cpu(), global_scale=gs_cpu, swizzle=swizzle, backend="reference")
+    assert_same(got.global_scale, want.global_scale, "nvfp4 global scale", seed)
+    assert_same(got.scales, want.scales, "nvfp4 scales", seed)
+    assert_same(got.data, want.data, "nvfp4 data", seed)
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+@pytest.mark.parametrize("global_mode", ["computed", "static", "static_small", "static_large"])
+@pytest.mark.parametrize("swizzle", [False, True], ids=["linear", "swizzled"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_shapes(dtype, shape, swizzle, global_mode):
+    s = new_seed()
+    x = randn_cuda(shape, dtype, 2.0)
+    gs = {"computed": None,
+          "static": torch.tensor([0.0123], device="cuda"),
+          "static_small": 1e-5,       # block scales saturate at 448, codes clip at 6
+          "static_large": 50.0}[global_mode]   # many block scales underflow to 0
+    check_cuda(x, gs, swizzle, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+@pytest.mark.parametrize("layout", ["transposed", "col_slice", "col_slice_aligned", "3d"])
+@pytest.mark.parametrize("swizzle", [False, True], ids=["linear", "swizzled"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_layouts(dtype, swizzle, layout):
+    s = new_seed()
+    if layout == "transposed":
+        x = randn_cuda((300, 257), dtype).t()
+    elif layout == "col_slice":
+        x = randn_cuda((131, 333), dtype)[:, 3:3 + 250]
+    elif layout == "col_slice_aligned":
+        x = randn_cuda((131, 1024), dtype)[:, :512]
+    else:
+        x = randn_cuda((3, 50, 384), dtype)
+    check_cuda(x, None, swizzle, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_outliers_zero_nonfinite(dtype):
+    s = new_seed()
+    x = randn_cuda((200, 320), torch.float32)
+    x[:, 33] *= 3000.0
+    x[:, 100:116] *= 1e-7
+    x[7] = 0.0
+    x[8, :16] = -0.0
+    x[20, 5] = float("inf")
+    x[21, 40] = float("nan")
+    x[22, 319] = float("-inf")
+    x = x.to(dtype)
+    for swizzle in (False, True):
+        got = check_cuda(x, None, swizzle, s)
+        check_cuda(x, torch.tensor([0.05], device="cuda"), swizzle, s)
+    assert (got.scales.view(torch.uint8) == 0x7F).any()
+    check_cuda(torch.zeros((33, 48), device="cuda", dtype=dtype), None, True, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+def test_cuda_binding_opcheck():
+    x = randn_cuda((64, 256), torch.bfloat16)
+    data = torch.empty((64, 128), dtype=torch.uint8, device="cuda")
+    scales = torch.zeros((128, 16), dtype=torch.uint8, device="cuda")
+    g = torch.empty((1,), device="cuda")
+    torch.library.opcheck(torch.ops.pyops._quantize_nvfp4_cuda.default,
+                          (x, data, scales, g, True, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+def test_cuda_graph_replay():
+    """A captured computed-global-scale swizzled quantization, replayed on inputs of changing
+    magnitude (and a NaN)."""
+    s = new_seed()
+    static_x = randn_cuda((300, 1000), torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        for _ in range(2):
+            q(static_x, swizzle=True, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        n = q(static_x, swizzle=True, backend="cuda")
+    for scale in (1.0, 1e3, 1e-3):
+        new = randn_cuda((300, 1000), torch.bfloat16, scale)
+        new[17, 3] = float("nan") if scale == 1e3 else new[17, 3]
+        static_x.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = q(new.cpu(), swizzle=True, backend="reference")
+        assert_same(n.global_scale, want.global_scale, "graph nvfp4 global", s)
+        assert_same(n.scales, want.scales, "graph nvfp4 scales", s)
+        assert_same(n.data, want.data, "graph nvfp4 data", s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+def test_cuda_more_than_2pow31_elements():
+    """NVFP4 with a static global scale is row-local: the first and last rows of a 2^31 + 3*4096
+    element input against the reference, in both scale layouts."""
+    K = 4096
+    M = 2**31 // K + 3                       # 2^31 + 3*4096 elements, ~4.3 GB in bf16
+    need = M * K * (2 + 1) + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs ~{need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} available")
+    s = new_seed()
+    y = torch.randn((M, K), device="cuda", dtype=torch.bfloat16)
+    y[-1, -5:] *= 100.0
+    y[-2, 4000] = 0.0
+    rows = [slice(0, 2), slice(M - 5, M)]
+    gs = torch.tensor([0.002], device="cuda")
+    for swizzle in (False, True):
+        got = q(y, global_scale=gs, swizzle=swizzle, backend="cuda")
+        nb = K // 16
+        for r in rows:
+            want = q(y[r].cpu(), global_scale=gs.cpu(), swizzle=False, backend="reference")
+            assert_same(got.data[r], want.data, f"big nvfp4 data {r}", s)
+            sc = got.scales.view(torch.uint8)
+            if swizzle:  # the 128x4-tile layout, restated for just these rows
+                m = torch.arange(M, device="cuda")[r].view(-1, 1)
+                c = torch.arange(nb, device="cuda").view(1, -1)
+                tile = (m // 128) * (((nb + 3) // 4 * 4) // 4) + c // 4
+                rr = m % 128
+                sc = sc.reshape(-1)[tile * 512 + (rr % 32) * 16 + (rr // 32) * 4 + c % 4]
+            else:
+                sc = sc[r]
+            assert_same(sc, want.scales.view(torch.uint8), f"big nvfp4 scales {r}", s)
+        del got
