@@ -21,11 +21,22 @@ from pyops.reference import quantize_fp8 as ref
 
 from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
                             randn_cuda, raw_bits)
-from _util import (BACKENDS, DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
+from _util import (DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
                    make_input, need_backend, non_contiguous, registered_backends, schema_check)
 
 # the interpreter's numpy ops warn on x/0 and inf-inf in groups the kernels then overwrite
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# Backends to parametrize over: the ones the registry holds for each op besides "reference" (the
+# spec every test compares with); "cuda" cases are marked gpu. A backend registered later (say a
+# CUDA dequantizer) is tested without editing this file; need_backend skips what cannot run here.
+QUANTIZE_BACKENDS = registered_backends("quantize_fp8")
+DEQ_BACKENDS = registered_backends("dequantize_fp8")
+DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
+# opcheck of the public ops: the backends both the quantize and the dequantize op hold
+_QUANTIZE_NAMES = [p.values[0] for p in registered_backends("quantize_fp8", exclude=())]
+OPCHECK_BACKENDS = [p for p in registered_backends("dequantize_fp8", exclude=())
+                    if p.values[0] in _QUANTIZE_NAMES]
 
 GRANS = list(ref.GRANULARITIES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -137,7 +148,7 @@ SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
 DTYPE_KINDS = [(torch.bfloat16, "randn"), (torch.float16, "outlier"), (torch.float32, "wide")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backend_bit_exact(backend, gran, shape):
@@ -151,7 +162,7 @@ def test_backend_bit_exact(backend, gran, shape):
 
 
 # Only the backends dequantize_fp8 registers (a "cuda" one is picked up once it exists).
-@pytest.mark.parametrize("backend", registered_backends("dequantize_fp8"))
+@pytest.mark.parametrize("backend", DEQ_BACKENDS)
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dequantize_backend_bit_exact(backend, gran, shape):
@@ -165,7 +176,7 @@ def test_dequantize_backend_bit_exact(backend, gran, shape):
                               t.dequantize(out, backend="reference"), f"deq {dtype} {out}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("how", ["transposed", "col_slice", "row_step"])
 @pytest.mark.parametrize("gran", GRANS)
 def test_backend_non_contiguous(backend, how, gran):
@@ -179,7 +190,7 @@ def test_backend_non_contiguous(backend, how, gran):
     assert_bits_equal(got.scale, want.scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("gran", GRANS)
 def test_backend_zero_and_nonfinite(backend, gran):
     need_backend("quantize_fp8", backend)
@@ -193,7 +204,7 @@ def test_backend_zero_and_nonfinite(backend, gran):
     assert_bits_equal(got.scale, want.scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_backend_3d_input(backend):
     need_backend("quantize_fp8", backend)
     x = make_input((2, 65, 200), torch.bfloat16)
@@ -205,7 +216,7 @@ def test_backend_3d_input(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_backend_past_int32_elements(backend):
     """> 2^31 elements: rows near the end match the reference (int64 offsets)."""
     need_backend("quantize_fp8", backend)
@@ -270,7 +281,7 @@ def test_input_not_mutated():
 
 
 # ---- op registration ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 def test_opcheck(backend):
     need_backend("quantize_fp8", backend)
     for gran in GRANS:
@@ -301,7 +312,7 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_cuda_graph_and_compile(backend):
     need_backend("quantize_fp8", backend)
     x = make_input((512, 1024), torch.bfloat16)
@@ -347,9 +358,6 @@ def test_triton_min_capability(monkeypatch):
 # freshly allocated outputs), called on outputs poisoned with 0xAA bytes so an unwritten element
 # is caught. "cuda" is the compiled binding (GPU); a dequantize backend registered later is picked
 # up without editing the tests.
-KERNEL_BACKENDS = registered_backends("quantize_fp8")
-DEQ_BACKENDS = registered_backends("dequantize_fp8")
-DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
 
 
 def run_kernel(x, g, backend="triton"):
@@ -381,7 +389,7 @@ def check_deq_all(q, s, g, out_dtype):
             check_deq(q, s, g, out_dtype, b)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("g", GRANS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_dtypes_outliers_nonfinite(backend, g, dtype):
@@ -393,7 +401,7 @@ def test_kernel_dtypes_outliers_nonfinite(backend, g, dtype):
     check_deq_all(q, s, g, dtype)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("g", GRANS)
@@ -404,7 +412,7 @@ def test_kernel_shapes(backend, shape, g, dtype):
     check_deq_all(q, s, g, torch.float32)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("gran", GRANS)
 def test_kernel_writes_every_output(backend, gran):
     """Fresh random bf16 input, every output poisoned (was the CUDA binding's own test)."""
@@ -429,7 +437,7 @@ def test_kernel_dequant_out_dtypes(backend, out_dtype):
         check_deq(q.to(DEV), s.to(DEV), g, out_dtype, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("view", ["transposed", "column_slice"])
 def test_kernel_noncontiguous(backend, view):
     need_backend("quantize_fp8", backend)
@@ -440,7 +448,7 @@ def test_kernel_noncontiguous(backend, view):
         run_kernel(x, g, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_all_zero_and_all_nonfinite(backend):
     need_backend("quantize_fp8", backend)
     for g in GRANS:
@@ -452,7 +460,7 @@ def test_kernel_all_zero_and_all_nonfinite(backend):
         assert s.isnan().all() and (q.view(torch.uint8) == 0).all()
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_rne_ties(backend):
     """Row 0 has amax 448, so scale 1 and x/scale = x: put x on e4m3 midpoints (normal and
     subnormal) and their fp32 neighbours; row 1 the same scaled by 2**-20 (scale 2**-20)."""
@@ -471,7 +479,7 @@ def test_kernel_rne_ties(backend):
     assert torch.equal(q[0, 1:5].float().cpu(), torch.tensor([1.0, 1.25, 16.0, 20.0]))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_row_stride_over_2_31(backend):
     """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
     need_backend("quantize_fp8", backend)

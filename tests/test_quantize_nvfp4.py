@@ -20,11 +20,22 @@ from pyops.reference import quantize_nvfp4 as ref
 
 from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
                             randn_cuda, raw_bits)
-from _util import (BACKENDS, DEVICE, assert_bits_equal, make_input, need_backend,
+from _util import (DEVICE, assert_bits_equal, make_input, need_backend,
                    non_contiguous, registered_backends)
 
 # the interpreter's numpy ops warn on x/0 and inf-inf in groups the kernels then overwrite
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# Backends to parametrize over: the ones the registry holds for each op besides "reference" (the
+# spec every test compares with); "cuda" cases are marked gpu. A backend registered later (say a
+# CUDA dequantizer) is tested without editing this file; need_backend skips what cannot run here.
+QUANTIZE_BACKENDS = registered_backends("quantize_nvfp4")
+DEQ_BACKENDS = registered_backends("dequantize_nvfp4")
+DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
+# opcheck of the public ops: the backends both the quantize and the dequantize op hold
+_QUANTIZE_NAMES = [p.values[0] for p in registered_backends("quantize_nvfp4", exclude=())]
+OPCHECK_BACKENDS = [p for p in registered_backends("dequantize_nvfp4", exclude=())
+                    if p.values[0] in _QUANTIZE_NAMES]
 
 E2M1 = torch.tensor(ref.E2M1_VALUES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -164,7 +175,7 @@ SHAPES = [(1, 1), (1, 17), (3, 129), (130, 300), (257, 33)]
 DTYPE_KINDS = [(torch.bfloat16, "randn"), (torch.float16, "outlier"), (torch.float32, "wide")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("swizzle", [False, True])
 @pytest.mark.parametrize("static", [False, True])
@@ -182,7 +193,7 @@ def test_backend_bit_exact(backend, shape, swizzle, static):
 
 
 # Only the backends dequantize_nvfp4 registers (a "cuda" one is picked up once it exists).
-@pytest.mark.parametrize("backend", registered_backends("dequantize_nvfp4"))
+@pytest.mark.parametrize("backend", DEQ_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("swizzle", [False, True])
 @pytest.mark.parametrize("static", [False, True])
@@ -199,7 +210,7 @@ def test_dequantize_backend_bit_exact(backend, shape, swizzle, static):
                               t.dequantize(out, backend="reference"), f"deq {dtype} {out}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("how", ["transposed", "col_slice", "row_step"])
 def test_backend_non_contiguous(backend, how):
     need_backend("quantize_nvfp4", backend)
@@ -212,7 +223,7 @@ def test_backend_non_contiguous(backend, how):
     assert_bits_equal(got.global_scale, want.global_scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_backend_zero_and_nonfinite(backend):
     need_backend("quantize_nvfp4", backend)
     x = make_input((40, 70), torch.float32)
@@ -230,7 +241,7 @@ def test_backend_zero_and_nonfinite(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_backend_past_int32_elements(backend):
     need_backend("quantize_nvfp4", backend)
     K = 4096
@@ -266,7 +277,7 @@ def test_bad_inputs():
 
 
 # ---- op registration ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 def test_opcheck(backend):
     need_backend("quantize_nvfp4", backend)
     x = make_input((3, 40), torch.bfloat16)
@@ -296,7 +307,7 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_cuda_graph(backend):
     need_backend("quantize_nvfp4", backend)
     x = make_input((512, 1024), torch.bfloat16)
@@ -329,9 +340,6 @@ def test_tensor_global_scale_checked_with_check_finite():
 # freshly allocated outputs), called on outputs poisoned with 0xAA bytes so an unwritten element
 # is caught. "cuda" is the compiled binding (GPU); a dequantize backend registered later is picked
 # up without editing the tests.
-KERNEL_BACKENDS = registered_backends("quantize_nvfp4")
-DEQ_BACKENDS = registered_backends("dequantize_nvfp4")
-DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
 # Backends whose caller zero-fills the swizzled layout's padding (the CUDA binding's contract,
 # csrc/bindings/quantize_nvfp4.cpp; the op allocates the swizzled scales with torch.zeros): their
 # padding starts at 0, every other byte is still poisoned. The Triton kernel zeroes it itself.
@@ -373,7 +381,7 @@ def check_deq_all(d, s, g, K, swizzled, out_dtype):
             check_deq(d, s, g, K, swizzled, out_dtype, b)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("swizzle", [False, True])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -385,7 +393,7 @@ def test_kernel_dtypes_outliers_nonfinite(backend, dtype, static, swizzle):
     check_deq_all(d, s, g, 300, swizzle, dtype)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("swizzle", [False, True])
@@ -397,7 +405,7 @@ def test_kernel_shapes(backend, shape, swizzle, dtype):
     run_kernel(x, torch.tensor([1e-3], device=DEV), swizzle, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("swizzle", [False, True])
 def test_kernel_writes_every_output(backend, swizzle):
     """Fresh random fp16 input, K = 100 (a partial last block), computed global scale (was the
@@ -430,7 +438,7 @@ def test_kernel_dequant_out_dtypes(backend, out_dtype):
         check_deq(d.to(DEV), s.to(DEV), g.to(DEV), 33, swizzle, out_dtype, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("view", ["transposed", "column_slice"])
 def test_kernel_noncontiguous(backend, view):
     need_backend("quantize_nvfp4", backend)
@@ -441,7 +449,7 @@ def test_kernel_noncontiguous(backend, view):
         run_kernel(x, None, swizzle, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_all_zero_and_nonfinite(backend):
     need_backend("quantize_nvfp4", backend)
     for swizzle in (False, True):
@@ -457,7 +465,7 @@ def test_kernel_all_zero_and_nonfinite(backend):
     run_kernel(torch.full((2, 16), float("inf"), device=DEV), None, True, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_e2m1_ties(backend):
     """Static g = 1 and a block amax of 6 give s_blk = 1, so v = x exactly: put v on every E2M1
     rounding boundary (ties to even) and on either side of it; also g = 0.5 with x halved."""
@@ -476,7 +484,7 @@ def test_kernel_e2m1_ties(backend):
     run_kernel(x, None, False, backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_e4m3_scale_ties(backend):
     """Static g = 1: block amax / 6 lands exactly on e4m3 midpoints (normal and subnormal) for
     the block scale, and on the 448 saturation edge."""
@@ -494,7 +502,7 @@ def test_kernel_e4m3_scale_ties(backend):
     assert torch.equal(s.view(torch.uint8)[:, 0].cpu(), want)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_kernel_row_stride_over_2_31(backend):
     """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
     need_backend("quantize_nvfp4", backend)
