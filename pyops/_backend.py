@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _MIN_CAPABILITY: dict[tuple[str, str], tuple[int, int]] = {}
 _AVAILABILITY: dict[tuple[str, str], Callable] = {}
 _POLICY: dict[str, tuple[Callable, str]] = {}
+_ALIASES: dict[tuple[str, str], tuple[str, str]] = {}
+_WARNED_ALIASES: set = set()
 # NVFP4 block-scaled MMA: sm_100/103 (tcgen05 kind::mxf4nvf4) and sm_120/121 (mma.sync mxf4nvf4)
 NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
 
@@ -67,6 +70,13 @@ def register_policy(op: str, rule: Callable, source: str) -> None:
     none exists); ``pyops.info()`` prints it. ``resolve`` takes the preference when it can run,
     else the first backend that can in the order cuda, triton, torch, reference."""
     _POLICY[op] = (rule, source)
+
+
+def register_alias(op: str, old: str, new: str, why: str) -> None:
+    """A deprecated backend name: a request for ``old`` (argument or environment) runs ``new``,
+    with a one-time FutureWarning that says ``why``. For a backend that was renamed when the
+    names became honest (fp8_linear's ``torch._scaled_mm`` path was called ``cuda``)."""
+    _ALIASES[(op, old)] = (new, why)
 
 
 def policy(op: str) -> Optional[str]:
@@ -311,6 +321,14 @@ def requested(op: str, backend: Optional[str]) -> Optional[str]:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"pyops: unknown backend {backend!r} for {op}; expected one of "
                          f"{BACKENDS} or 'auto'")
+    alias = _ALIASES.get((op, backend)) if backend is not None else None
+    if alias is not None:
+        if (op, backend) not in _WARNED_ALIASES and not torch.compiler.is_compiling():
+            _WARNED_ALIASES.add((op, backend))
+            warnings.warn(f"pyops: backend {backend!r} for {op} is deprecated and now named "
+                          f"{alias[0]!r} ({alias[1]}); running {alias[0]!r}", FutureWarning,
+                          stacklevel=4)
+        backend = alias[0]
     return backend
 
 

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import _backend
 from ._checks import check_same_device, check_tensor
 from .ops.quantize_fp8 import dequantize_fp8, quantize_fp8
 from .ops.quantize_nvfp4 import dequantize_nvfp4, quantize_nvfp4
@@ -194,8 +193,8 @@ def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[s
     remembers ``w.dtype`` (``dequantize``'s default). backend: the quantizer's (bit-identical
     across backends). swizzle_scales (nvfp4): also build the 128x4-swizzled scales the W4A4 GEMM
     reads, now (True), never here (False: lazily at the first W4A4 call) or when ``w``'s device
-    has native NVFP4 (None: ``_backend.native_fp4``). Errors: ValueError for an unknown format
-    or a w that is not 2-D; TypeError for a non-float w."""
+    has native NVFP4 (None: ``pyops.ops.nvfp4_linear.reads_swizzled_scales``). Errors:
+    ValueError for an unknown format or a w that is not 2-D; TypeError for a non-float w."""
     fmt = canonical_format(format)
     if isinstance(w, torch.nn.Parameter):
         w = w.detach()
@@ -210,7 +209,8 @@ def quantize_weight(w: torch.Tensor, format: str = "fp8", *, backend: Optional[s
     qw = NVFP4Weight(t.data.contiguous(), t.scales.contiguous(), t.global_scale,
                      w.shape[1], w.dtype)
     if swizzle_scales is None:
-        swizzle_scales = _backend.native_fp4(w.device)
+        from .ops.nvfp4_linear import reads_swizzled_scales  # (that module imports this one)
+        swizzle_scales = reads_swizzled_scales(w.device)
     if swizzle_scales:
         qw.swizzled_scales()
     return qw

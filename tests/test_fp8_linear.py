@@ -270,15 +270,25 @@ def test_policy_registered_and_general_availability(fake_capability):
     assert not _backend.available(op.OP, "cuda", CUDA0)[0]  # no pyops FP8 GEMM kernel
 
 
-def test_cuda_backend_request_names_torch(monkeypatch):
-    """backend="cuda" (the old name of the torch._scaled_mm path) is refused with the new name,
-    as an argument and through the environment, on any device."""
-    x, qw, b = operands(4, 16, 32, torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r"torch\._scaled_mm.*backend 'torch'"):
-        linear(x, qw, b, backend="cuda")
+def test_cuda_backend_request_is_a_deprecated_alias_of_torch(monkeypatch):
+    """backend="cuda" (the old name of the torch._scaled_mm path) still runs it, as "torch", with
+    a one-time FutureWarning naming the new name; as an argument and through the environment."""
+    from pyops import _backend
+    monkeypatch.setattr(_backend, "_WARNED_ALIASES", set())
+    monkeypatch.setattr(_backend, "_CAPABILITY", {0: (9, 0)})
+    dev = torch.device("cuda", 0)
+    with pytest.warns(FutureWarning, match=r"now named 'torch'.*torch\._scaled_mm"):
+        assert _backend.resolve("fp8_linear", dev, "cuda", M=16, N=32, K=32,
+                                out_dtype=torch.bfloat16) == "torch"
     monkeypatch.setenv("PYOPS_BACKEND_FP8_LINEAR", "cuda")
-    with pytest.raises(RuntimeError, match=r"backend 'torch'"):
+    assert _backend.resolve("fp8_linear", dev, None, M=16, N=32, K=32,
+                            out_dtype=torch.bfloat16) == "torch"
+    # on the CPU the renamed backend cannot run, and the error says which backend that is
+    x, qw, b = operands(4, 16, 32, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"backend 'torch' requested for fp8_linear"):
         linear(x, qw, b)
+    # the alias belongs to fp8_linear only: the quantizers' "cuda" is pyops' own kernel
+    assert _backend.requested("quantize_fp8", "cuda") == "cuda"
     assert torch.equal(linear(x, qw, b, backend="reference"),
                        ref.fp8_linear(*quantized_x(x), qw.data, qw.scale, b, torch.bfloat16))
 

@@ -470,6 +470,24 @@ def test_variant_knob_and_backend_names(monkeypatch):
     assert _backend.resolve(op.OP, CUDA0) == "torch" and "H200" in _backend.policy(op.OP)
 
 
+@pytest.mark.parametrize("var", ["fused", "dequant", "w4a4"])
+def test_variant_knob_never_breaks_what_cannot_take_it(monkeypatch, var):
+    """The knob is a GPU tuning preference: CPU tensors (no interpreter) and fp32 activations
+    keep running the reference with it set, as they did before the backend names changed."""
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
+    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
+    monkeypatch.delenv("PYOPS_BACKEND_NVFP4_LINEAR", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    cpu = torch.device("cpu")
+    assert op.choose(cpu, None, 64, 48, 32, BF16)[0] == "reference"
+    fake_capability(monkeypatch, (9, 0))
+    assert op.choose(CUDA0, None, 64, 48, 32, torch.float32)[0] == "reference"
+    x = torch.randn(64, 32, dtype=BF16)
+    qw = pyops.quantize_weight(torch.randn(48, 32), "nvfp4", swizzle_scales=var == "w4a4")
+    y = pyops.linear(x, qw)
+    assert y.shape == (64, 48) and torch.isfinite(y).all()
+
+
 # The H200 measurement (bench/RESULTS.md, section 1, "Linear" table, x bf16):
 # (M, K, N): (fused, dequant). Copied here so the test checks the policy against the data, not
 # against itself. fused = backend "triton", dequant = backend "torch" (variant dequant).

@@ -95,7 +95,7 @@ ATTENTION_KINDS = {
 @functools.lru_cache(maxsize=None)
 def _hw_cvt_exact(index: int) -> bool:
     # Triton lowers fp32 -> e4m3 to one cvt.rn.satfinite.e4m3x2.f32 on sm_90+ (checked by
-    # compiling: tests/test_triton_kernels.py::test_hw_e4m3_cast_lowering); older Tritons go
+    # compiling: tests/test_cvt.py::test_hw_e4m3_cast_lowering); older Tritons go
     # through fp16 with round-toward-zero first below sm_90 (double rounding: not bit-exact).
     # Triton 3.9 lowers sm_89 directly too; the soft path stays there (exact either way).
     return torch.cuda.get_device_capability(index) >= (9, 0)

@@ -83,6 +83,8 @@ def scaled_mm_available(device: torch.device, N: int = 16, K: int = 16,
 _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton, min_capability=(8, 9))  # fp8 operands: sm_89+
 _backend.register(OP, "torch", _torch, available=scaled_mm_available)
+_backend.register_alias(OP, "cuda", "torch", "pyops has no FP8 GEMM kernel of its own; "
+                        "torch._scaled_mm (cuBLASLt) is a vendor kernel, so its backend is 'torch'")
 
 
 # ---- auto policy: which GEMM to prefer, per device and shape ------------------------------------
@@ -139,14 +141,6 @@ def fp8_linear_op(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
 
 
 # ---- public function ----------------------------------------------------------------------------
-def _no_cuda_backend(backend: Optional[str]) -> None:
-    if _backend.requested(OP, backend) == "cuda":
-        raise RuntimeError(
-            "pyops: backend 'cuda' requested for fp8_linear cannot run: pyops has no FP8 GEMM "
-            "kernel of its own; torch._scaled_mm (cuBLASLt) is backend 'torch' (named 'cuda' "
-            "before), the Triton kernel 'triton'")
-
-
 def _prequantized(x: FP8Tensor, K: int):
     """(xq (M, K), xs (M,), lead, out_dtype, device) of a row-granularity FP8Tensor."""
     if x.granularity != "row":
@@ -200,7 +194,6 @@ def fp8_linear(x: Union[torch.Tensor, FP8Tensor], qweight: FP8Weight,
     check_same_device("linear", qweight.data, scale=qweight.scale)
     check_linear_bias(bias, N, qweight.data)
     M = math.prod(lead)
-    _no_cuda_backend(backend)
     b = _backend.resolve(OP, dev, backend, M=M, N=N, K=K, out_dtype=out_dtype)
     if xq is None:
         qb = "reference" if b == "reference" else _backend.resolve(QUANT_OP, dev)

@@ -21,9 +21,12 @@ fp32 (1,), ``bias`` (N,) or None; ``out`` (M, N) in x's dtype. Spec:
 * ``reference``: any variant; ``"w4a4"`` computes ``nvfp4_linear_w4a4`` (activations quantized),
   the others the W4A16 spec.
 
-``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` forces a variant (``fused`` -> backend
-``triton``, ``dequant`` / ``w4a4`` -> backend ``torch``; an explicit backend must agree, the
-reference runs the forced variant's math); unset or ``auto``: the policy below.
+``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` is a tuning knob: for bf16/fp16
+activations where pyops' Triton kernels run (a GPU, or the CPU with TRITON_INTERPRET=1) it picks
+the variant (``fused`` -> backend ``triton``, ``dequant`` / ``w4a4`` -> backend ``torch``; one
+that cannot run there raises); elsewhere (CPU tensors, fp32 activations) auto mode runs as
+without it. An explicit backend must agree with it; the reference runs the forced variant's
+math. Unset or ``auto``: the policy below.
 
 torch API facts the ``"w4a4"`` path relies on (checked 2026 against torch 2.13's schema and
 pytorch's ``aten/src/ATen/native/cuda/ScaledBlas.cpp``; the CUDA side is unverified here):
@@ -204,7 +207,7 @@ def torch_available(device, dtype: Optional[torch.dtype] = None,
     """(ok, why) of backend ``torch`` running ``torch_variant(device, variant)``: w4a4 needs
     native NVFP4; dequant needs Triton for its weight pass (cuBLAS does the GEMM)."""
     device = torch.device(device)
-    ok, why = _half(dtype, "the cuBLAS NVFP4 paths")
+    ok, why = _half(dtype, "the cuBLAS NVFP4 path")
     if not ok:
         return ok, why
     if torch_variant(device, variant) == "w4a4":
@@ -295,6 +298,13 @@ def nvfp4_linear_op(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
 
 
 # ---- public function ----------------------------------------------------------------------------
+def reads_swizzled_scales(device) -> bool:
+    """Whether the NVFP4 GEMM auto mode runs on ``device`` reads the 128x4-swizzled weight scales
+    (the W4A4 path of backend ``torch``, on native-NVFP4 GPUs: ``_backend.native_fp4``); used by
+    ``pyops.quantize_weight`` to build them once, up front."""
+    return _backend.native_fp4(device)
+
+
 def forced_variant() -> Optional[str]:
     """``PYOPS_NVFP4_LINEAR_VARIANT`` (None when unset or ``auto``; ValueError if unknown)."""
     v = os.environ.get(VARIANT_ENV, "")
@@ -310,7 +320,7 @@ def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
     """(backend, variant) ``nvfp4_linear`` runs x (M, K) of ``dtype`` with on ``device``.
 
     The backend: ``backend`` (or ``PYOPS_BACKEND_NVFP4_LINEAR`` / ``PYOPS_BACKEND``), else the
-    one ``PYOPS_NVFP4_LINEAR_VARIANT`` names, else ``_backend.resolve``'s auto choice (the
+    one ``PYOPS_NVFP4_LINEAR_VARIANT`` names (bf16/fp16 where Triton runs), else ``_backend.resolve``'s auto choice (the
     reference off CUDA, ``auto_backend`` on CUDA). A requested backend that cannot run raises
     RuntimeError; one that contradicts the forced variant ValueError. The variant: ``fused`` for
     triton, ``torch_variant`` for torch, the forced one (or ``fused``) for the reference."""
@@ -320,15 +330,18 @@ def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
         raise RuntimeError("pyops: backend 'cuda' requested for nvfp4_linear cannot run: pyops "
                            "has no CUDA NVFP4 GEMM of its own; the fused Triton kernel is "
                            "'triton', the cuBLAS paths (dequant, w4a4) 'torch'")
+    shape = dict(M=M, N=N, K=K, dtype=dtype, variant=forced, native=_backend.native_fp4(device))
     if forced is not None:
         if want is None:
-            want = BACKEND_OF_VARIANT[forced]
+            # a tuning knob: it names the backend for half-precision activations where pyops'
+            # Triton kernels run (a GPU, or the interpreter; there a variant that cannot run
+            # raises); CPU tensors, fp32 activations, Triton-less installs: auto as without it
+            if dtype in HALF_DTYPES and _backend.triton_runs(device)[0]:
+                want = BACKEND_OF_VARIANT[forced]
         elif want != "reference" and want != BACKEND_OF_VARIANT[forced]:
             raise ValueError(f"pyops: {VARIANT_ENV}={forced} runs on backend "
                              f"{BACKEND_OF_VARIANT[forced]!r}, but {want!r} was requested")
-    native = _backend.native_fp4(device)
-    b = _backend.resolve(OP, device, want, M=M, N=N, K=K, dtype=dtype, variant=forced,
-                         native=native)
+    b = _backend.resolve(OP, device, want, **shape)
     if b == "triton":
         return b, "fused"
     if b == "torch":
