@@ -1,5 +1,6 @@
 // Binding of pyops::_graph_set_conditional: checks, then the torch-free launcher on the current
-// stream (spec: pyops/graphs.py). No logic here.
+// stream (Python wrapper: pyops/ops/graph_conditional.py, used by pyops/graphs.py). No logic
+// here.
 //
 // The one-thread kernel reads flag[index] and calls cudaGraphSetConditional(handle, ...), which
 // is only defined for a kernel captured into the graph that owns the handle: so flag must be a
