@@ -85,3 +85,15 @@ def new_seed() -> int:
 
 def randn_cuda(shape, dtype, scale=1.0):
     return (torch.randn(shape, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+
+def quantizer_backends(op: str, deq_op: str):
+    """pytest params for a quantizer's tests: (quantize backends, dequantize backends, the
+    dequantize backend names, the backends both hold for opcheck), "reference" left out of the
+    first two (it is the spec every test compares with), "cuda" marked gpu. A backend registered
+    later (say a CUDA dequantizer) is tested without editing the test files."""
+    from _util import registered_backends
+    deq = registered_backends(deq_op)
+    names = [p.values[0] for p in registered_backends(op, exclude=())]
+    both = [p for p in registered_backends(deq_op, exclude=()) if p.values[0] in names]
+    return registered_backends(op), deq, [p.values[0] for p in deq], both

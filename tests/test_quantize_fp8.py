@@ -20,23 +20,17 @@ from pyops import _backend
 from pyops.reference import quantize_fp8 as ref
 
 from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
-                            randn_cuda, raw_bits)
+                            quantizer_backends, randn_cuda, raw_bits)
 from _util import (DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
-                   make_input, need_backend, non_contiguous, registered_backends, schema_check)
+                   make_input, need_backend, non_contiguous, schema_check)
 
 # the interpreter's numpy ops warn on x/0 and inf-inf in groups the kernels then overwrite
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-# Backends to parametrize over: the ones the registry holds for each op besides "reference" (the
-# spec every test compares with); "cuda" cases are marked gpu. A backend registered later (say a
-# CUDA dequantizer) is tested without editing this file; need_backend skips what cannot run here.
-QUANTIZE_BACKENDS = registered_backends("quantize_fp8")
-DEQ_BACKENDS = registered_backends("dequantize_fp8")
-DEQ_NAMES = [p.values[0] for p in DEQ_BACKENDS]
-# opcheck of the public ops: the backends both the quantize and the dequantize op hold
-_QUANTIZE_NAMES = [p.values[0] for p in registered_backends("quantize_fp8", exclude=())]
-OPCHECK_BACKENDS = [p for p in registered_backends("dequantize_fp8", exclude=())
-                    if p.values[0] in _QUANTIZE_NAMES]
+# Backends to parametrize over (need_backend skips what cannot run here); OPCHECK_BACKENDS: the
+# ones both the quantize and the dequantize op hold.
+QUANTIZE_BACKENDS, DEQ_BACKENDS, DEQ_NAMES, OPCHECK_BACKENDS = quantizer_backends(
+    "quantize_fp8", "dequantize_fp8")
 
 GRANS = list(ref.GRANULARITIES)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
