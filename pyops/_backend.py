@@ -79,6 +79,17 @@ def register_alias(op: str, old: str, new: str, why: str) -> None:
     _ALIASES[(op, old)] = (new, why)
 
 
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside the pyops package (the
+    user's call), counted from the function that calls ``warnings.warn``."""
+    import sys
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    f, level = sys._getframe(2), 2
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
+        f, level = f.f_back, level + 1
+    return level
+
+
 def policy(op: str) -> Optional[str]:
     """The source line of ``op``'s registered policy, or None (fixed order)."""
     p = _POLICY.get(op)
@@ -327,7 +338,7 @@ def requested(op: str, backend: Optional[str]) -> Optional[str]:
             _WARNED_ALIASES.add((op, backend))
             warnings.warn(f"pyops: backend {backend!r} for {op} is deprecated and now named "
                           f"{alias[0]!r} ({alias[1]}); running {alias[0]!r}", FutureWarning,
-                          stacklevel=4)
+                          stacklevel=_caller_stacklevel())
         backend = alias[0]
     return backend
 

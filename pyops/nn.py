@@ -154,7 +154,7 @@ class QuantLinear(nn.Module):
 
 @dataclass
 class QuantConfig:
-    """What ``quantize_model`` does.
+    """The configuration of ``quantize_model``: which linears get which format.
 
     format: default format for every linear not skipped. overrides: ``[(matcher, fmt_or_None)]``
     checked first, in order; a matcher is a regex searched in the qualified name or a predicate
@@ -181,6 +181,10 @@ class LayerDecision:
 
 @dataclass
 class QuantReport:
+    """What ``quantize_model`` did (or, with ``dry_run``, would do): one ``LayerDecision`` per
+    ``nn.Linear`` found (its name, the format chosen or None, and why), with the lists
+    ``quantized`` / ``skipped`` and the weight bytes before and after; ``str(report)`` prints a
+    table."""
     layers: list[LayerDecision] = field(default_factory=list)
     dry_run: bool = False  # decisions only: nothing was replaced, no bytes_after
 

@@ -338,6 +338,8 @@ def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
             # raises); CPU tensors, fp32 activations, Triton-less installs: auto as without it
             if dtype in HALF_DTYPES and _backend.triton_runs(device)[0]:
                 want = BACKEND_OF_VARIANT[forced]
+            else:
+                forced = None  # not applied: auto's reference runs the W4A16 spec
         elif want != "reference" and want != BACKEND_OF_VARIANT[forced]:
             raise ValueError(f"pyops: {VARIANT_ENV}={forced} runs on backend "
                              f"{BACKEND_OF_VARIANT[forced]!r}, but {want!r} was requested")
