@@ -484,6 +484,7 @@ def test_variant_knob_never_breaks_what_cannot_take_it(monkeypatch, var):
     assert op.choose(CUDA0, None, 64, 48, 32, torch.float32)[0] == "reference"
     x = torch.randn(64, 32, dtype=BF16)
     qw = pyops.quantize_weight(torch.randn(48, 32), "nvfp4", swizzle_scales=var == "w4a4")
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", var)
     y = pyops.linear(x, qw)
     monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
     assert torch.equal(y, pyops.linear(x, qw))  # not applied: the same W4A16 spec as without it
