@@ -55,8 +55,12 @@ def info(file=None, device: Optional[torch.device] = None) -> dict:
         except Exception as e:  # an env override that cannot run
             chosen = f"error: {e}"
         avail = {bk: _backend.available(op, bk, device)[0] for bk in _backend.BACKENDS}
+        module = _backend.impl(op, "reference").__module__  # the op's module: pyops.ops.<op>
         d["backends"][op] = {"chosen": chosen,
+                             "registered": [bk for bk in _backend.BACKENDS
+                                            if bk in _backend._IMPLS[op]],
                              "available": [bk for bk, ok in avail.items() if ok],
+                             "module": module,
                              "policy": _backend.policy(op) or "fixed order: cuda, triton, "
                                                               "torch, reference"}
     if file is not False:
@@ -64,8 +68,8 @@ def info(file=None, device: Optional[torch.device] = None) -> dict:
         lines.append(f"{'backends on ' + str(device):16s} (cuda: pyops CUDA kernel, triton: pyops "
                      f"Triton kernel, torch: vendor kernel via torch, reference: PyTorch spec)")
         for op, v in d["backends"].items():
-            lines.append(f"  {op:20s} -> {v['chosen']:10s} (available: "
-                         f"{', '.join(v['available'])})")
+            lines.append(f"  {op:20s} -> {v['chosen']:10s} (has: {', '.join(v['registered'])};"
+                         f" available here: {', '.join(v['available'])}; {v['module']})")
             if _backend.policy(op):
                 lines.append(f"  {'':20s}    policy: {v['policy']}")
         print("\n".join(lines), file=file)

@@ -107,6 +107,11 @@ def test_info_shows_policy_and_capabilities(capsys):
     assert "fp8_linear" in pol
     assert "policy: " + _backend.policy("fp8_linear") in printed
     assert "torch: vendor kernel via torch" in printed
+    # where each op lives, and what it has besides what runs here
+    for op in _backend.ops():
+        assert d["backends"][op]["module"].startswith("pyops.ops."), op
+    assert d["backends"]["quantize_fp8"]["module"] == "pyops.ops.quantize_fp8"
+    assert d["backends"]["fp8_linear"]["registered"] == ["triton", "torch", "reference"]
 
 
 # ---- the op helper -------------------------------------------------------------------------------
