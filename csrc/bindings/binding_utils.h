@@ -26,29 +26,18 @@
 
 namespace pyops_bind {
 
-// How a refused dtype is worded. Both wordings are part of the ops' Python-visible behaviour
-// (tests/test_binding_checks.py matches them), so each binding keeps the one it always had.
-enum class DtypeWording {
-  kMustBe,    // "<op>: <name> must be float32, float16 or bfloat16, got <dtype>"  (quantizers, nmq)
-  kHasDtype,  // "<op>: <name> has dtype <dtype>; supported: float32, bfloat16, float16"
-};
-
 // The one fp32 / fp16 / bf16 -> pyops_dtype_t mapping of the bindings; anything else is a
-// TORCH_CHECK error naming the tensor.
-inline pyops_dtype_t dtype_code(const at::Tensor& t, const char* op, const char* name,
-                                DtypeWording wording = DtypeWording::kMustBe) {
+// TORCH_CHECK error naming the tensor, worded as the Python-side checks word it
+// ("<op>: <name> has dtype <dtype>; supported: float32, bfloat16, float16").
+inline pyops_dtype_t dtype_code(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::ScalarType::Float: return PYOPS_DTYPE_F32;
     case at::ScalarType::Half: return PYOPS_DTYPE_F16;
     case at::ScalarType::BFloat16: return PYOPS_DTYPE_BF16;
     default: break;
   }
-  if (wording == DtypeWording::kHasDtype) {
-    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                "; supported: float32, bfloat16, float16");
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
-              t.scalar_type());
+  TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+              "; supported: float32, bfloat16, float16");
   return PYOPS_DTYPE_F32;  // not reached
 }
 

@@ -37,7 +37,7 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   check_flat(state, a, op, "state");
   check_flat(metric, a, op, "metric");
   check_flat(reuse, a, op, "reuse");
-  const pyops_dtype_t dtype = dtype_code(a, op, "a", DtypeWording::kHasDtype);
+  const pyops_dtype_t dtype = dtype_code(a, op, "a");
   TORCH_CHECK(a.sizes() == ref.sizes() && a.scalar_type() == ref.scalar_type(), op,
               ": ref must match a in shape and dtype, got ", ref.sizes(), " ", ref.scalar_type(),
               " vs ", a.sizes(), " ", a.scalar_type());

@@ -22,10 +22,10 @@ void cache_apply_cuda(at::Tensor out, at::Tensor x, at::Tensor residual, at::Ten
   check_flat(x, out, op, "x");
   check_flat(residual, out, op, "residual");
   check_flat(reuse, out, op, "reuse");
-  const pyops_dtype_t out_dtype = dtype_code(out, op, "out", DtypeWording::kHasDtype);
-  const pyops_dtype_t x_dtype = dtype_code(x, op, "x", DtypeWording::kHasDtype);
+  const pyops_dtype_t out_dtype = dtype_code(out, op, "out");
+  const pyops_dtype_t x_dtype = dtype_code(x, op, "x");
   const pyops_dtype_t residual_dtype =
-      dtype_code(residual, op, "residual", DtypeWording::kHasDtype);
+      dtype_code(residual, op, "residual");
   TORCH_CHECK(x.sizes() == out.sizes() && residual.sizes() == out.sizes(), op,
               ": x and residual must have out's shape ", out.sizes(), ", got ", x.sizes(),
               " and ", residual.sizes());

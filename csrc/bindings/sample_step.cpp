@@ -25,7 +25,7 @@ constexpr const char* kOp = "pyops.sample_step";
 pyops_dtype_t check_like(const at::Tensor& state, const at::Tensor& t, const char* name) {
   using namespace pyops_bind;
   check_cuda(t, state, kOp, name);
-  const pyops_dtype_t code = dtype_code(t, kOp, name, DtypeWording::kHasDtype);
+  const pyops_dtype_t code = dtype_code(t, kOp, name);
   TORCH_CHECK(t.sizes() == state.sizes(), kOp, ": ", name, " has shape ", t.sizes(),
               ", state has ", state.sizes());
   check_contiguous(t, kOp, name);
