@@ -3,7 +3,8 @@
 * ``triton_kernels/`` never imports ``pyops`` (no absolute import of it, no relative import
   above the package): the kernels sit below the op layer.
 * ``triton_kernels/_cvt.py`` is the one home of the format constants and codecs: no other kernel
-  file writes 2688 / 448 / 6.0 as a number or defines its own E4M3 / E2M1 / bf16 codec.
+  file writes 2688 / 448 / 6.0 as a number or defines its own E4M3 / E2M1 / bf16 codec; the
+  FP8 per-group scale / codes step (``fp8_scale``, ``fp8_codes``) is written there only.
 * Because of the first rule the kernels cannot import ``pyops/reference/formats.py``; the two
   sets of constants are tied here instead.
 * One attention precision-kind table (``_cvt.ATTENTION_KINDS``) for the pre-pass and the kernel.
@@ -121,6 +122,63 @@ def test_no_codec_outside_cvt(path):
                 "kernel" not in name):
             bad.append(f"line {node.lineno}: {node.name}")
     assert not bad, f"triton_kernels/{path.name} defines codecs (move them to _cvt.py): {bad}"
+
+
+def _fp8_step_hits(tree: ast.AST) -> list[str]:
+    """The FP8 per-group step written out: a division by E4M3_MAX (``div_rn(amax, E4M3_MAX)``
+    or ``/ E4M3_MAX``; with the FLT_MIN clamp around it, the scale step) or the symmetric clamp
+    ``maximum(v, -E4M3_MAX)`` (the codes step). E4M3_MAX under any import alias or as
+    ``_cvt.E4M3_MAX``."""
+    names = {"E4M3_MAX"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names |= {a.asname for a in node.names if a.name == "E4M3_MAX" and a.asname}
+
+    def is_max(n):
+        return ((isinstance(n, ast.Name) and n.id in names)
+                or (isinstance(n, ast.Attribute) and n.attr == "E4M3_MAX"))
+
+    def fname(f):
+        return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and fname(node.func) == "div_rn" and len(node.args) > 1 \
+                and is_max(node.args[1]):
+            hits.append(f"line {node.lineno}: div_rn(.., E4M3_MAX)")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and is_max(node.right):
+            hits.append(f"line {node.lineno}: / E4M3_MAX")
+        elif isinstance(node, ast.Call) and fname(node.func) in ("maximum", "clamp") and any(
+                isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) and is_max(a.operand)
+                for a in node.args):
+            hits.append(f"line {node.lineno}: {fname(node.func)}(.., -E4M3_MAX)")
+    return hits
+
+
+def test_fp8_step_checker_catches_the_forms():
+    src = ("s = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)\n"
+           "s = div_rn(a, _cvt.E4M3_MAX)\nfrom ._cvt import E4M3_MAX as M8\ns = a / M8\n"
+           "v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)\n"
+           "s = tl.maximum(tl.math.div_rn(amax, INT8_MAX), FLT_MIN)\n"
+           "s = nvfp4_block_scale(b, g)\nv = tl.minimum(s, E4M3_MAX)\n")
+    assert len(_fp8_step_hits(ast.parse(src))) == 4
+
+
+@pytest.mark.parametrize("path", [p for p in KERNEL_FILES if p.name != "_cvt.py"],
+                         ids=[n for n in KIDS if n != "_cvt.py"])
+def test_fp8_step_only_in_cvt(path):
+    """The FP8 E4M3 per-group step (scale = max(amax / 448, FLT_MIN), codes =
+    e4m3(clamp(x / scale, +-448))) is written once: ``_cvt.fp8_scale`` / ``fp8_scaled`` /
+    ``fp8_codes``. quantize_fp8.py and attention_quant.py each had their own copy."""
+    hits = _fp8_step_hits(_tree(path))
+    assert not hits, (f"triton_kernels/{path.name} writes the FP8 scale/codes step out (call "
+                      f"_cvt.fp8_scale / fp8_codes / fp8_scaled): {hits}")
+
+
+def test_fp8_step_is_in_cvt():
+    """The checker looks at the right thing: _cvt.py itself holds both steps."""
+    hits = _fp8_step_hits(_tree(ROOT / "triton_kernels" / "_cvt.py"))
+    assert any("div_rn" in h for h in hits) and any("-E4M3_MAX" in h for h in hits), hits
 
 
 PAIRS = ["E4M3_MAX", "E4M3_MIN_SUBNORMAL", "E4M3_NAN", "E2M1_MAX", "NVFP4_BLOCK",

@@ -9,6 +9,8 @@ imports ``pyops`` (the layer rule), so tests/test_layering.py ties the two sets 
 Codecs (one per format, ``@triton.jit``):
 
 * E4M3 (``float8_e4m3fn``): ``e4m3_bits`` (fp32 -> byte), ``e4m3_to_f32`` (byte -> fp32).
+* FP8 per-group quantization: ``fp8_scale`` (group amax -> scale), ``fp8_codes`` (x, scale ->
+  e4m3 bytes) and ``fp8_scaled`` (the clamped x / scale that ``fp8_codes`` rounds).
 * E2M1 (NVFP4 elements): ``e2m1_codes`` (fp32 -> 4-bit code), ``e2m1_to_f32`` (code -> fp32),
   ``e2m1_round`` (fp32 -> nearest E2M1 value, their composition), ``e2m1_pack`` /
   ``e2m1_unpack`` (two codes a byte); the rounding thresholds are written once (``_e2m1_pick``).
@@ -213,6 +215,33 @@ def e4m3_to_f32(b, SOFT: tl.constexpr):
     else:
         res = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return res
+
+
+# ---- FP8 E4M3 per-group quantization (spec: pyops/reference/quantize_fp8.py) ---------------
+@triton.jit
+def fp8_scale(amax):
+    """FP8 dequantization scale of a group amax (fp32 >= 0, any shape):
+    ``max(amax / 448, FLT_MIN)``, IEEE division (``pyops/reference/quantize_fp8.py``). The one
+    place this step is written (tests/test_layering.py). Non-finite groups are the caller's: each
+    kernel flags them its own way (an amax marked +inf, a NaN partial, rows zeroed beforehand)
+    and then writes a NaN scale and zero codes."""
+    return tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)
+
+
+@triton.jit
+def fp8_scaled(x, scale):
+    """``clamp(x / scale, -448, 448)`` in fp32 (IEEE division; ``scale`` broadcasts against
+    ``x``): the value ``fp8_codes`` rounds to E4M3 (attention's fp16 V codes cast it to fp16)."""
+    v = tl.math.div_rn(x, scale)
+    return tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
+
+
+@triton.jit
+def fp8_codes(x, scale, SOFT: tl.constexpr):
+    """fp32 ``x`` and its group's ``fp8_scale`` -> e4m3fn bytes (uint8):
+    ``e4m3(clamp(x / scale, -448, 448))``, RNE (the reference's ``q``). Codes of a non-finite
+    group are unspecified here: callers overwrite them with 0."""
+    return e4m3_bits(fp8_scaled(x, scale), SOFT)
 
 
 # ---- E2M1 (NVFP4 elements) --------------------------------------------------------------------

@@ -37,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cvt import (ATTENTION_KINDS, E2M1_MAX, E4M3_MAX, FLT_MIN, INT8_MAX, KIND_FP8,
-                   KIND_FP16, KIND_INT8, KIND_NVFP4, LN2, LOG2E, NVFP4_BLOCK, as_kernel_input,
-                   e2m1_codes, e2m1_pack, e2m1_round, e4m3_bits, e4m3_to_f32, f32_to_int8,
-                   load_f32, nvfp4_block_scale, nvfp4_block_scales, nvfp4_global_scale,
-                   nvfp4_pow2_scale, use_soft_cvt)
+from ._cvt import (ATTENTION_KINDS, E2M1_MAX, FLT_MIN, INT8_MAX, KIND_FP8, KIND_FP16,
+                   KIND_INT8, KIND_NVFP4, LN2, LOG2E, NVFP4_BLOCK, as_kernel_input, e2m1_codes,
+                   e2m1_pack, e2m1_round, e4m3_bits, e4m3_to_f32, f32_to_int8, fp8_codes,
+                   fp8_scale, fp8_scaled, load_f32, nvfp4_block_scale, nvfp4_block_scales,
+                   nvfp4_global_scale, nvfp4_pow2_scale, use_soft_cvt)
 
 MAX_CHUNKS = 32
 # storage dtype of each code kind (Q/K codes, V codes)
@@ -173,10 +173,8 @@ def _quant_tokens(x, KIND: tl.constexpr, SOFT: tl.constexpr, BT: tl.constexpr, D
     """x (BT, D) fp32 -> (codes to store, per-token scale (BT,))."""
     amax = tl.max(tl.abs(x), axis=1)
     if KIND == KIND_FP8:
-        s = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)
-        v = tl.math.div_rn(x, s[:, None])
-        v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
-        c = e4m3_bits(v, SOFT)
+        s = fp8_scale(amax)
+        c = fp8_codes(x, s[:, None], SOFT)
     elif KIND == KIND_INT8:
         s = tl.maximum(tl.math.div_rn(amax, INT8_MAX), FLT_MIN)
         c = f32_to_int8(tl.math.div_rn(x, s[:, None]))
@@ -289,12 +287,10 @@ def _qkv_quant_kernel(q_ptr, k_ptr, v_ptr, qa_ptr, kmx_ptr, kmn_ptr, va_ptr,
         # a channel holding inf/NaN (a NaN partial): scale NaN, codes 0
         vp = tl.load(va_ptr + sofs, mask=cm, other=0.0)
         vnan = tl.max(tl.where(vp == vp, 0, 1), axis=0) > 0
-        vs = tl.maximum(tl.math.div_rn(tl.max(vp, axis=0), E4M3_MAX), FLT_MIN)
-        vs = tl.where(vnan, float("nan"), vs)
+        vs = tl.where(vnan, float("nan"), fp8_scale(tl.max(vp, axis=0)))
         vbase = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
         y = load_f32(v_ptr, vbase + rows[:, None] * svs + d[None, :] * svd, rm[:, None], IS_BF16)
-        y = tl.math.div_rn(y, vs[None, :])
-        y = tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX)
+        y = fp8_scaled(y, vs[None, :])
         if PV_KIND == KIND_FP8:
             yc = e4m3_bits(y, SOFT)
         else:

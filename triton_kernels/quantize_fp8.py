@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ._amax import partial_amax, pow2 as _pow2, warps as _warps
-from ._cvt import (E4M3_MAX, F32_NAN_BITS, FLT_MAX, FLT_MIN, FP8_BLOCK, as_kernel_input,
-                   as_kernel_output, e4m3_bits, e4m3_to_f32, f32_to_out, load_f32, out_kind,
+from ._cvt import (F32_NAN_BITS, FLT_MAX, FP8_BLOCK, as_kernel_input, as_kernel_output,
+                   e4m3_to_f32, f32_to_out, fp8_codes, fp8_scale, load_f32, out_kind,
                    use_soft_cvt)
 
 BLOCK = FP8_BLOCK.value  # the block granularities' 128 (host side)
@@ -41,9 +41,8 @@ TILE_ELEMS = 8192  # target elements per program
 def _fp8_group_scale(amax):
     """amax over the group with non-finite values mapped to +inf -> (scale, bad)."""
     bad = amax > FLT_MAX
-    s = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FLT_MIN)
     nan = tl.full(amax.shape, F32_NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
-    return tl.where(bad, nan, s), bad
+    return tl.where(bad, nan, fp8_scale(amax)), bad
 
 
 @triton.jit
@@ -55,10 +54,8 @@ def _abs_mark(x):
 
 @triton.jit
 def _fp8_codes(x, scale, bad, SOFT: tl.constexpr):
-    v = tl.math.div_rn(x, scale)
-    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
-    bits = e4m3_bits(v, SOFT)
-    return tl.where(bad, 0, bits).to(tl.uint8)
+    """``_cvt.fp8_codes`` with the codes of a non-finite group (``bad``) set to 0."""
+    return tl.where(bad, 0, fp8_codes(x, scale, SOFT)).to(tl.uint8)
 
 
 @triton.jit
