@@ -97,3 +97,56 @@ def quantizer_backends(op: str, deq_op: str):
     names = [p.values[0] for p in registered_backends(op, exclude=())]
     both = [p for p in registered_backends(deq_op, exclude=()) if p.values[0] in names]
     return registered_backends(op), deq, [p.values[0] for p in deq], both
+
+
+def need_cuda_backend(op: str) -> None:
+    """Skip unless ``op``'s CUDA backend (pyops._C built for this GPU) can run."""
+    import pytest
+    from pyops import _backend
+    ok, why = _backend.available(op, "cuda", torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"CUDA backend unavailable: {why}")
+
+
+def huge_row_stride_input() -> torch.Tensor:
+    """A (2, 32) bf16 view with row stride 2**31 elements (offsets must be int64), rows of scale
+    3 and 300; the untouched pages of its 4 GiB buffer cost no RAM. Skips on a GPU with less
+    than 6 GiB free."""
+    import pytest
+    if DEV == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    buf = torch.empty(2**31 + 64, dtype=torch.bfloat16, device=DEV)
+    x = buf.as_strided((2, 32), (2**31, 1))
+    gen = torch.Generator().manual_seed(12)
+    x[0] = (torch.randn(32, generator=gen) * 3).to(DEV)
+    x[1] = (torch.randn(32, generator=gen) * 300).to(DEV)
+    return x
+
+
+def capture(fn):
+    """Warm ``fn()`` up twice on a side stream, then capture one call into a CUDA graph:
+    returns (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def more_than_2pow31_input(K: int = 4096) -> torch.Tensor:
+    """(2^31 // K + 3, K) bf16 on the GPU, just past 2^31 elements (~4.3 GB), outliers in the
+    last row; skips when the GPU lacks room for it plus codes and scratch."""
+    import pytest
+    M = 2**31 // K + 3
+    need = M * K * (2 + 1) + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs ~{need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} available")
+    x = torch.randn((M, K), device="cuda", dtype=torch.bfloat16)
+    x[-1, -5:] *= 100.0
+    return x

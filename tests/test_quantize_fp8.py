@@ -19,8 +19,9 @@ import pyops
 from pyops import _backend
 from pyops.reference import quantize_fp8 as ref
 
-from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
-                            quantizer_backends, randn_cuda, raw_bits)
+from _quantize_util import (DEV, assert_bits, assert_same, capture, huge_row_stride_input,
+                            make_x, more_than_2pow31_input, need_cuda_backend, new_seed,
+                            poisoned, quantizer_backends, randn_cuda, raw_bits)
 from _util import (DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
                    make_input, need_backend, non_contiguous, schema_check)
 
@@ -477,13 +478,7 @@ def test_kernel_rne_ties(backend):
 def test_kernel_row_stride_over_2_31(backend):
     """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
     need_backend("quantize_fp8", backend)
-    if DEV == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
-        pytest.skip("needs 4 GiB of free GPU memory")
-    buf = torch.empty(2**31 + 64, dtype=torch.bfloat16, device=DEV)  # untouched pages: no RAM
-    x = buf.as_strided((2, 32), (2**31, 1))
-    gen = torch.Generator().manual_seed(12)
-    x[0] = (torch.randn(32, generator=gen) * 3).to(DEV)
-    x[1] = (torch.randn(32, generator=gen) * 300).to(DEV)
+    x = huge_row_stride_input()
     q, s = run_kernel(x, "row", backend)
     check_deq_all(q, s, "row", torch.bfloat16)
 
@@ -534,9 +529,7 @@ CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
 
 @pytest.fixture
 def cuda_backend():
-    ok, why = _backend.available("quantize_fp8", "cuda", torch.device("cuda"))
-    if not ok:
-        pytest.skip(f"CUDA backend unavailable: {why}")
+    need_cuda_backend("quantize_fp8")
 
 
 def check_cuda(x: torch.Tensor, gran: str, seed=None):
@@ -662,15 +655,8 @@ def test_cuda_graph_replay_every_granularity():
     """One graph holding every granularity, replayed on inputs of changing magnitude (and a NaN)."""
     s = new_seed()
     static_x = randn_cuda((300, 1000), torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture
-        for _ in range(2):
-            pyops.quantize_fp8(static_x, "tensor", backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = {g: pyops.quantize_fp8(static_x, g, backend="cuda") for g in GRANS}
+    graph, outs = capture(lambda: {g: pyops.quantize_fp8(static_x, g, backend="cuda")
+                                   for g in GRANS})
     for scale in (1.0, 1e3, 1e-3):
         new = randn_cuda((300, 1000), torch.bfloat16, scale)
         new[17, 3] = float("nan") if scale == 1e3 else new[17, 3]
@@ -687,14 +673,9 @@ def test_cuda_graph_replay_every_granularity():
 @pytest.mark.usefixtures("cuda_backend")
 def test_cuda_more_than_2pow31_elements():
     K = 4096
-    M = 2**31 // K + 3                       # 2^31 + 3*4096 elements, ~4.3 GB in bf16
-    need = M * K * (2 + 1) + (1 << 30)
-    free, _ = torch.cuda.mem_get_info()
-    if free < need:
-        pytest.skip(f"needs ~{need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} available")
     s = new_seed()
-    x = torch.randn((M, K), device="cuda", dtype=torch.bfloat16)
-    x[-1, -5:] *= 100.0
+    x = more_than_2pow31_input(K)            # 2^31 + 3*4096 elements, ~4.3 GB in bf16
+    M = x.shape[0]
     x[-2, 4000] = float("nan")
     rows = [slice(0, 2), slice(M - 5, M)]
     # Row-local granularities: rows can be checked on their own against the reference.

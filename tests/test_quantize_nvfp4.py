@@ -18,8 +18,9 @@ import pyops
 from pyops import _backend
 from pyops.reference import quantize_nvfp4 as ref
 
-from _quantize_util import (DEV, assert_bits, assert_same, make_x, new_seed, poisoned,
-                            quantizer_backends, randn_cuda, raw_bits)
+from _quantize_util import (DEV, assert_bits, assert_same, capture, huge_row_stride_input,
+                            make_x, more_than_2pow31_input, need_cuda_backend, new_seed,
+                            poisoned, quantizer_backends, randn_cuda, raw_bits)
 from _util import (DEVICE, assert_bits_equal, make_input, need_backend,
                    non_contiguous)
 
@@ -500,13 +501,7 @@ def test_kernel_e4m3_scale_ties(backend):
 def test_kernel_row_stride_over_2_31(backend):
     """A (2, 32) view with row stride 2**31 elements: offsets must be computed in int64."""
     need_backend("quantize_nvfp4", backend)
-    if DEV == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
-        pytest.skip("needs 4 GiB of free GPU memory")
-    buf = torch.empty(2**31 + 64, dtype=torch.bfloat16, device=DEV)  # untouched pages: no RAM
-    x = buf.as_strided((2, 32), (2**31, 1))
-    gen = torch.Generator().manual_seed(12)
-    x[0] = (torch.randn(32, generator=gen) * 3).to(DEV)
-    x[1] = (torch.randn(32, generator=gen) * 300).to(DEV)
+    x = huge_row_stride_input()
     run_kernel(x, torch.tensor([0.05], device=DEV), False, backend)
     run_kernel(x, None, True, backend)
 
@@ -552,9 +547,7 @@ CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
 
 @pytest.fixture
 def cuda_backend():
-    ok, why = _backend.available("quantize_nvfp4", "cuda", torch.device("cuda"))
-    if not ok:
-        pytest.skip(f"CUDA backend unavailable: {why}")
+    need_cuda_backend("quantize_nvfp4")
 
 
 def check_cuda(x: torch.Tensor, gs, swizzle: bool, seed=None):
@@ -640,15 +633,7 @@ def test_cuda_graph_replay():
     magnitude (and a NaN)."""
     s = new_seed()
     static_x = randn_cuda((300, 1000), torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture
-        for _ in range(2):
-            q(static_x, swizzle=True, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        n = q(static_x, swizzle=True, backend="cuda")
+    graph, n = capture(lambda: q(static_x, swizzle=True, backend="cuda"))
     for scale in (1.0, 1e3, 1e-3):
         new = randn_cuda((300, 1000), torch.bfloat16, scale)
         new[17, 3] = float("nan") if scale == 1e3 else new[17, 3]
@@ -667,14 +652,9 @@ def test_cuda_more_than_2pow31_elements():
     """NVFP4 with a static global scale is row-local: the first and last rows of a 2^31 + 3*4096
     element input against the reference, in both scale layouts."""
     K = 4096
-    M = 2**31 // K + 3                       # 2^31 + 3*4096 elements, ~4.3 GB in bf16
-    need = M * K * (2 + 1) + (1 << 30)
-    free, _ = torch.cuda.mem_get_info()
-    if free < need:
-        pytest.skip(f"needs ~{need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} available")
     s = new_seed()
-    y = torch.randn((M, K), device="cuda", dtype=torch.bfloat16)
-    y[-1, -5:] *= 100.0
+    y = more_than_2pow31_input(K)            # 2^31 + 3*4096 elements, ~4.3 GB in bf16
+    M = y.shape[0]
     y[-2, 4000] = 0.0
     rows = [slice(0, 2), slice(M - 5, M)]
     gs = torch.tensor([0.002], device="cuda")
