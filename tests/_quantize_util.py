@@ -99,15 +99,6 @@ def quantizer_backends(op: str, deq_op: str):
     return registered_backends(op), deq, [p.values[0] for p in deq], both
 
 
-def need_cuda_backend(op: str) -> None:
-    """Skip unless ``op``'s CUDA backend (pyops._C built for this GPU) can run."""
-    import pytest
-    from pyops import _backend
-    ok, why = _backend.available(op, "cuda", torch.device("cuda"))
-    if not ok:
-        pytest.skip(f"CUDA backend unavailable: {why}")
-
-
 def huge_row_stride_input() -> torch.Tensor:
     """A (2, 32) bf16 view with row stride 2**31 elements (offsets must be int64), rows of scale
     3 and 300; the untouched pages of its 4 GiB buffer cost no RAM. Skips on a GPU with less

@@ -20,7 +20,7 @@ from pyops import _backend
 from pyops.reference import quantize_fp8 as ref
 
 from _quantize_util import (DEV, assert_bits, assert_same, capture, huge_row_stride_input,
-                            make_x, more_than_2pow31_input, need_cuda_backend, new_seed,
+                            make_x, more_than_2pow31_input, new_seed,
                             poisoned, quantizer_backends, randn_cuda, raw_bits)
 from _util import (DEVICE, HAS_CUDA, Case, assert_bits_equal, assert_cases_isolated,
                    make_input, need_backend, non_contiguous, schema_check)
@@ -529,7 +529,7 @@ CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
 
 @pytest.fixture
 def cuda_backend():
-    need_cuda_backend("quantize_fp8")
+    need_backend("quantize_fp8", "cuda", torch.device("cuda"))
 
 
 def check_cuda(x: torch.Tensor, gran: str, seed=None):

@@ -19,7 +19,7 @@ from pyops import _backend
 from pyops.reference import quantize_nvfp4 as ref
 
 from _quantize_util import (DEV, assert_bits, assert_same, capture, huge_row_stride_input,
-                            make_x, more_than_2pow31_input, need_cuda_backend, new_seed,
+                            make_x, more_than_2pow31_input, new_seed,
                             poisoned, quantizer_backends, randn_cuda, raw_bits)
 from _util import (DEVICE, assert_bits_equal, make_input, need_backend,
                    non_contiguous)
@@ -547,7 +547,7 @@ CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
 
 @pytest.fixture
 def cuda_backend():
-    need_cuda_backend("quantize_nvfp4")
+    need_backend("quantize_nvfp4", "cuda", torch.device("cuda"))
 
 
 def check_cuda(x: torch.Tensor, gs, swizzle: bool, seed=None):
