@@ -43,17 +43,20 @@ NATIVE_FP4_CAPABILITIES = ((10, 0), (10, 3), (12, 0), (12, 1))
 
 def register(op: str, backend: str, fn: Callable,
              min_capability: Optional[tuple[int, int]] = None, *,
-             available: Optional[Callable] = None) -> None:
+             available: Optional[Callable] = None,
+             on_tensor_device: Optional[bool] = None) -> None:
     """Register ``fn`` as ``op``'s ``backend`` implementation.
 
     min_capability: the lowest CUDA compute capability it runs on (e.g. (8, 9) for kernels with
     fp8 operands). available: for a ``torch`` backend (a vendor kernel, not pyops' own), the
     rule ``available(device, **shape) -> (ok, why)`` that replaces the generic check; ``shape``
     holds the keywords the op's public function passes to ``resolve`` (empty for
-    ``pyops.info()``, which then asks about the backend in general)."""
+    ``pyops.info()``, which then asks about the backend in general). on_tensor_device: run ``fn``
+    with the first tensor argument's device current (what Triton launches need); default: for
+    ``triton`` backends only (a ``torch`` backend that launches Triton kernels too passes True)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
-    if backend == "triton":
+    if on_tensor_device if on_tensor_device is not None else backend == "triton":
         fn = _on_tensor_device(fn)
     _IMPLS.setdefault(op, {})[backend] = fn
     if backend == "cuda":
@@ -242,11 +245,9 @@ def capabilities(device) -> dict:
         return {"device": str(device), "native_fp4": False, "fp8_mma": False,
                 "cuda_extension": False}
     cap = device_capability(device)
-    facts = extension_facts()
-    have = {a.rstrip("af") for a in facts.archs}
     return {"device": str(device), "capability": f"sm_{cap[0]}{cap[1]}",
             "native_fp4": native_fp4(device), "fp8_mma": tuple(cap) >= (8, 9),
-            "cuda_extension": facts.loaded and f"{cap[0]}{cap[1]}" in have}
+            "cuda_extension": _built_for(extension_facts(), cap)}
 
 
 _TRITON: Optional[tuple[bool, str]] = None
@@ -275,11 +276,15 @@ def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
     major, minor = device_capability(device)
     if not facts.archs:
         return False, "pyops._C does not report the archs it was built for"
-    # sm_XYa code runs only on exactly sm_XY; plain sm_XY code (no 'a') runs on newer minors too.
-    have = {a.rstrip("af") for a in facts.archs}
-    if f"{major}{minor}" not in have:
+    if not _built_for(facts, (major, minor)):
         return False, f"pyops._C built for sm_{','.join(facts.archs)}, device is sm_{major}{minor}"
     return True, facts.why
+
+
+def _built_for(facts: ExtensionFacts, cap: tuple[int, int]) -> bool:
+    """Whether ``pyops._C`` holds code for compute capability ``cap``: sm_XYa code runs only on
+    exactly sm_XY (and the build lists each arch it targets)."""
+    return facts.loaded and f"{cap[0]}{cap[1]}" in {a.rstrip("af") for a in facts.archs}
 
 
 def triton_runs(device: torch.device) -> tuple[bool, str]:
@@ -298,9 +303,11 @@ def triton_runs(device: torch.device) -> tuple[bool, str]:
 def available(op: str, backend: str, device: torch.device, **shape) -> tuple[bool, str]:
     """(ok, why): whether ``op``'s ``backend`` can run on ``device`` (and, for a backend with a
     shape-aware rule, on ``shape``)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if op not in _IMPLS or backend not in _IMPLS[op]:
-        return False, f"no {backend} implementation of {op}"
+        has = ", ".join(repr(b) for b in BACKENDS if b in _IMPLS.get(op, {}))
+        return False, f"no {backend} implementation of {op} (it has: {has})"
     if backend == "reference":
         return True, "PyTorch reference"
     if (op, backend) in _AVAILABILITY:

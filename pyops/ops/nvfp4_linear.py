@@ -194,23 +194,28 @@ def triton_available(device, dtype: Optional[torch.dtype] = None, **_) -> tuple[
     return _backend.triton_runs(torch.device(device)) if ok else (ok, why)
 
 
-def torch_variant(device, forced: Optional[str] = None) -> str:
+def torch_variant(native: bool, forced: Optional[str] = None) -> str:
     """The variant backend ``torch`` runs: ``forced`` if it is ``"dequant"``/``"w4a4"``, else
-    ``"w4a4"`` where ``_backend.native_fp4(device)``, else ``"dequant"``."""
+    ``"w4a4"`` on a device with native NVFP4 (``native`` = ``_backend.native_fp4(device)``), else
+    ``"dequant"``."""
     if forced in ("dequant", "w4a4"):
         return forced
-    return "w4a4" if _backend.native_fp4(device) else "dequant"
+    return "w4a4" if native else "dequant"
 
 
 def torch_available(device, dtype: Optional[torch.dtype] = None,
-                    variant: Optional[str] = None, **_) -> tuple[bool, str]:
-    """(ok, why) of backend ``torch`` running ``torch_variant(device, variant)``: w4a4 needs
-    native NVFP4; dequant needs Triton for its weight pass (cuBLAS does the GEMM)."""
+                    variant: Optional[str] = None, native: Optional[bool] = None,
+                    **_) -> tuple[bool, str]:
+    """(ok, why) of backend ``torch`` running ``torch_variant(native, variant)`` (``native``
+    as ``choose`` computed it; asked of the device when absent): w4a4 needs native NVFP4;
+    dequant needs Triton for its weight pass (cuBLAS does the GEMM)."""
     device = torch.device(device)
     ok, why = _half(dtype, "the cuBLAS NVFP4 path")
     if not ok:
         return ok, why
-    if torch_variant(device, variant) == "w4a4":
+    if native is None:
+        native = _backend.native_fp4(device)
+    if torch_variant(native, variant) == "w4a4":
         ok, why = _backend.native_fp4_status(device)
         return ok, (f"w4a4: cuBLASLt NVFP4 GEMM via torch._scaled_mm ({why})" if ok else
                     f"variant w4a4 (cuBLASLt NVFP4 via torch._scaled_mm) needs native NVFP4: "
@@ -222,7 +227,8 @@ def torch_available(device, dtype: Optional[torch.dtype] = None,
 
 _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton, available=triton_available)
-_backend.register(OP, "torch", _backend._on_tensor_device(_torch), available=torch_available)
+_backend.register(OP, "torch", _torch, available=torch_available,
+                  on_tensor_device=True)  # its dequant pass is a Triton kernel
 
 
 # ---- auto policy: which backend, per device and shape -------------------------------------------
@@ -320,17 +326,12 @@ def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
     """(backend, variant) ``nvfp4_linear`` runs x (M, K) of ``dtype`` with on ``device``.
 
     The backend: ``backend`` (or ``PYOPS_BACKEND_NVFP4_LINEAR`` / ``PYOPS_BACKEND``), else the
-    one ``PYOPS_NVFP4_LINEAR_VARIANT`` names (bf16/fp16 where Triton runs), else ``_backend.resolve``'s auto choice (the
-    reference off CUDA, ``auto_backend`` on CUDA). A requested backend that cannot run raises
+    one ``PYOPS_NVFP4_LINEAR_VARIANT`` names (bf16/fp16 where Triton runs), else
+    ``_backend.resolve``'s auto choice (the reference off CUDA, ``auto_backend`` on CUDA). A requested backend that cannot run raises
     RuntimeError; one that contradicts the forced variant ValueError. The variant: ``fused`` for
     triton, ``torch_variant`` for torch, the forced one (or ``fused``) for the reference."""
     forced = forced_variant()
     want = _backend.requested(OP, backend)
-    if want == "cuda":
-        raise RuntimeError("pyops: backend 'cuda' requested for nvfp4_linear cannot run: pyops "
-                           "has no CUDA NVFP4 GEMM of its own; the fused Triton kernel is "
-                           "'triton', the cuBLAS paths (dequant, w4a4) 'torch'")
-    shape = dict(M=M, N=N, K=K, dtype=dtype, variant=forced, native=_backend.native_fp4(device))
     if forced is not None:
         if want is None:
             # a tuning knob: it names the backend for half-precision activations where pyops'
@@ -343,11 +344,13 @@ def choose(device: torch.device, backend: Optional[str], M: int, N: int, K: int,
         elif want != "reference" and want != BACKEND_OF_VARIANT[forced]:
             raise ValueError(f"pyops: {VARIANT_ENV}={forced} runs on backend "
                              f"{BACKEND_OF_VARIANT[forced]!r}, but {want!r} was requested")
-    b = _backend.resolve(OP, device, want, **shape)
+    native = _backend.native_fp4(device)  # once per call: the policy, the rule and the variant
+    b = _backend.resolve(OP, device, want, M=M, N=N, K=K, dtype=dtype, variant=forced,
+                         native=native)
     if b == "triton":
         return b, "fused"
     if b == "torch":
-        return b, torch_variant(device, forced)
+        return b, torch_variant(native, forced)
     return b, forced or "fused"
 
 
