@@ -174,8 +174,8 @@ def fp8_linear(x: Union[torch.Tensor, FP8Tensor], qweight: FP8Weight,
     quantizer runs the reference for the reference GEMM and its own auto choice otherwise (all
     quantizer backends give identical bits).
     Errors (before any launch): TypeError for a wrong dtype or weight type; ValueError for a
-    shape, granularity or device mismatch; RuntimeError for a requested backend that cannot run
-    (``"cuda"`` included: torch._scaled_mm is ``"torch"``).
+    shape, granularity or device mismatch; RuntimeError for a requested backend that cannot run.
+    ``"cuda"`` (this path's old name) runs ``"torch"`` with a one-time FutureWarning.
     """
     if not isinstance(qweight, FP8Weight):
         raise TypeError(f"pyops.linear: fp8_linear takes an FP8Weight, got "

@@ -38,7 +38,8 @@ def linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeight,
     native NVFP4, for NVFP4), ``"triton"`` (our kernels), ``"reference"`` or None (auto: the
     measured per-shape policy on CUDA, the reference on CPU; env ``PYOPS_BACKEND_FP8_LINEAR`` /
     ``PYOPS_BACKEND_NVFP4_LINEAR`` / ``PYOPS_BACKEND``, and ``PYOPS_NVFP4_LINEAR_VARIANT`` for
-    NVFP4). There is no ``"cuda"`` backend (pyops has no GEMM kernel of its own).
+    NVFP4). pyops has no CUDA GEMM kernel of its own: ``"cuda"`` is refused for NVFP4 and, for
+    FP8, a deprecated name of ``"torch"`` (one-time FutureWarning).
     Errors (before any launch): TypeError for a qweight that is not a ``QuantizedWeight`` or a
     wrong dtype; ValueError for shape/device mismatches; RuntimeError for a requested backend
     that cannot run. Details: ``fp8_linear`` and ``nvfp4_linear``.
