@@ -230,6 +230,24 @@ __device__ __forceinline__ uint32_t finite_abs_bits(float v) {
 
 __device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
+// max |x| over the V elements of a raw chunk, as fp32 |x| bits (>= kInfBits: inf or NaN among
+// them), computed on the stored bits: for non-negative fp16/bf16 bit patterns the integer order
+// is the value order (inf and NaN above every finite value), so the maximum is taken on 16-bit
+// lanes (packed max) and only the winner is widened. Equals max_j abs_bits(to_float(x_j)) when
+// that is finite, and is >= kInfBits exactly when an element is inf/NaN (payloads may differ).
+template <typename E>
+__device__ __forceinline__ uint32_t chunk_amax_bits(const uint4& c) {
+  if constexpr (sizeof(typename E::storage) == 4) {
+    return umax(umax(c.x & 0x7FFFFFFFu, c.y & 0x7FFFFFFFu),
+                umax(c.z & 0x7FFFFFFFu, c.w & 0x7FFFFFFFu));
+  } else {
+    const uint32_t m = __vmaxu2(__vmaxu2(c.x & 0x7FFF7FFFu, c.y & 0x7FFF7FFFu),
+                                __vmaxu2(c.z & 0x7FFF7FFFu, c.w & 0x7FFF7FFFu));
+    const uint32_t h = umax(m & 0xFFFFu, m >> 16);
+    return abs_bits(E::to_float(static_cast<typename E::storage>(h)));
+  }
+}
+
 // Max over aligned groups of W lanes (W a power of 2 <= 32); every lane of the warp must call.
 template <int W>
 __device__ __forceinline__ uint32_t group_max(uint32_t v) {
@@ -271,6 +289,12 @@ __device__ __forceinline__ float add_rn(float a, float b) {
 __device__ __forceinline__ float sub_rn(float a, float b) {
   float r;
   asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// fma(a, b, c) = a*b + c rounded once (IEEE RNE), subnormals kept.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
   return r;
 }
 __device__ __forceinline__ float sqrt_rn(float a) {
@@ -328,6 +352,23 @@ __device__ __forceinline__ uint32_t e2m1_code(float v) {
   return idx | (is_negative(v) ? 8u : 0u);
 }
 
+// The same code for a finite v in [-6, 6] in fewer instructions, by rounding on the bits (checked
+// equal to the threshold sum for every fp32 in [0, 6], tests/test_cvt.py):
+//   |v| <  1: RN(|v| + 2^22) - 2^22 rounds to the 0.5 grid with ties to even -> 0, 1, 2;
+//   |v| >= 1: round the fp32 to one mantissa bit (RNE: add 0x1FFFFF + the kept bit), then
+//             (exponent, mantissa bit) - (126, 0) is the E2M1 code 2..7.
+__device__ __forceinline__ uint32_t e2m1_code_finite(float v) {
+  const uint32_t a = abs_bits(v);
+  const float m = __uint_as_float(a);
+  uint32_t mag;
+  if (m < 1.0f) {
+    mag = __float_as_uint(add_rn(m, 4194304.0f)) - 0x4A800000u;  // bits of 2^22
+  } else {
+    mag = ((a + 0x1FFFFFu + ((a >> 22) & 1u)) >> 22) - 252u;
+  }
+  return mag | ((__float_as_uint(v) >> 31) != 0u && a != 0u ? 8u : 0u);
+}
+
 // ---- FP8 e4m3 group quantization (quantize_fp8, norm_modulate_quant) ------------------------
 constexpr float kFp8Max = 448.0f;
 
@@ -338,18 +379,52 @@ __device__ __forceinline__ float fp8_scale(uint32_t mx) {
   return max_nan(div_rn(__uint_as_float(mx), kFp8Max), kFltMin);
 }
 
+// x / d for many x and one d, bit-identical to div_rn(x, d) (IEEE RNE) at three FP instructions
+// per element instead of a full division: with r = RN(1/d) (one IEEE division per group),
+//   q0 = RN(x * r);  e = RN(x - q0 * d) (exact, one FMA);  q = RN(q0 + e * r) (one FMA)
+// is RN(x / d) whenever nothing underflows or overflows (Markstein's theorem: r within half an
+// ulp of 1/d and q0 within one ulp of x/d; P. Markstein, IBM J. Res. Dev. 34(1), 1990;
+// J.-M. Muller, "Accelerating floating-point division when the divisor is known in advance",
+// LIP report 2002-30). `fast` keeps d in [2^-90, 2^90] so 1/d, x*r and the remainder are normal
+// for every quotient >= 2^-13 (the remainder x - q0*d is a multiple of ulp(q0)*ulp(d) >= 2^-149).
+// Smaller quotients may be off by an ulp; callers whose result depends on them (NVFP4's sign of
+// a value that underflows to -0) use exact_tiny(). d outside the range, or NaN: div_rn per
+// element. x = -0 keeps its sign (q0 + e*r would give +0).
+struct ScaleDiv {
+  float d, r;
+  bool fast;
+  __device__ __forceinline__ explicit ScaleDiv(float d_) : d(d_) {
+    fast = d_ >= 0x1p-90f && d_ <= 0x1p+90f;  // false for NaN
+    r = fast ? div_rn(1.0f, d_) : 0.0f;
+  }
+  __device__ __forceinline__ float operator()(float x) const {
+    if (!fast) return div_rn(x, d);
+    const float q0 = mul_rn(x, r);
+    const float e = fma_rn(-q0, d, x);
+    const float q = fma_rn(e, r, q0);
+    return __uint_as_float(__float_as_uint(q) | (__float_as_uint(x) & 0x80000000u));
+  }
+  // operator() exact also where |x / d| < 2^-13: the rare x != 0 whose quotient is that small
+  // takes the IEEE division (a zero x never does).
+  __device__ __forceinline__ float exact_tiny(float x) const {
+    const float q = (*this)(x);
+    if (fast && abs_bits(q) < 0x39000000u /* 2^-13 */ && abs_bits(x) != 0u) return div_rn(x, d);
+    return q;
+  }
+};
+
 // e4m3(clamp(f / sc, -448, 448)) of V elements into V bytes (little-endian words); all zero if
-// bad (the group holds inf/NaN).
+// bad (the group holds inf/NaN). In a good group every f / sc is finite, so the satfinite cast
+// is the clamp (|v| > 448 -> +-448, the same code as clamping first); the division is exact
+// (ScaleDiv), quotients below 2^-13 all encode as +-0 whatever their last bit.
 template <int V>
-__device__ __forceinline__ void fp8_codes(const float (&f)[V], float sc, bool bad,
+__device__ __forceinline__ void fp8_codes(const float (&f)[V], const ScaleDiv& div, bool bad,
                                           uint32_t (&w)[V / 4]) {
 #pragma unroll
   for (int i = 0; i < V / 4; ++i) {
     const float* v = f + 4 * i;
-    const uint32_t lo = e4m3x2(clamp_nan(div_rn(v[0], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(div_rn(v[1], sc), -kFp8Max, kFp8Max));
-    const uint32_t hi = e4m3x2(clamp_nan(div_rn(v[2], sc), -kFp8Max, kFp8Max),
-                               clamp_nan(div_rn(v[3], sc), -kFp8Max, kFp8Max));
+    const uint32_t lo = e4m3x2(div(v[0]), div(v[1]));
+    const uint32_t hi = e4m3x2(div(v[2]), div(v[3]));
     w[i] = bad ? 0u : (lo | (hi << 16));
   }
 }

@@ -84,11 +84,12 @@ __device__ __forceinline__ uint32_t chunk_amax(const float (&v)[V], int64_t k0, 
 // Codes of the chunk (zero if bad) into q row m, and y (rounded to y_dtype) if requested.
 template <int V>
 __device__ __forceinline__ void store_chunk(const NmqArgs& a, int64_t m, int64_t k0,
-                                            const float (&v)[V], float sc, bool bad) {
+                                            const float (&v)[V], const ScaleDiv& div,
+                                            bool bad) {
   const pyops_norm_modulate_quant_params& p = a.p;
   const int64_t D = p.D;
   uint32_t w[V / 4];
-  fp8_codes<V>(v, sc, bad, w);
+  fp8_codes<V>(v, div, bad, w);
   store_codes<V>(p.q + m * D, k0, D, a.ovec, w);
   if (p.y == nullptr) return;
   switch (p.y_dtype) {
@@ -181,17 +182,18 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
     const bool bad = mx >= kInfBits;
     const float sc = fp8_scale(mx);
     if (threadIdx.x == 0) p.q_scale[m] = sc;
+    const ScaleDiv div(sc);
     // pass 3: codes (and y)
 #pragma unroll
     for (int i = 0; i < kR; ++i) {
       const int64_t kc = threadIdx.x + static_cast<int64_t>(i) * T;
-      if (kc < nc) store_chunk<V>(a, m, kc * V, v[i], sc, bad);
+      if (kc < nc) store_chunk<V>(a, m, kc * V, v[i], div, bad);
     }
     for (int64_t kc = tail0; kc < nc; kc += T) {
       float f[V];
       chunk_to_float<E>(load_chunk<E, VEC>(in, m, kc * V), f);
       norm_modulate<P, V>(f, a, kc * V, mr, mean, rstd);  // same operations: same y
-      store_chunk<V>(a, m, kc * V, f, sc, bad);
+      store_chunk<V>(a, m, kc * V, f, div, bad);
     }
   }
 }

@@ -7,9 +7,14 @@
 // Kernels (all memory-bound; one read of x and one write of q, plus one more read of x for the
 // per-tensor amax):
 //   fp8_group_kernel<.., TENSOR=false>  block1x128: 128/V lanes per group, shuffle reduction.
-//   fp8_group_kernel<.., TENSOR=true>   per-tensor quantize pass, scale read from memory.
-//   fp8_row_kernel                      per-row: a segment of threads per row, row cached in
-//                                       registers (up to R chunks per thread, then re-read).
+//   fp8_tensor_flat_kernel              per-tensor quantize pass, contiguous input, 4 loads in
+//                                       flight per thread; scale read from memory.
+//   fp8_group_kernel<.., TENSOR=true>   per-tensor quantize pass for strided inputs.
+//   fp8_row_warp_kernel                 per-row and block1x128 with 16-byte loads, rows up to
+//                                       1536 chunks: one to four warps per row, row in registers.
+//   fp8_row_kernel                      per-row otherwise: a segment of threads per row, row
+//                                       cached in registers (up to R chunks per thread, then
+//                                       re-read).
 //   fp8_tile_kernel                     block128x128: one CTA per tile, tile in registers.
 #include "pyops/quantize_fp8.h"
 
@@ -36,6 +41,7 @@ __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   float tsc = 0.0f;
   if constexpr (TENSOR) tsc = p.scale[0];  // written by the finalize kernel
+  const ScaleDiv tdiv(tsc);
   // Warp-uniform loop: the shuffles below need every lane of the warp.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31);
        base < total; base += stride) {
@@ -65,7 +71,10 @@ __global__ void __launch_bounds__(kThreads) fp8_group_kernel(Fp8Params p) {
     }
     if (!valid || k0 >= p.in.K) continue;  // no shuffles after this point
     uint32_t w[V / 4];
-    fp8_codes<V>(f, sc, bad, w);
+    if constexpr (TENSOR)
+      fp8_codes<V>(f, tdiv, bad, w);
+    else
+      fp8_codes<V>(f, ScaleDiv(sc), bad, w);
     store_codes<V>(p.q + m * p.in.K, k0, p.in.K, p.qvec != 0, w);
   }
 }
@@ -117,6 +126,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
     const float sc = fp8_scale(mx);
     if (!valid) continue;
     if (t == 0) p.scale[m] = sc;
+    const ScaleDiv div(sc);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t kc = t + static_cast<int64_t>(i) * tpr;
@@ -124,7 +134,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
         float f[V];
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
-        fp8_codes<V>(f, sc, bad, w);
+        fp8_codes<V>(f, div, bad, w);
         store_codes<V>(p.q + m * K, kc * V, K, p.qvec != 0, w);
       }
     }
@@ -132,10 +142,156 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
       float f[V];
       chunk_to_float<E>(load_chunk<E, VEC>(p.in, m, kc * V), f);
       uint32_t w[V / 4];
-      fp8_codes<V>(f, sc, bad, w);
+      fp8_codes<V>(f, div, bad, w);
       store_codes<V>(p.q + m * K, kc * V, K, p.qvec != 0, w);
     }
   }
+}
+
+// Row and block1x128 scales for rows of up to kWarpCPL * 32 * 4 chunks with the 16-byte vector
+// path, K % V == 0 and 8-byte aligned codes (the common case: DiT activations, K <= 12288 in
+// bf16). `wpr` warps per row (1, 2 or 4),
+// kWarpThreads / (32 * wpr) rows per CTA; each lane holds up to kWarpCPL chunks of its row as raw
+// 16-byte words in registers, all loads issued before any reduction, so the row is read once
+// and written once. The row amax is a warp shuffle (plus one shared-memory step across the
+// row's warps); a 1x128 group is 128/V consecutive lanes of the same chunk index (128/V divides
+// 32), so its amax is a shuffle within the warp. Published per-token FP8 quantizers use this
+// shape (one warp per row, 16-byte loads and stores, shuffle amax, the row in registers).
+constexpr int kWarpCPL = 12;
+constexpr int kWarpThreads = 256;
+
+template <typename E, bool GROUPS>
+__global__ void __launch_bounds__(kWarpThreads) fp8_row_warp_kernel(Fp8Params p, int wpr) {
+  constexpr int V = E::V;
+  constexpr int TPG = 128 / V;  // lanes per 1x128 group
+  using S = typename E::storage;
+  __shared__ uint32_t red[kWarpThreads / 32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rpc = (kWarpThreads / 32) / wpr;  // rows per CTA
+  const int rloc = warp / wpr;
+  const int tpr = wpr * 32;
+  const int t = (warp % wpr) * 32 + lane;
+  const int64_t M = p.in.M, K = p.in.K;
+  const int nc = static_cast<int>(K / V);  // K % V == 0 (host-checked)
+  for (int64_t rb = static_cast<int64_t>(blockIdx.x) * rpc; rb < M;
+       rb += static_cast<int64_t>(gridDim.x) * rpc) {  // block-uniform
+    const int64_t m = rb + rloc;
+    const bool valid = m < M;
+    const uint4* src =
+        reinterpret_cast<const uint4*>(static_cast<const S*>(p.in.base) + (valid ? m : 0) * p.in.sm);
+    uint2* dst = reinterpret_cast<uint2*>(p.q + (valid ? m : 0) * K);  // V == 8 (16-bit inputs)
+    uint32_t* dst4 = reinterpret_cast<uint32_t*>(p.q + (valid ? m : 0) * K);  // V == 4 (fp32)
+    uint4 c[kWarpCPL];
+#pragma unroll
+    for (int i = 0; i < kWarpCPL; ++i) {
+      const int kc = t + i * tpr;
+      c[i] = (valid && kc < nc) ? __ldg(src + kc) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    if constexpr (GROUPS) {
+      // block1x128: chunk index i of lanes [g*TPG, (g+1)*TPG) is one group
+#pragma unroll
+      for (int i = 0; i < kWarpCPL; ++i) {
+        const int kc = t + i * tpr;
+        const uint32_t mx = group_max<TPG>(chunk_amax_bits<E>(c[i]));
+        if (!valid || kc >= nc) continue;
+        const float sc = fp8_scale(mx);
+        if ((lane & (TPG - 1)) == 0) p.scale[m * p.ng + ((kc * V) >> 7)] = sc;
+        float f[V];
+        chunk_to_float<E>(c[i], f);
+        uint32_t w[V / 4];
+        fp8_codes<V>(f, ScaleDiv(sc), mx >= kInfBits, w);
+        if constexpr (V == 8) dst[kc] = make_uint2(w[0], w[1]);
+        else dst4[kc] = w[0];
+      }
+    } else {
+      uint32_t mx = 0;
+#pragma unroll
+      for (int i = 0; i < kWarpCPL; ++i) mx = umax(mx, chunk_amax_bits<E>(c[i]));
+      mx = group_max<32>(mx);
+      if (wpr > 1) {  // block-uniform
+        if (lane == 0) red[warp] = mx;
+        __syncthreads();
+        mx = 0;
+        for (int i = 0; i < wpr; ++i) mx = umax(mx, red[rloc * wpr + i]);
+        __syncthreads();
+      }
+      if (!valid) continue;
+      const float sc = fp8_scale(mx);
+      if (t == 0) p.scale[m] = sc;
+      const ScaleDiv div(sc);
+      const bool bad = mx >= kInfBits;
+#pragma unroll
+      for (int i = 0; i < kWarpCPL; ++i) {
+        const int kc = t + i * tpr;
+        if (kc < nc) {
+          float f[V];
+          chunk_to_float<E>(c[i], f);
+          uint32_t w[V / 4];
+          fp8_codes<V>(f, div, bad, w);
+          if constexpr (V == 8) dst[kc] = make_uint2(w[0], w[1]);
+          else dst4[kc] = w[0];
+        }
+      }
+    }
+  }
+}
+
+// Per-tensor quantize pass over a contiguous input seen as n/V chunks (n % V == 0, 16-byte
+// aligned x, 8-byte aligned q): kTensorU independent 16-byte loads in flight per thread.
+constexpr int kTensorU = 4;
+
+template <typename E>
+__global__ void __launch_bounds__(kThreads) fp8_tensor_flat_kernel(const void* x, uint8_t* q,
+                                                                  const float* scale,
+                                                                  int64_t nchunks) {
+  constexpr int V = E::V;
+  const float sc = scale[0];  // written by the finalize kernel
+  const ScaleDiv div(sc);
+  const bool bad = abs_bits(sc) > kInfBits;  // NaN: the tensor holds inf/NaN
+  const uint4* src = static_cast<const uint4*>(x);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s0 < nchunks;
+       s0 += kTensorU * stride) {
+    uint4 c[kTensorU];
+#pragma unroll
+    for (int u = 0; u < kTensorU; ++u) {
+      const int64_t s = s0 + u * stride;
+      c[u] = s < nchunks ? __ldg(src + s) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kTensorU; ++u) {
+      const int64_t s = s0 + u * stride;
+      if (s >= nchunks) break;
+      float f[V];
+      chunk_to_float<E>(c[u], f);
+      uint32_t w[V / 4];
+      fp8_codes<V>(f, div, bad, w);
+      if constexpr (V == 8) reinterpret_cast<uint2*>(q)[s] = make_uint2(w[0], w[1]);
+      else reinterpret_cast<uint32_t*>(q)[s] = w[0];
+    }
+  }
+}
+
+// Warps per row for fp8_row_warp_kernel (1, 2 or 4), or 0 when the row does not fit.
+inline int row_warps(int64_t nc) {
+  for (int w = 1; w <= 4; w *= 2)
+    if (nc <= static_cast<int64_t>(w) * 32 * kWarpCPL) return w;
+  return 0;
+}
+
+template <typename E, bool GROUPS>
+cudaError_t launch_row_warp(const Fp8Params& p, int wpr, cudaStream_t stream) {
+  int dev = 0, sms = 0;
+  cudaError_t e;
+  if ((e = cudaGetDevice(&dev)) != cudaSuccess) return e;
+  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return e;
+  const int rpc = (kWarpThreads / 32) / wpr;
+  const int64_t need = cdiv(p.in.M, rpc);
+  const int64_t cap = static_cast<int64_t>(sms) * 16;  // >= a full wave at any occupancy
+  const int grid = static_cast<int>(need < cap ? need : cap);
+  fp8_row_warp_kernel<E, GROUPS><<<grid, kWarpThreads, 0, stream>>>(p, wpr);
+  return cudaGetLastError();
 }
 
 // block128x128: one CTA of kTileThreads per tile, grid-stride over tiles; tile in registers.
@@ -173,6 +329,7 @@ __global__ void __launch_bounds__(kTileThreads) fp8_tile_kernel(Fp8Params p, int
     const bool bad = mx >= kInfBits;
     const float sc = fp8_scale(mx);
     if (threadIdx.x == 0) p.scale[tile] = sc;  // (tm, tk) row-major == tile
+    const ScaleDiv div(sc);
 #pragma unroll
     for (int i = 0; i < NCH; ++i) {
       const int cidx = threadIdx.x + i * kTileThreads;
@@ -182,7 +339,7 @@ __global__ void __launch_bounds__(kTileThreads) fp8_tile_kernel(Fp8Params p, int
         float f[V];
         chunk_to_float<E>(c[i], f);
         uint32_t w[V / 4];
-        fp8_codes<V>(f, sc, bad, w);
+        fp8_codes<V>(f, div, bad, w);
         store_codes<V>(p.q + m * p.in.K, k0, p.in.K, p.qvec != 0, w);
       }
     }
@@ -210,6 +367,8 @@ cudaError_t launch_fp8(const InView& in, uint8_t* q, float* scale, pyops_fp8_gra
   if (g == PYOPS_FP8_BLOCK1X128) {
     const bool vec = vec_ok(in, esize);
     Fp8Params p{in, q, scale, cdiv(in.K, 128), qvec_ok(in, q, V)};
+    const int wpr = row_warps(cdiv(in.K, V));
+    if (vec && p.qvec && wpr > 0) return launch_row_warp<E, true>(p, wpr, stream);
     const int64_t slots = in.M * p.ng * (128 / V);
     if ((e = grid_for(slots, kThreads, 8, &grid)) != cudaSuccess) return e;
     if (vec)
@@ -223,6 +382,8 @@ cudaError_t launch_fp8(const InView& in, uint8_t* q, float* scale, pyops_fp8_gra
     const bool vec = vec_ok(in, esize);
     Fp8Params p{in, q, scale, 0, qvec_ok(in, q, V)};
     const int64_t nc = cdiv(in.K, V);
+    const int wpr = row_warps(nc);
+    if (vec && p.qvec && wpr > 0) return launch_row_warp<E, false>(p, wpr, stream);
     int64_t tpr = cdiv(cdiv(nc, R), 32) * 32;
     if (tpr == 96) tpr = 128;
     if (tpr > 1024) tpr = 1024;
@@ -273,6 +434,12 @@ cudaError_t launch_fp8_tensor(const InView& in0, pyops_dtype_t dtype, uint8_t* q
   const bool vec = vec_ok(in, static_cast<int>(sizeof(typename E::storage)));
   Fp8Params p{in, q, scale, cdiv(in.K, E::V), qvec_ok(in, q, E::V)};
   int grid = 0;
+  if (in.M == 1 && vec && p.qvec) {  // contiguous: the flat kernel
+    const int64_t nchunks = in.K / E::V;
+    if ((e = grid_for(cdiv(nchunks, kTensorU), kThreads, 8, &grid)) != cudaSuccess) return e;
+    fp8_tensor_flat_kernel<E><<<grid, kThreads, 0, stream>>>(in.base, q, scale, nchunks);
+    return cudaGetLastError();
+  }
   if ((e = grid_for(in.M * p.ng, kThreads, 8, &grid)) != cudaSuccess) return e;
   if (vec)
     fp8_group_kernel<E, true, true><<<grid, kThreads, 0, stream>>>(p);

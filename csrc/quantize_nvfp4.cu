@@ -9,8 +9,10 @@
 // g: read from *global_scale, or computed first as max(amax / 2688, FLT_MIN) by a grid-stride
 // amax pass (atomicMax into *global_scale itself) and a one-thread finalize kernel.
 //
-// One kernel does the blocks: 16/V lanes per block (2 for 16-bit inputs, 4 for fp32), each lane
-// loads one 16-byte chunk, the block amax is a 1-2 step shuffle, each lane writes V/2 bytes.
+// Blocks: nvfp4_block_kernel (one thread per block, 16-byte loads, one 8-byte store) when rows
+// are 16-byte aligned and K % 16 == 0; otherwise nvfp4_kernel: 16/V lanes per block (2 for
+// 16-bit inputs, 4 for fp32), each lane loads one 16-byte chunk, the block amax is a 1-2 step
+// shuffle, each lane writes V/2 bytes.
 #include "pyops/quantize_nvfp4.h"
 
 #include "common.cuh"
@@ -94,6 +96,59 @@ __global__ void __launch_bounds__(kThreads) nvfp4_kernel(Nvfp4Params p) {
   }
 }
 
+// The common case (16-byte aligned rows, stride_k 1, K % 16 == 0): one thread per 16-element
+// block, 16/V 16-byte loads, no shuffles; the block's 16 codes leave as one 8-byte store. The
+// divisions go through ScaleDiv (exact; exact_tiny where the sign of an underflowing quotient
+// decides the code) and the E2M1 code is the bit-rounding form (e2m1_code_finite).
+template <typename E>
+__global__ void __launch_bounds__(kThreads) nvfp4_block_kernel(Nvfp4Params p) {
+  constexpr int V = E::V;
+  constexpr int C = 16 / V;  // chunks per block
+  using S = typename E::storage;
+  const float g = p.gscale[0];
+  const ScaleDiv gdiv(g), six(kFp4Max);
+  const int64_t total = p.in.M * p.nb;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < total;
+       b += stride) {
+    int64_t kb;
+    const int64_t m = divmod(b, p.nb, kb);
+    const uint4* src =
+        reinterpret_cast<const uint4*>(static_cast<const S*>(p.in.base) + m * p.in.sm) + kb * C;
+    uint4 c[C];
+#pragma unroll
+    for (int i = 0; i < C; ++i) c[i] = __ldg(src + i);
+    uint32_t mx = 0;
+#pragma unroll
+    for (int i = 0; i < C; ++i) mx = umax(mx, chunk_amax_bits<E>(c[i]));
+    const bool bad = mx >= kInfBits;
+    const float bamax = bad ? 0.0f : __uint_as_float(mx);
+    const float s_f = clamp_nan(gdiv.exact_tiny(six.exact_tiny(bamax)), -INFINITY, kFp8Max);
+    const uint32_t sbyte = e4m3(s_f);
+    const float sf = e4m3_to_float(sbyte);
+    // sf NaN (a NaN or negative-NaN static global scale): the reference's codes are all 0 too
+    // (every threshold comparison of a NaN is false); e2m1_code_finite needs finite values.
+    const bool zero = bad || sf == 0.0f || abs_bits(sf) > kInfBits;
+    const ScaleDiv div(mul_rn(sf, g));
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      float f[V];
+      chunk_to_float<E>(c[i], f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int e = i * V + j;  // element of the block
+        const float v = clamp_nan(div.exact_tiny(f[j]), -kFp4Max, kFp4Max);
+        packed[e >> 3] |= e2m1_code_finite(v) << (4 * (e & 7));
+      }
+    }
+    if (zero) packed[0] = packed[1] = 0u;
+    reinterpret_cast<uint2*>(p.data + m * p.nb * 8)[kb] = make_uint2(packed[0], packed[1]);
+    const int64_t off = p.swizzle ? swizzle_offset(m, kb, p.np) : m * p.nb + kb;
+    p.scales[off] = static_cast<uint8_t>(bad ? kScaleNan : sbyte);
+  }
+}
+
 // amax bits of the finite elements (from launch_amax<true>) -> global scale, in place.
 __global__ void nvfp4_finalize_kernel(float* gscale) {
   const uint32_t mx = *reinterpret_cast<const uint32_t*>(gscale);
@@ -124,9 +179,16 @@ extern "C" cudaError_t pyops_quantize_nvfp4(const pyops_quantize_nvfp4_params* p
   const int64_t nb = cdiv(p.K, 16);
   Nvfp4Params kp{in, p.data, p.scales, p.global_scale, nb, cdiv(nb, 4) * 4, p.swizzle ? 1 : 0};
   const bool vec = vec_ok(in, elem_size(p.dtype));
+  const bool blocks = vec && p.K % 16 == 0 && reinterpret_cast<uintptr_t>(p.data) % 8 == 0;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using E = decltype(tag);
     int grid = 0;
+    if (blocks) {
+      cudaError_t err = grid_for(p.M * nb, kThreads, 8, &grid);
+      if (err != cudaSuccess) return err;
+      nvfp4_block_kernel<E><<<grid, kThreads, 0, stream>>>(kp);
+      return cudaGetLastError();
+    }
     cudaError_t err = grid_for(p.M * nb * (16 / E::V), kThreads, 8, &grid);
     if (err != cudaSuccess) return err;
     if (vec)

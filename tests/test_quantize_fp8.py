@@ -524,7 +524,11 @@ def test_triton_gpu_hw_and_soft_casts(monkeypatch):
 # shapes, layouts and dtypes the kernel's vector and scalar paths see in a model. CUDA only: at
 # these sizes the Triton interpreter would take minutes on a CPU machine (the Triton backend runs
 # the same checks at small shapes above, and at a large shape in test_triton_gpu_hw_and_soft_casts).
-CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
+# (37, 3072), (5, 5120), (3, 12288): the one-, two- and four-warps-per-row kernel (Flux, Wan,
+# MLP widths); (2, 16384): a row too long for it (the block-per-row kernel); (33, 136): 1x128
+# groups with a partial last group on the warp kernel.
+CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096), (37, 3072), (5, 5120),
+               (3, 12288), (2, 16384), (33, 136))
 
 
 @pytest.fixture
@@ -548,6 +552,27 @@ def check_cuda(x: torch.Tensor, gran: str, seed=None):
 def test_cuda_shapes(dtype, gran, shape):
     s = new_seed()
     check_cuda(randn_cuda(shape, dtype, 3.0), gran, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_every_16bit_value(dtype, gran):
+    """Every finite bf16 / fp16 value, shuffled into rows of 1024, then again with each row
+    scaled by its own factor in [0.5, 1): quotients x / scale land on and next to the e4m3
+    rounding midpoints for many different scales, which is where the kernels' division
+    shortcut (ScaleDiv in csrc/common.cuh) would differ from IEEE division if it were wrong."""
+    s = new_seed()
+    g = torch.Generator().manual_seed(s)
+    v = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    v = v[torch.isfinite(v.float())]
+    v = v[torch.randperm(v.numel(), generator=g)]
+    K = 1024
+    x = v[: v.numel() // K * K].view(-1, K)
+    check_cuda(x.to("cuda"), gran, s)
+    f = 0.5 + 0.5 * torch.rand(x.shape[0], 1, generator=g)
+    check_cuda((x.float() * f).to(dtype).to("cuda"), gran, s)
 
 
 @pytest.mark.gpu

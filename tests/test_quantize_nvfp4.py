@@ -542,7 +542,9 @@ def test_triton_gpu_hw_and_soft_casts(monkeypatch):
 # shapes, layouts and dtypes the kernel's vector and scalar paths see in a model. CUDA only: at
 # these sizes the Triton interpreter would take minutes on a CPU machine (the Triton backend runs
 # the same checks at small shapes above, and at a large shape in test_triton_gpu_hw_and_soft_casts).
-CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096))
+# (129, 4096), (37, 3072), (3, 5120): the one-thread-per-block kernel (K % 16 == 0, aligned rows);
+# the others: the lane-per-chunk kernel (partial last block, odd K).
+CUDA_SHAPES = ((1, 1), (1, 17), (3, 129), (257, 300), (129, 4096), (37, 3072), (3, 5120))
 
 
 @pytest.fixture
@@ -574,6 +576,29 @@ def test_cuda_shapes(dtype, shape, swizzle, global_mode):
           "static_small": 1e-5,       # block scales saturate at 448, codes clip at 6
           "static_large": 50.0}[global_mode]   # many block scales underflow to 0
     check_cuda(x, gs, swizzle, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_backend")
+@pytest.mark.parametrize("gs", [None, 0.0123, 3e-36, -0.5, float("nan")],
+                         ids=["computed", "static", "static_tiny", "static_negative", "static_nan"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_every_16bit_value(dtype, gs):
+    """Every finite bf16 / fp16 value, shuffled into rows of 1024, with the global scale computed
+    and static (including a tiny one, whose block divisors leave the ScaleDiv fast range, a
+    negative one and NaN: the reference's codes are what they are, the kernel must match): the
+    divisions, the underflow-to-(-0) sign rule and the bit-rounding E2M1 code of the kernels
+    against the reference's threshold sum."""
+    s = new_seed()
+    g = torch.Generator().manual_seed(s)
+    v = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    v = v[torch.isfinite(v.float())]
+    v = v[torch.randperm(v.numel(), generator=g)]
+    x = v[: v.numel() // 1024 * 1024].view(-1, 1024).to("cuda")
+    if gs is not None:  # a device tensor: the value is not checked on the host (no sync)
+        gs = torch.tensor([gs], device="cuda")
+    for swizzle in (False, True):
+        check_cuda(x, gs, swizzle, s)
 
 
 @pytest.mark.gpu
