@@ -13,8 +13,14 @@ written only on recompute), what diffusers' First-Block Cache runs per step:
 and (``--full`` and ``--quick`` only) the PyTorch reference backend (device-side, several
 kernels).
 Two cases: "reuse" (decision reuse: a and ref read, nothing written) and "recompute" (threshold
-0: a and ref read, ref written). GB/s counts exactly those bytes. Target: >= 90% of
-copy bandwidth on >= 64 MB features.
+0: a and ref read, ref written). GB/s counts exactly those bytes. Columns: ms (do_bench median,
+L2 flushed), GB/s and % copy from it; ms graph (CUDA-graph replays over rotating inputs, calls
+moving < 2x L2); µs per check (ms graph where measured, else ms); x ideal = µs over the bytes'
+time at the copy bandwidth measured in the same run. Targets: >= 90% of copy bandwidth on
+>= 64 MB features; <= 10 µs per check at the Flux size. The Flux reuse check reads 2 x 25.2 MB:
+at the 4.17-4.3 TB/s copy bandwidth of bench/RESULTS.md section 1 that alone is ~12 µs
+(derived), so the 10 µs target needs inputs still in the L2, which the rotating inputs here
+deliberately are not.
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
 # (bench/RESULTS.md, section 1, "Memory-bound kernels": 64 µs per check at Flux size, ~0.1 ms
@@ -41,7 +47,8 @@ from pyops import _backend  # noqa: E402
 from pyops.ops import block_similarity as C  # noqa: E402
 
 NAME = "block_similarity"
-COLUMNS = ["shape", "MB", "case", "provider", "ms", "µs", "GB/s", "% copy", "ms graph", "note"]
+COLUMNS = ["shape", "MB", "case", "provider", "ms", "GB/s", "% copy", "ms graph", "µs", "x ideal",
+           "note"]
 # (label, B, N, D) bf16: Flux.1 1024² image stream, a 64 MB feature, Flux CFG batch, Wan 480p.
 SHAPES = [("Flux 1024² img", 1, 4096, 3072), ("64 MB", 1, 8192, 4096),
           ("Flux b2", 2, 4608, 3072), ("Wan 480p", 1, 32760, 5120)]
@@ -66,7 +73,9 @@ def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
     t = U.Table("Fused block-similarity check (bf16)", COLUMNS, notes=[
         "GB/s = (a + ref read [+ ref written when recomputing]) / time; % copy = over the "
         "device copy measured in the same run (target >= 90% on >= 64 MB).",
-        "µs: median per check = the overhead a cached block pays for its decision.",
+        "µs per check is the overhead a cached block pays for its decision (target <= 10 µs "
+        "at the Flux size).",
+        U.PER_CALL_NOTE,
         "diffusers-style: two reductions + .item() (host sync), as FirstBlockCache runs it; it "
         "keeps a reference to the new tensor instead of copying, so its bytes are a + ref read."])
     dtype = torch.bfloat16
@@ -89,22 +98,15 @@ def run(args, device, ceiling_gbps, budget, progress=None) -> U.Table:
                     ps.append(U.Provider(f"pyops {b}", lambda a, r, st=st, b=b, thr=thr:
                                          C.block_similarity(a, r, st, threshold=thr, backend=b),
                                          slow=b == "reference"))
+            # diffusers keeps a reference to the new tensor instead of copying it: a + ref read
             ps.append(U.Provider("diffusers-style (+ .item())",
-                                 lambda a, r, thr=thr: diffusers_style(a, r, thr), graph=False))
+                                 lambda a, r, thr=thr: diffusers_style(a, r, thr), graph=False,
+                                 nbytes=2 * size))
             if names is not None:
                 ps = [p for p in ps if p.name in names]
             graph_inputs = U.rotating_inputs(nbytes, device, lambda: (a.clone(), ref.clone()))
-
-            def finish(r, size=size):
-                if r.get("ms") is not None:
-                    r["µs"] = 1000.0 * r["ms"]
-                    if r["provider"].startswith("diffusers") and r["case"] == "recompute":
-                        # diffusers keeps a reference to the tensor instead of copying it
-                        r["GB/s"] = U.gbps(2 * size, r["ms"])
-                        r["% copy"] = U.pct(r["GB/s"], ceiling_gbps)
             U.bench_providers(t, base, ps, (a, ref), nbytes, ceiling_gbps, device, budget,
-                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                              finish_row=finish)
+                              graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         del a, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -39,7 +39,8 @@ from pyops.reference import quantize_fp8 as qref  # noqa: E402
 
 NAME = "norm_modulate_quant"
 OP = "norm_modulate_quant"
-COLUMNS = ["shape", "dtype", "provider", "ms", "GB/s", "% copy", "ms graph", "ok", "note"]
+COLUMNS = ["shape", "dtype", "provider", "ms", "GB/s", "% copy", "ms graph", "µs", "x ideal",
+           "ok", "note"]
 # (label, B, N, D): Flux.1 1024² (4096 image + 512 text tokens), Wan2.1-14B 480p 81 frames,
 # Flux at batch 2, a wide MLP-sized row.
 SHAPES = [("Flux 1024²", 1, 4608, 3072), ("Flux 1024² b2", 2, 4608, 3072),
@@ -104,7 +105,8 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "GB/s = (x read once + shift/scale + e4m3 codes + fp32 per-token scales) / time; "
         "% copy = GB/s over the device-to-device copy measured in the same run (target >= 85%).",
         "ms: median of triton.testing.do_bench, L2 flushed before each call; ms graph: "
-        "CUDA-graph replay per call with rotating inputs (> 2x L2), inputs < 64 MiB.",
+        "CUDA-graph replay per call with rotating inputs (> 2x L2), for calls moving < 2x L2.",
+        U.PER_CALL_NOTE,
         "ok: q/scale equal quantize_fp8(y, 'row') of the provider's own fp32 y (pyops only)."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()

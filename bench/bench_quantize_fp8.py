@@ -39,8 +39,8 @@ from pyops.reference import quantize_fp8 as ref  # noqa: E402
 
 NAME = "quantize_fp8"
 OP = "quantize_fp8"
-COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms graph", "exact",
-           "note"]
+COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms graph", "µs",
+           "x ideal", "exact", "note"]
 # (label, M, K): DiT activations (Flux 1024², Wan 480p 81 frames, 75600 tokens) and weights.
 SHAPES = [("act Flux 1024²", 4608, 3072), ("act Wan 480p", 32760, 5120),
           ("act 75600 tok", 75600, 3072), ("weight", 4096, 4096), ("weight", 12288, 3072)]
@@ -134,7 +134,8 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "GB/s = (input read once, twice for per-tensor amax + e4m3 codes + fp32 scales) / time; "
         "% copy = GB/s over the device-to-device copy measured in the same run.",
         "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
-        "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
+        "replay per call, rotating inputs (> 2x L2), for calls moving < 2x L2.",
+        U.PER_CALL_NOTE,
         "exact: codes and scales bit-identical to pyops.reference on the same input."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
@@ -145,8 +146,9 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
     gen = torch.Generator(device=device).manual_seed(0)
     for label, M, K in shapes:
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
-        graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
-            torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
+        graph_inputs = U.rotating_inputs(
+            max(nbytes_moved(M, K, 2, g) for g in granularities), device, lambda: (
+                torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
         for g in granularities:
             check, rows = _checker(x, g, args.check_elems)
             base = {"op": "quantize_fp8", "shape": f"{label} {M}x{K}", "config": g,

@@ -126,7 +126,8 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
         "device-to-device copy measured in the same run.",
         "static global = amax/2688 of the same input, computed once before timing.",
         "ms: triton.testing.do_bench median, L2 flushed before each call; ms graph: CUDA-graph "
-        "replay per call, rotating inputs (> 2x L2), for inputs < 64 MiB.",
+        "replay per call, rotating inputs (> 2x L2), for calls moving < 2x L2.",
+        U.PER_CALL_NOTE,
         "exact: codes, scale bytes and global scale bit-identical to pyops.reference."])
     compile_ok = U.compile_allowed(args, device, t)
     U.raise_compile_limits()
@@ -138,8 +139,9 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
     for label, M, K in shapes:
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
         gs = ref.global_scale_from_amax(x.abs().amax().float().reshape(1))
-        graph_inputs = U.rotating_inputs(M * K * 2, device, lambda: (
-            torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
+        graph_inputs = U.rotating_inputs(
+            max(nbytes_moved(M, K, 2, st, sw) for st, sw in configs), device, lambda: (
+                torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen),))
         for static, swizzle in configs:
             check, rows = _checker(x, gs if static else None, swizzle, args.check_elems)
             base = {"op": "quantize_nvfp4", "shape": f"{label} {M}x{K}",

@@ -6,7 +6,12 @@
   median, only so that the scripts can be smoke-tested without a GPU.
 * ``time_ms_graph(fn, inputs)``: median per call of CUDA-graph replays that cycle through several
   input sets whose bytes together exceed twice the L2 cache, for kernels so small that launch
-  gaps would dominate. Returns None off CUDA or when the capture fails.
+  gaps would dominate. Returns None off CUDA or when the capture fails. ``rotating_inputs``
+  builds those sets for calls that move less than twice the L2 (``graph_max_bytes``).
+* ``bench_providers``: one row per provider with ``ms`` (do_bench), ``ms graph`` (when measured),
+  ``µs`` per call (the graph replay when measured, else the do_bench median; ``µs from`` in the
+  JSON says which), ``GB/s`` and ``% copy`` (from ``ms``) and ``x ideal`` (``µs`` over the ideal
+  time: bytes moved / the copy bandwidth measured in the same run).
 * ``copy_bandwidth_gbps(device)``: the ceiling, measured in the same run: a device-to-device copy
   of ``nbytes`` (>= 256 MB on a GPU), counting bytes read + bytes written.
 * ``env_record()``: GPU, capability, SM count, L2, driver, torch/CUDA/Triton/pyops versions,
@@ -132,7 +137,7 @@ def time_ms(fn: Callable[[], Any], *, device: Optional[torch.device] = None,
                                              return_mode="median"))
 
 
-def rotation_count(bytes_per_call: int, device: torch.device, cap: int = 16) -> int:
+def rotation_count(bytes_per_call: int, device: torch.device, cap: int = 64) -> int:
     """How many input sets make one pass through them at least twice the L2 cache."""
     if device.type != "cuda":
         return 1
@@ -222,6 +227,38 @@ def pct(value: Optional[float], ceiling: Optional[float]) -> Optional[float]:
     if value is None or not ceiling:
         return None
     return 100.0 * value / ceiling
+
+
+def ideal_ms(nbytes: float, ceiling_gbps: Optional[float]) -> Optional[float]:
+    """The time ``nbytes`` (read + written) take at the copy bandwidth ``ceiling_gbps``."""
+    if not ceiling_gbps or ceiling_gbps <= 0:
+        return None
+    return nbytes / (ceiling_gbps * GB) * 1e3
+
+
+def per_call_timing(row: dict, nbytes: float, ceiling_gbps: Optional[float]) -> dict:
+    """Fill ``µs`` (per call: ``ms graph`` when measured, else ``ms``), ``µs from`` ("graph" or
+    "do_bench"), ``ideal µs`` (``nbytes`` at the copy bandwidth) and ``x ideal`` (``µs`` /
+    ``ideal µs``) of a row from its measured ``ms`` / ``ms graph``; nothing when neither was
+    measured (no number is made up)."""
+    g, m = row.get("ms graph"), row.get("ms")
+    t = g if g is not None else m
+    for k in ("µs", "µs from", "ideal µs", "x ideal"):
+        row.pop(k, None)
+    if t is None:
+        return row
+    row["µs"] = 1000.0 * t
+    row["µs from"] = "graph" if g is not None else "do_bench"
+    ideal = ideal_ms(nbytes, ceiling_gbps)
+    if ideal:
+        row["ideal µs"] = 1000.0 * ideal
+        row["x ideal"] = t / ideal
+    return row
+
+
+PER_CALL_NOTE = ("µs: per call, the CUDA-graph replay time (ms graph) where it was measured, else "
+                 "the do_bench median (ms); x ideal = µs / (bytes moved / the copy bandwidth "
+                 "measured in the same run), 1.0 = copy speed.")
 
 
 # ---- environment ----------------------------------------------------------------------------------
@@ -524,12 +561,14 @@ class Provider:
     ``slow``: optional and slow (a compile, an eager multi-kernel reference): skipped once the
     budget is spent. ``graph``: also time CUDA-graph replays when the caller asks for them.
     ``check``: ``check(fn) -> bool`` bit-exactness against the reference (None: not checked).
+    ``nbytes``: the bytes this provider moves when they differ from the op's (None: the op's).
     """
 
     def __init__(self, name: str, fn: Callable, *, slow: bool = False, graph: bool = True,
-                 check: Optional[Callable[[Callable], bool]] = None, compiles: bool = False):
+                 check: Optional[Callable[[Callable], bool]] = None, compiles: bool = False,
+                 nbytes: Optional[int] = None):
         self.name, self.fn, self.slow, self.graph = name, fn, slow, graph
-        self.check, self.compiles = check, compiles
+        self.check, self.compiles, self.nbytes = check, compiles, nbytes
 
 
 def bench_providers(table: Table, base: dict, providers: Sequence[Provider], args: tuple,
@@ -538,12 +577,15 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                     graph_inputs: Optional[Sequence[tuple]] = None,
                     warmup_ms: float = 25, rep_ms: float = 100,
                     finish_row: Optional[Callable[[dict], Any]] = None) -> None:
-    """Add one row per provider to ``table``: ms, ms (graph), GB/s, % copy, exact, note.
+    """Add one row per provider to ``table``: ms, ms graph, µs, GB/s, % copy, x ideal, exact,
+    note (``per_call_timing`` says how µs and x ideal are formed).
 
     A provider that raises gets a row with its error in ``note`` and no numbers.
     ``finish_row(row)``, when given, completes a row (derived columns) before it is added.
     """
+    op_nbytes = nbytes
     for p in providers:
+        nbytes = p.nbytes if p.nbytes is not None else op_nbytes
         row = dict(base, provider=p.name, bytes=int(nbytes))
         if p.slow and budget is not None and budget.spent():
             row["note"] = "skipped: time budget spent"
@@ -569,6 +611,7 @@ def bench_providers(table: Table, base: dict, providers: Sequence[Provider], arg
                 gms = time_ms_graph(p.fn, graph_inputs, device=device)
                 row["ms graph"] = gms
                 row["GB/s graph"] = gbps(nbytes, gms)
+            per_call_timing(row, nbytes, ceiling_gbps)
             notes = []
             if p.compiles:
                 notes.append(f"first call (compile) {first_s:.1f} s")
@@ -626,14 +669,23 @@ def bandwidth_main(name: str, parser: argparse.ArgumentParser, run: Callable, ar
     return 0
 
 
-GRAPH_MAX_BYTES = 64 * 2**20  # CUDA-graph replay timing only for inputs smaller than this
+GRAPH_MAX_BYTES = 64 * 2**20  # the graph-timing limit where the L2 size is unknown
+
+
+def graph_max_bytes(device: torch.device) -> int:
+    """CUDA-graph replay timing applies to calls that move less than this: twice the L2 cache
+    (a larger call cannot be flattered by the L2, and do_bench's launch overhead is small next to
+    it); ``GRAPH_MAX_BYTES`` where the L2 size cannot be read."""
+    l2 = l2_bytes(device) if device.type == "cuda" else None
+    return 2 * l2 if l2 else GRAPH_MAX_BYTES
 
 
 def rotating_inputs(nbytes: int, device: torch.device, make: Callable[[], tuple]
                     ) -> Optional[list]:
     """Input sets for ``time_ms_graph`` (enough to exceed twice the L2), or None when graph
-    timing does not apply (CPU, or inputs of ``GRAPH_MAX_BYTES`` and more)."""
-    if device.type != "cuda" or nbytes >= GRAPH_MAX_BYTES:
+    timing does not apply (CPU, or ``nbytes`` -- the bytes one call moves -- of twice the L2 or
+    more, ``graph_max_bytes``)."""
+    if device.type != "cuda" or nbytes >= graph_max_bytes(device):
         return None
     return [make() for _ in range(rotation_count(nbytes, device))]
 
