@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh                                  # everything; results in bench/out/
 #   OUT=/tmp/pyops-check bash bench/gpu_check.sh             # results in another folder
 #   GPU_CHECK_BENCH="attention linear" bash bench/gpu_check.sh   # only these benchmarks
+#   GPU_CHECK_TESTS="tests/test_quantize_fp8.py tests/test_cache_apply.py" \
+#       bash bench/gpu_check.sh                              # only these GPU tests
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh              # print the plan, run nothing
 #
 # Stages, in this order; each runs under `timeout`, so a stage that fails, crashes or hangs
@@ -21,14 +23,17 @@
 #                wheels in ./.whl/test/ without an index when it holds any (bench/fetch_wheels.sh
 #                puts them there), otherwise from your pip index. Nothing is installed, and no
 #                index is contacted, when both are importable.
-#   gpu-tests    pytest -m gpu tests (a test that crashes the interpreter ends this stage only;
-#                the tests run their bad-argument checks in subprocesses themselves); recorded
-#                as skipped, with the reason and the command that fixes it, when pytest or numpy
-#                is still not importable
+#   gpu-tests    pytest -m gpu $GPU_CHECK_TESTS (default: tests, i.e. every GPU test; a test
+#                that crashes the interpreter ends this stage only; the tests run their
+#                bad-argument checks in subprocesses themselves); recorded as skipped, with the
+#                reason and the command that fixes it, when pytest or numpy is still not
+#                importable, or when GPU_CHECK_TESTS=none
 #   bench NAME   python bench/bench_NAME.py, the default run (headline shapes, key providers;
-#                about a minute or less each), one stage per benchmark; a script that names
-#                others on a '# bench-covers:' line runs them (bench_quantize.py runs the FP8
-#                and NVFP4 quantizer benchmarks), so those are not run again
+#                about a minute or less each), one stage per benchmark, the memory-bound ones
+#                first (quantize, norm_modulate_quant, block_similarity, cache_apply,
+#                sample_step), then attention, linear, sampler, cache, then any other; a script
+#                that names others on a '# bench-covers:' line runs them (bench_quantize.py runs
+#                the FP8 and NVFP4 quantizer benchmarks), so those are not run again
 #   suite        pytest -m "not gpu" tests, only with GPU_CHECK_SUITE=1
 #
 # Results, rewritten after every stage (a run cut short keeps every stage that finished):
@@ -45,6 +50,8 @@
 #   OUT                        results folder (default: bench/out)
 #   PYTHON                     the Python to use (default: python3)
 #   GPU_CHECK_BENCH            benchmarks to run, by NAME (bench_NAME.py); default: all
+#   GPU_CHECK_TESTS            what pytest -m gpu runs: test files, folders or node ids,
+#                              space-separated (default: tests); none: skip the GPU tests
 #   GPU_CHECK_BENCH_ARGS       extra arguments for every benchmark, e.g. "--full" (every shape
 #                              and provider: raise the two limits below too)
 #   GPU_CHECK_BENCH_TIMEOUT_S  hard limit per benchmark (default 90 s)
@@ -56,11 +63,14 @@
 #   GPU_CHECK_DRY_RUN=1        print the stages, their limits and commands; run nothing
 #   MAX_JOBS                   parallel compile jobs for the extension (default: all cores)
 #
-# Expected run time on an H100 or H200: about 7 minutes. These are estimates, not measurements
+# Expected run time on an H100 or H200: about 8 minutes. These are estimates, not measurements
 # of this version: install ~40 s and a (partial) GPU test run of ~90 s were measured on an H200
-# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~4 minutes by their
+# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~5 minutes by their
 # own estimates (the 'estimate-h200-s' line at the top of each bench script; the dry run prints
-# them). On an H100 the bandwidth-bound benchmarks take a little longer (~0.7x the bandwidth).
+# them and their sum). If the GPU tests run long, the total limit cuts the benchmarks at the
+# end of the order (the model-size ones), never the memory-bound ones at its start; for a
+# short check, GPU_CHECK_TESTS names the tests to run. On an H100 the bandwidth-bound
+# benchmarks take a little longer (~0.7x the bandwidth).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -70,8 +80,11 @@ PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
 BENCH_TIMEOUT_S=${GPU_CHECK_BENCH_TIMEOUT_S:-90}
 DRY=${GPU_CHECK_DRY_RUN:-}
-# run order: the headline benchmarks first; any other bench_*.py afterwards
-ORDER="attention linear quantize norm_modulate_quant block_similarity sampler cache"
+# run order: the memory-bound kernels first (short, and what the total limit must not cut),
+# then the model-size benchmarks; any other bench_*.py afterwards
+ORDER="quantize norm_modulate_quant block_similarity cache_apply sample_step attention linear sampler cache"
+# the GPU tests to run (pytest paths or node ids); "none" skips them
+TESTS=${GPU_CHECK_TESTS:-tests}
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
@@ -240,7 +253,13 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
     fi
     missing=""
     [ -n "$DRY" ] || missing=$(missing_test_deps)
-    if [ -n "$missing" ]; then
+    local tests_sel
+    read -r -a tests_sel <<<"$TESTS"
+    if [ "$TESTS" = none ]; then
+        echo "[gpu-tests] skipped: GPU_CHECK_TESTS=none"
+        [ -n "$DRY" ] || { printf 'gpu-tests\tskipped (GPU_CHECK_TESTS=none)\t0\t-\n' >>"$STAGES";
+            collect >/dev/null; }
+    elif [ -n "$missing" ]; then
         echo "=== [gpu-tests] SKIPPED: the GPU tests need pytest and numpy; not importable by $PY:" \
             "$missing. Install them with: $PY -m pip install pytest numpy (without internet: run" \
             "bash bench/fetch_wheels.sh where there is internet, copy .whl/ here, run this again)"
@@ -249,7 +268,7 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
         collect >/dev/null
     else
         stage gpu-tests 240 150 "$PY" -m pytest -m gpu "${PYTEST_ARGS[@]}" \
-            --junitxml="${WORK:-<work dir>}/gpu-tests.xml" tests
+            --junitxml="${WORK:-<work dir>}/gpu-tests.xml" "${tests_sel[@]}"
     fi
 
     # ---- benchmarks: the default run of each, rows written as they complete -----------------

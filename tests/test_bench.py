@@ -19,8 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms graph", "exact",
-           "note"]
+COLUMNS = ["op", "shape", "config", "provider", "ms", "GB/s", "% copy", "ms graph", "µs",
+           "x ideal", "exact", "note"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,100 @@ def test_harness_units():
         2 * M * K * 2 + M * nb * 8 + 256 * 24 + 4
 
 
+def test_per_call_timing_and_ideal():
+    """µs per call is the graph replay time when one was measured, else do_bench's; x ideal is
+    that time over bytes / copy bandwidth; nothing is filled in that was not measured."""
+    U = _bench_module("utils")
+    r = U.per_call_timing({"ms": 2.0}, 4e9, 4000.0)  # 4 GB at 4000 GB/s: 1 ms ideal
+    assert r["µs"] == pytest.approx(2000.0) and r["µs from"] == "do_bench"
+    assert r["ideal µs"] == pytest.approx(1000.0) and r["x ideal"] == pytest.approx(2.0)
+    r = U.per_call_timing({"ms": 2.0, "ms graph": 1.5}, 4e9, 4000.0)
+    assert r["µs"] == pytest.approx(1500.0) and r["µs from"] == "graph"
+    assert r["x ideal"] == pytest.approx(1.5)
+    r = U.per_call_timing({"ms": 2.0, "ms graph": None}, 4e9, None)  # no ceiling: no x ideal
+    assert r["µs"] == pytest.approx(2000.0) and "x ideal" not in r and "ideal µs" not in r
+    assert U.per_call_timing({"note": "error: x"}, 4e9, 4000.0) == {"note": "error: x"}
+    assert U.ideal_ms(4e9, 4000.0) == pytest.approx(1.0) and U.ideal_ms(1, None) is None
+
+
+def test_bench_providers_fills_per_call_columns():
+    """Every provider row gets µs and x ideal from its own bytes (Provider.nbytes when the
+    provider moves other bytes than the op, e.g. a peer that keeps a reference instead of a
+    copy); a provider that raises gets no numbers."""
+    U = _bench_module("utils")
+    cols = ["provider", "ms", "GB/s", "% copy", "ms graph", "µs", "x ideal", "note"]
+    t = U.Table("t", cols)
+    dev = __import__("torch").device("cpu")
+
+    def boom():
+        raise RuntimeError("no")
+    U.bench_providers(t, {}, [U.Provider("a", lambda: None),
+                              U.Provider("b", lambda: None, nbytes=500),
+                              U.Provider("c", boom)],
+                      (), 1000, 2.0, dev, warmup_ms=1, rep_ms=2)
+    a, b, c = t.rows
+    assert a["bytes"] == 1000 and b["bytes"] == 500
+    for r, n in ((a, 1000), (b, 500)):
+        assert r["µs"] == pytest.approx(1000.0 * r["ms"]) and r["µs from"] == "do_bench"
+        assert r["x ideal"] == pytest.approx(r["ms"] / (n / 2e9 * 1e3))
+        assert r["GB/s"] == pytest.approx(n / (r["ms"] * 1e-3) / 1e9)
+    assert "µs" not in c and "x ideal" not in c and c["note"].startswith("error:")
+
+
+def test_graph_timing_applies_below_twice_the_l2():
+    """CUDA-graph timing with rotating inputs for calls moving less than 2x the L2 (issue's
+    rule); off CUDA none, and the fallback limit where the L2 is unknown."""
+    U = _bench_module("utils")
+    import torch
+    cpu = torch.device("cpu")
+    assert U.graph_max_bytes(cpu) == U.GRAPH_MAX_BYTES
+    assert U.rotating_inputs(1000, cpu, lambda: ()) is None
+    # enough sets that one pass through them exceeds twice a 60 MB L2, even for small calls
+    old = U.l2_bytes
+    try:
+        U.l2_bytes = lambda device: 60 * 2**20
+        cuda = torch.device("cuda")
+        assert U.graph_max_bytes(cuda) == 120 * 2**20
+        for nb in (2 * 2**20, 10 * 2**20, 100 * 2**20):
+            assert U.rotation_count(nb, cuda) * nb > 2 * 60 * 2**20
+    finally:
+        U.l2_bytes = old
+
+
+MEMORY_BOUND = ("bench_quantize_fp8", "bench_quantize_nvfp4", "bench_norm_modulate_quant",
+                "bench_block_similarity", "bench_cache_apply", "bench_sample_step")
+
+
+@pytest.mark.parametrize("name", MEMORY_BOUND)
+def test_memory_bound_tables_have_per_call_columns(name):
+    cols = _bench_module(name).COLUMNS
+    for c in ("ms", "GB/s", "% copy", "ms graph", "µs", "x ideal"):
+        assert c in cols, (name, c)
+
+
+def test_new_benches_count_bytes_exactly():
+    """cache_apply: the flags, then x + residual read and out written per reusing group;
+    sample_step: fp32 state read + written, bf16 cond, bf16 uncond with CFG, fp32 noise, bf16
+    x_out."""
+    ca = _bench_module("bench_cache_apply")
+    B, N, D = 2, 64, 256
+    t = B * N * D * 2
+    assert ca.nbytes_moved(B, N, D, 2, [1]) == 4 + 3 * t
+    assert ca.nbytes_moved(B, N, D, 2, [1, 1]) == 8 + 3 * t
+    assert ca.nbytes_moved(B, N, D, 2, [1, 0]) == 8 + 3 * t // 2
+    assert ca.nbytes_moved(B, N, D, 2, [0, 0]) == 8
+    assert ca.flags("half", 1) is None and ca.flags("half", 4) == [1, 1, 0, 0]
+    ss = _bench_module("bench_sample_step")
+    n = 1000
+    assert ss.nbytes_moved(n, cfg=True, noise=True) == n * (4 + 4 + 2 + 2 + 4 + 2)
+    assert ss.nbytes_moved(n, cfg=False, noise=False) == n * (4 + 4 + 2 + 2)
+    assert ss.nbytes_moved(n, cfg=False, noise=False, x_out=False) == n * (4 + 4 + 2)
+    # the Wan size moves >= 256 MB even without CFG and noise
+    assert ss.nbytes_moved(32760 * 5120, cfg=False, noise=False) >= 256 * 2**20
+    co = dict((c[0], c[1]) for c in ss.CONFIGS)
+    assert co["cfg + noise"].zeta != 0 and co["euler"].zeta == 0 and co["euler"].alpha == 1.0
+
+
 # ---- run sizes ----------------------------------------------------------------------------------
 def _args(*argv):
     U = _bench_module("utils")
@@ -220,6 +314,20 @@ def test_headline_shapes_in_default_runs():
     for q in ("bench_quantize_fp8", "bench_quantize_nvfp4"):
         assert {s[1:] for s in _bench_module(q).select("default")[0]} == {(4608, 3072),
                                                                           (32760, 5120)}
+    # the memory-bound ops: the Flux activation and the Wan size (335 MB bf16: the >= 256 MB
+    # figure) in every default run; the cache check at the Flux image stream (1x4096x3072)
+    flux, wan = (1, 4608, 3072), (1, 32760, 5120)
+    for q in ("bench_norm_modulate_quant", "bench_cache_apply"):
+        assert {tuple(s[1:4]) for s in _bench_module(q).select("default")[0]} == {flux, wan}, q
+    bs = _bench_module("bench_block_similarity").select("default")
+    assert {s[1:] for s in bs[0]} == {(1, 4096, 3072), wan}
+    ss = _bench_module("bench_sample_step").select("default")
+    assert {s[1] for s in ss[0]} == {(1, 4096, 64), flux, wan}  # the Flux latent too
+    assert [c[0] for c in ss[1]] == ["cfg + noise"]  # every operand of the fused step
+    for q in ("bench_cache_apply", "bench_sample_step"):
+        names = _bench_module(q).select("default")[-1]
+        assert {"pyops cuda", "pyops triton", "torch.compile(reference)", "torch eager"} == \
+            set(names), q
 
 
 def test_rows_are_written_as_they_complete(tmp_path):
@@ -265,9 +373,29 @@ def test_gpu_check_dry_run_plan(tmp_path):
                                                                   "quantize_nvfp4"}
     for line in bench_lines:
         assert "limit 90s" in line and "--out" in line and "--full" not in line
+    # the memory-bound benchmarks run first, so a total limit cut by long GPU tests only
+    # reaches the model-size ones at the end
+    ran = [line.split()[1].rstrip("]") for line in bench_lines]
+    memory_bound = ["quantize", "norm_modulate_quant", "block_similarity", "cache_apply",
+                    "sample_step"]
+    assert ran[:len(memory_bound)] == memory_bound, ran
+    assert ran.index("attention") > ran.index("sample_step")
+    gpu_tests = next(line for line in lines if line.startswith("[gpu-tests]"))
+    assert gpu_tests.endswith(" tests"), gpu_tests  # default: every GPU test
     assert "[suite]" not in out
     total = int(re.search(r"estimated ~(\d+) s on an H200", out).group(1))
     assert total <= 60 * len(names)
+
+
+def test_gpu_check_dry_run_test_selection(tmp_path):
+    """GPU_CHECK_TESTS picks the GPU tests (a short check runs a few); none skips them."""
+    out = _dry_run(tmp_path, GPU_CHECK_TESTS="tests/test_quantize_fp8.py tests/test_cache_apply.py")
+    line = next(x for x in out.splitlines() if x.startswith("[gpu-tests]"))
+    assert line.endswith("gpu-tests.xml tests/test_quantize_fp8.py tests/test_cache_apply.py"), line
+    out = _dry_run(tmp_path, GPU_CHECK_TESTS="none")
+    line = next(x for x in out.splitlines() if x.startswith("[gpu-tests]"))
+    assert line == "[gpu-tests] skipped: GPU_CHECK_TESTS=none", line
+    assert "-m pytest" not in out
 
 
 def test_gpu_check_dry_run_subset_and_args(tmp_path):
@@ -298,7 +426,7 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
-def _gpu_check_with_fake_python(tmp_path, has_test_deps, pip_rc=0):
+def _gpu_check_with_fake_python(tmp_path, has_test_deps, pip_rc=0, **env_extra):
     fake = tmp_path / "python3"
     fake.write_text(_FAKE_PYTHON)
     fake.chmod(0o755)
@@ -310,6 +438,8 @@ def _gpu_check_with_fake_python(tmp_path, has_test_deps, pip_rc=0):
                GPU_CHECK_BENCH="none-selected", GPU_CHECK_TOTAL_S="300")
     env.pop("GPU_CHECK_DRY_RUN", None)
     env.pop("GPU_CHECK_SKIP_INSTALL", None)
+    env.pop("GPU_CHECK_TESTS", None)
+    env.update(env_extra)
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -347,6 +477,23 @@ def test_gpu_check_with_pytest_present_contacts_no_index(tmp_path):
     assert "test-deps" not in stages and stages["gpu-tests"] == "ok", stages
     assert [c for c in calls if c.startswith("pytest ") and " -m gpu " in c], calls
     assert "[test-deps] pytest and numpy importable: nothing to install" in out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_gpu_check_runs_the_selected_gpu_tests(tmp_path):
+    """The real (not dry) run hands GPU_CHECK_TESTS to pytest, word by word; none records the
+    stage as skipped and never starts pytest."""
+    _, calls, stages, _ = _gpu_check_with_fake_python(
+        tmp_path, has_test_deps=True,
+        GPU_CHECK_TESTS="tests/test_sample_step.py tests/test_cache_apply.py::test_x")
+    (py,) = [c for c in calls if c.startswith("pytest ") and " -m gpu " in c]
+    assert py.endswith(".xml tests/test_sample_step.py tests/test_cache_apply.py::test_x"), py
+    assert stages["gpu-tests"] == "ok", stages
+    _, calls, stages, md = _gpu_check_with_fake_python(tmp_path, has_test_deps=True,
+                                                       GPU_CHECK_TESTS="none")
+    assert not [c for c in calls if c.startswith("pytest ")], calls
+    assert stages["gpu-tests"] == "skipped (GPU_CHECK_TESTS=none)", stages
+    assert "GPU tests: not run, skipped (GPU_CHECK_TESTS=none)." in md.read_text()
 
 
 def test_gpu_check_dry_run_names_the_test_deps_step(tmp_path):
