@@ -164,8 +164,9 @@ def test_bench_providers_fills_per_call_columns():
 
 
 def test_graph_timing_applies_below_twice_the_l2():
-    """CUDA-graph timing with rotating inputs for calls moving less than 2x the L2 (issue's
-    rule); off CUDA none, and the fallback limit where the L2 is unknown."""
+    """CUDA-graph timing with rotating inputs for calls moving less than 2x the L2, where the
+    L2 could flatter a do_bench time; off CUDA none, and the fallback limit where the L2 size
+    is unknown."""
     U = _bench_module("utils")
     import torch
     cpu = torch.device("cpu")
