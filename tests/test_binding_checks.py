@@ -255,10 +255,12 @@ BS_CASES = [
     Case("state overlaps ref", "call(state=ref.view(-1)[:8].view(2, 4))",
          r"ref and state overlap"),
     # limits of the launch (gigabytes on the device: GPU runs with enough free memory only)
-    Case("a chunk longer than 65535 splits",
-         "big = torch.empty(1, 65535 * 16384 + 1, device=DEV, dtype=torch.bfloat16); "
-         "call(a=big, ref=torch.empty_like(big), chunks=1, state=st[:1], metric=me[:1], "
-         "reuse=ru[:1])", r"a chunk of 1073725441 elements is too long", big=True),
+    # a chunk of 65535 * 16384 + 1 elements: refused by the old kernel (a grid of at most 65535
+    # splits), one streaming pass now (int64 indices)
+    Case("a chunk of 65535 * 16384 + 1 elements is accepted",
+         "big = torch.zeros(1, 65535 * 16384 + 1, device=DEV, dtype=torch.bfloat16); "
+         "call(a=big, ref=torch.zeros_like(big), chunks=1, state=st[:1], metric=me[:1], "
+         "reuse=ru[:1])", big=True),
     Case("more than 2**31 - 1 blocks of rows x chunks",
          "big = torch.empty(2**16 + 1, 2**15, device=DEV, dtype=torch.bfloat16); "
          "call(a=big, ref=torch.empty_like(big), chunks=2**15)",

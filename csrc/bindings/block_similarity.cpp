@@ -8,9 +8,14 @@
 //   ref          read and written flat at the same offsets: contiguous, a's shape and dtype,
 //                sharing no memory with a;
 //   state        (cells, 4) float32, metric (cells,) float32, reuse (cells,) int32: contiguous,
-//                indexed with int arithmetic in the finalize kernel (cells * 4 <= INT_MAX);
-//   grid         (rows*chunks, ceil(row_len/chunks / 16384)): rows*chunks <= INT_MAX and at
-//                most 65535 splits;
+//                indexed with int arithmetic when the chunk is finalized (cells * 4 <= INT_MAX);
+//   slices       at least rows*chunks (one per segment, the count of a chunk's ticket is 32-bit):
+//                rows*chunks <= INT_MAX;
+//   workspace    allocated here per call (pyops_block_similarity_workspace_size floats) and its
+//                chunks ticket counters zeroed on the stream before the launch: memory from the
+//                caching allocator (or a graph's pool, shared with later allocations of the same
+//                capture) holds anything, so the counters the kernel leaves at 0 cannot be
+//                relied on across calls; the memset is a 4*chunks-byte node in a captured graph;
 //   rule 0/1, write_ref 0/1/2; warmup, max_reuse, num_steps, last_steps are narrowed to int.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,9 +25,6 @@
 #include "binding_utils.h"
 
 namespace {
-
-constexpr int64_t kSplitElems = PYOPS_BLOCK_SIMILARITY_SPLIT;  // elements per stage-1 block
-constexpr int64_t kMaxGridY = 65535;
 
 void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::Tensor metric,
                            at::Tensor reuse, double threshold, double eps, int64_t rule,
@@ -54,9 +56,6 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
               kIntMax / 4, ")");
   TORCH_CHECK(rows * chunks <= kIntMax, op, ": rows*chunks = ", rows * chunks,
               " exceeds the grid limit ", kIntMax);
-  const int64_t splits = (row_len / chunks + kSplitElems - 1) / kSplitElems;
-  TORCH_CHECK(splits <= kMaxGridY, op, ": a chunk of ", row_len / chunks,
-              " elements is too long (max ", kMaxGridY * kSplitElems, "); use more chunks");
   check_dtype(state, at::kFloat, op, "state");
   check_shape(state, {cells, 4}, op, "state");
   check_dtype(metric, at::kFloat, op, "metric");
@@ -98,8 +97,10 @@ void block_similarity_cuda(at::Tensor a, at::Tensor ref, at::Tensor state, at::T
   at::Tensor workspace =
       at::empty({pyops_block_similarity_workspace_size(&p)}, a.options().dtype(at::kFloat));
   p.workspace = workspace.data_ptr<float>();
-  check_status(pyops_block_similarity(&p, c10::cuda::getCurrentCUDAStream().stream()), op,
-               "launch");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_status(cudaMemsetAsync(p.workspace, 0, sizeof(uint32_t) * p.chunks, stream), op,
+               "workspace memset");
+  check_status(pyops_block_similarity(&p, stream), op, "launch");
 }
 
 }  // namespace
