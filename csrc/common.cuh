@@ -391,16 +391,17 @@ __device__ __forceinline__ float fp8_scale(uint32_t mx) {
 // a value that underflows to -0) use exact_tiny(). d outside the range, or NaN: div_rn per
 // element. x = -0 keeps its sign (q0 + e*r would give +0).
 struct ScaleDiv {
-  float d, r;
+  float d, nd, r;  // nd = -d (negated on the bits: no neg.ftz in a fast-math build)
   bool fast;
   __device__ __forceinline__ explicit ScaleDiv(float d_) : d(d_) {
+    nd = __uint_as_float(__float_as_uint(d_) ^ 0x80000000u);
     fast = d_ >= 0x1p-90f && d_ <= 0x1p+90f;  // false for NaN
     r = fast ? div_rn(1.0f, d_) : 0.0f;
   }
   __device__ __forceinline__ float operator()(float x) const {
     if (!fast) return div_rn(x, d);
     const float q0 = mul_rn(x, r);
-    const float e = fma_rn(-q0, d, x);
+    const float e = fma_rn(q0, nd, x);  // x - q0 * d, exact
     const float q = fma_rn(e, r, q0);
     return __uint_as_float(__float_as_uint(q) | (__float_as_uint(x) & 0x80000000u));
   }
@@ -408,7 +409,8 @@ struct ScaleDiv {
   // takes the IEEE division (a zero x never does).
   __device__ __forceinline__ float exact_tiny(float x) const {
     const float q = (*this)(x);
-    if (fast && abs_bits(q) < 0x39000000u /* 2^-13 */ && abs_bits(x) != 0u) return div_rn(x, d);
+    // 0x39000000: the bits of 2^-13
+    if (fast && abs_bits(q) < 0x39000000u && abs_bits(x) != 0u) return div_rn(x, d);
     return q;
   }
 };

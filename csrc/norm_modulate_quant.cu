@@ -2,7 +2,9 @@
 // quantization, and the pyops_norm_modulate_quant C ABI. Torch-free.
 // Spec: pyops/reference/norm_modulate_quant.py (ABI: pyops/norm_modulate_quant.h).
 //
-// One CTA per row (grid-stride over rows). Each thread keeps up to kR 16-byte chunks of the row
+// nmq_warp_kernel (aligned rows, D % V == 0, D <= 1536 chunks): 1-8 warps per row, the row in
+// registers as fp32 from the single load to the codes. Otherwise nmq_kernel:
+// one CTA per row (grid-stride over rows). Each thread keeps up to kR 16-byte chunks of the row
 // in registers as fp32 (rows longer than kR * blockDim chunks stream the rest, re-read from L2):
 //   sum -> block reduce -> mean; sum (x-mean)^2 -> block reduce -> rstd     (warp shuffles)
 //   y = ((x - mean) * rstd * w + b) * (1 + scale) + shift   in registers, amax -> block reduce
@@ -200,6 +202,134 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// The common case -- 16-byte aligned rows with D % V == 0, aligned parameters and outputs, rows
+// up to 8 * 32 * kWCPL chunks (D <= 12288 in bf16) -- on `wpr` warps per row (1 to 8; rows of a
+// CTA run side by side): each lane loads all of its <= kWCPL chunks of the row at once and keeps
+// them as fp32 in registers through the row sums, the modulation (y stays in registers) and the
+// codes, so x is read once and q (and y) written once. Row sums: warp shuffles, then one
+// shared-memory step across the row's warps.
+constexpr int kWCPL = 6;
+constexpr int kWThreads = 256;
+
+// Sum over the `wpr` warps of a row (every thread of the CTA calls; wpr uniform).
+__device__ __forceinline__ float row_sum(float v, float* red, int wpr) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  if (wpr == 1) return v;
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) red[warp] = v;
+  __syncthreads();
+  const int w0 = warp - warp % wpr;
+  float r = 0.0f;
+  for (int i = 0; i < wpr; ++i) r = add_rn(r, red[w0 + i]);  // same order in the row's threads
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ uint32_t row_max(uint32_t v, uint32_t* red, int wpr) {
+  v = group_max<32>(v);
+  if (wpr == 1) return v;
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) red[warp] = v;
+  __syncthreads();
+  const int w0 = warp - warp % wpr;
+  uint32_t r = 0;
+  for (int i = 0; i < wpr; ++i) r = umax(r, red[w0 + i]);
+  __syncthreads();
+  return r;
+}
+
+template <typename E, typename P>
+__global__ void __launch_bounds__(kWThreads) nmq_warp_kernel(const NmqArgs a, int wpr) {
+  constexpr int V = E::V;
+  using S = typename E::storage;
+  __shared__ float fred[kWThreads / 32];
+  __shared__ uint32_t ured[kWThreads / 32];
+  const pyops_norm_modulate_quant_params& p = a.p;
+  const int warp = threadIdx.x >> 5;
+  const int rpc = (kWThreads / 32) / wpr;
+  const int rloc = warp / wpr;
+  const int tpr = wpr * 32;
+  const int t = (warp % wpr) * 32 + (threadIdx.x & 31);
+  const int64_t D = p.D;
+  const int nc = static_cast<int>(D / V);
+  const float d_f = static_cast<float>(D);
+  const bool rms = p.norm == PYOPS_NORM_RMS;
+  for (int64_t rb = static_cast<int64_t>(blockIdx.x) * rpc; rb < p.M;
+       rb += static_cast<int64_t>(gridDim.x) * rpc) {  // block-uniform
+    const int64_t m = rb + rloc;
+    const bool valid = m < p.M;
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const S*>(p.x) +
+                                                      (valid ? m : 0) * p.stride_m);
+    float v[kWCPL][V];
+    {
+      uint4 c[kWCPL];
+#pragma unroll
+      for (int i = 0; i < kWCPL; ++i) {
+        const int kc = t + i * tpr;
+        c[i] = (valid && kc < nc) ? __ldg(src + kc) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < kWCPL; ++i) chunk_to_float<E>(c[i], v[i]);  // past D: zeros
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kWCPL; ++i)
+#pragma unroll
+      for (int j = 0; j < V; ++j) s = add_rn(s, rms ? mul_rn(v[i][j], v[i][j]) : v[i][j]);
+    s = row_sum(s, fred, wpr);
+    float mean = 0.0f, rstd;
+    if (rms) {
+      rstd = rsqrt_rn(add_rn(div_rn(s, d_f), p.eps));
+    } else {
+      mean = div_rn(s, d_f);
+      float s2 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWCPL; ++i) {
+        const bool in = t + i * tpr < nc;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = in ? sub_rn(v[i][j], mean) : 0.0f;
+          s2 = add_rn(s2, mul_rn(d, d));
+        }
+      }
+      s2 = row_sum(s2, fred, wpr);
+      rstd = rsqrt_rn(add_rn(div_rn(s2, d_f), p.eps));
+    }
+    const int64_t mr = (valid ? m : 0) / p.rows_per_mod;
+    uint32_t mx = 0;
+#pragma unroll
+    for (int i = 0; i < kWCPL; ++i) {
+      const int kc = t + i * tpr;
+      if (valid && kc < nc) {
+        norm_modulate<P, V>(v[i], a, static_cast<int64_t>(kc) * V, mr, mean, rstd);
+#pragma unroll
+        for (int j = 0; j < V; ++j) mx = umax(mx, abs_bits(v[i][j]));
+      }
+    }
+    mx = row_max(mx, ured, wpr);
+    if (!valid) continue;
+    const bool bad = mx >= kInfBits;
+    const float sc = fp8_scale(mx);
+    if (t == 0) p.q_scale[m] = sc;
+    const ScaleDiv div(sc);
+#pragma unroll
+    for (int i = 0; i < kWCPL; ++i) {
+      const int kc = t + i * tpr;
+      if (kc < nc) store_chunk<V>(a, m, static_cast<int64_t>(kc) * V, v[i], div, bad);
+    }
+  }
+}
+
+// Warps per row for nmq_warp_kernel (1, 2, 4 or 8), or 0 when the row does not fit.
+inline int nmq_row_warps(int64_t nc) {
+  for (int w = 1; w <= 8; w *= 2)
+    if (nc <= static_cast<int64_t>(w) * 32 * kWCPL) return w;
+  return 0;
+}
+
+
+
 template <typename E, typename P>
 cudaError_t launch_nmq(const pyops_norm_modulate_quant_params& p, cudaStream_t stream) {
   constexpr int V = E::V;
@@ -213,6 +343,19 @@ cudaError_t launch_nmq(const pyops_norm_modulate_quant_params& p, cudaStream_t s
   const InView in{p.x, p.M, p.D, p.stride_m, p.stride_d};
   const bool vec = vec_ok(in, elem_size(p.x_dtype));
   const int64_t nc = cdiv(p.D, V);
+  const int wpr = nmq_row_warps(nc);
+  if (vec && a.pvec && a.ovec && wpr > 0) {  // a.ovec implies D % V == 0
+    int dev = 0, sms = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return e;
+    const int64_t rpc = (kWThreads / 32) / wpr;
+    const int64_t need = cdiv(p.M, rpc), cap = static_cast<int64_t>(sms) * 16;
+    nmq_warp_kernel<E, P><<<static_cast<int>(need < cap ? need : cap), kWThreads, 0, stream>>>(
+        a, wpr);
+    return cudaGetLastError();
+  }
   int64_t threads = cdiv(cdiv(nc, kR), 32) * 32;
   threads = threads < 64 ? 64 : (threads > kMaxThreads ? kMaxThreads : threads);
   int dev = 0, sms = 0;

@@ -66,9 +66,10 @@ def scalediv(x: float, d: float) -> tuple[float, float]:
 def test_scalediv_constants_match_kernel():
     assert "fast = d_ >= 0x1p-90f && d_ <= 0x1p+90f" in COMMON
     assert "const float q0 = mul_rn(x, r);" in COMMON
-    assert "const float e = fma_rn(-q0, d, x);" in COMMON
+    assert "const float e = fma_rn(q0, nd, x);  // x - q0 * d, exact" in COMMON
+    assert "nd = __uint_as_float(__float_as_uint(d_) ^ 0x80000000u);" in COMMON
     assert "const float q = fma_rn(e, r, q0);" in COMMON
-    assert "abs_bits(q) < 0x39000000u /* 2^-13 */" in COMMON
+    assert "abs_bits(q) < 0x39000000u && abs_bits(x) != 0u" in COMMON
     assert _f32(0x39000000) == 2.0 ** -13
 
 
