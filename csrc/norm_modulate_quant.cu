@@ -345,15 +345,10 @@ cudaError_t launch_nmq(const pyops_norm_modulate_quant_params& p, cudaStream_t s
   const int64_t nc = cdiv(p.D, V);
   const int wpr = nmq_row_warps(nc);
   if (vec && a.pvec && a.ovec && wpr > 0) {  // a.ovec implies D % V == 0
-    int dev = 0, sms = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    int grid = 0;  // one CTA per rpc rows, at most 16 per SM
+    const cudaError_t e = grid_for(p.M, (kWThreads / 32) / wpr, 16, &grid);
     if (e != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-      return e;
-    const int64_t rpc = (kWThreads / 32) / wpr;
-    const int64_t need = cdiv(p.M, rpc), cap = static_cast<int64_t>(sms) * 16;
-    nmq_warp_kernel<E, P><<<static_cast<int>(need < cap ? need : cap), kWThreads, 0, stream>>>(
-        a, wpr);
+    nmq_warp_kernel<E, P><<<grid, kWThreads, 0, stream>>>(a, wpr);
     return cudaGetLastError();
   }
   int64_t threads = cdiv(cdiv(nc, kR), 32) * 32;

@@ -281,15 +281,9 @@ inline int row_warps(int64_t nc) {
 
 template <typename E, bool GROUPS>
 cudaError_t launch_row_warp(const Fp8Params& p, int wpr, cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  cudaError_t e;
-  if ((e = cudaGetDevice(&dev)) != cudaSuccess) return e;
-  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return e;
-  const int rpc = (kWarpThreads / 32) / wpr;
-  const int64_t need = cdiv(p.in.M, rpc);
-  const int64_t cap = static_cast<int64_t>(sms) * 16;  // >= a full wave at any occupancy
-  const int grid = static_cast<int>(need < cap ? need : cap);
+  int grid = 0;  // one CTA per rpc rows, at most 16 per SM (>= a full wave at any occupancy)
+  const cudaError_t e = grid_for(p.in.M, (kWarpThreads / 32) / wpr, 16, &grid);
+  if (e != cudaSuccess) return e;
   fp8_row_warp_kernel<E, GROUPS><<<grid, kWarpThreads, 0, stream>>>(p, wpr);
   return cudaGetLastError();
 }
