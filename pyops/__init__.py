@@ -54,6 +54,9 @@ from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E
 from .ops.linear import linear  # noqa: E402
 from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  # noqa: E402
 from . import sampler  # noqa: E402
+from .patch import (PatchConfig, PatchHandle, PatchReport, sdpa_override,  # noqa: E402
+                    register_diffusers_backends)
+from .patch import patch  # noqa: E402  (the function; the package is pyops.patch in sys.modules)
 from .sampler import (  # noqa: E402
     CapturedSampler,
     FewStepSampler,
@@ -87,4 +90,7 @@ __all__ = [
     # few-step sampling
     "sampler", "FewStepSampler", "CapturedSampler", "Schedule", "StepCoefficients", "sample_step",
     "flow_schedule", "vp_schedule", "trigflow_schedule", "preset", "diffusers_model",
+    # the whole-model drop-in
+    "patch", "PatchConfig", "PatchHandle", "PatchReport", "sdpa_override",
+    "register_diffusers_backends",
 ]

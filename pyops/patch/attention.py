@@ -1,0 +1,158 @@
+"""Attention routing for :func:`pyops.patch`: a diffusers attention backend and an SDPA override.
+
+* diffusers (0.35+) models whose attention processors call ``dispatch_attention_fn`` (Flux,
+  Wan, HunyuanVideo, QwenImage, ...): :func:`register_diffusers_backends` adds one backend per
+  precision, named ``"pyops_<precision>"`` (``pyops_int8``, ``pyops_fp8``, ``pyops_int8_fp16pv``,
+  ``pyops_nvfp4``, ``pyops_bf16``), to diffusers' registry, so ``transformer.
+  set_attention_backend("pyops_int8")`` and ``with diffusers.attention_backend("pyops_int8"):``
+  work like any built-in backend. ``pyops.patch`` sets it per processor (no global side effect).
+  diffusers' backend names form a closed ``Enum``; the names are added to its member maps, the
+  way other projects plug backends into this dispatcher.
+* any other model calling ``F.scaled_dot_product_attention`` (diffusers SD3's
+  ``JointAttnProcessor2_0``, the embedded DiT, your own): :func:`sdpa_override` routes those
+  calls through :func:`pyops.sdpa` while it is active. ``pyops.patch`` enters it around the
+  model's forward (forward pre/post hooks, traced by ``torch.compile(fullgraph=True)``).
+
+Both fall back to torch's own SDPA (one warning per reason) where pyops attention does not
+apply: an attention mask, dropout, head_dim > 128 on a GPU, gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Optional
+
+import torch
+
+from ..ops.attention import _TORCH_SDPA, attention, sdpa
+from ..reference.attention import PRECISIONS
+
+__all__ = ["BACKEND_PREFIX", "backend_name", "register_diffusers_backends", "sdpa_override",
+           "diffusers_attention"]
+
+BACKEND_PREFIX = "pyops_"
+_WARNED: set = set()
+
+
+def backend_name(precision: str) -> str:
+    """The diffusers backend name of a pyops attention precision (``"int8"`` -> ``"pyops_int8"``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyops: unknown attention precision {precision!r}; expected one of "
+                         f"{PRECISIONS}")
+    return BACKEND_PREFIX + precision
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"pyops attention: falling back to torch SDPA for {reason}", stacklevel=3)
+
+
+def _fallback_reason(q, k, v, attn_mask, dropout_p) -> Optional[str]:
+    if attn_mask is not None:
+        return "an attention mask"
+    if dropout_p:
+        return "dropout_p > 0"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "inputs that require grad (pyops attention is forward only)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype} (pyops attention takes bf16/fp16)"
+    if v.shape[-1] != q.shape[-1]:
+        return "a value head_dim other than the query's"
+    if q.is_cuda and q.shape[-1] > 128:
+        return "head_dim > 128"
+    return None
+
+
+def diffusers_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                        scale=None, enable_gqa=False, _parallel_config=None, *,
+                        precision: str = "int8", backend: Optional[str] = None) -> torch.Tensor:
+    """diffusers' attention-backend contract: query/key/value (B, S, H, D) ("bshd"), output
+    (B, Sq, Hq, D) in query's dtype. Runs :func:`pyops.attention` with ``precision``; GQA when
+    Hq is a multiple of Hk. Context parallelism (``_parallel_config``) is not supported yet:
+    RuntimeError."""
+    if _parallel_config is not None:
+        raise RuntimeError("pyops attention does not support diffusers' context parallelism yet; "
+                           "use a built-in backend with enable_parallelism")
+    reason = _fallback_reason(query, key, value, attn_mask, dropout_p)
+    if reason is not None:
+        _warn_once(reason)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        kw = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        out = _TORCH_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, **kw)
+        return out.transpose(1, 2)
+    return attention(query, key, value, layout="bshd", scale=scale, precision=precision,
+                     causal=is_causal, backend=backend)
+
+
+def _make_backend(precision: str):
+    # diffusers passes the keyword arguments whose names the function's signature lists
+    def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False, _parallel_config=None):
+        return diffusers_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                   enable_gqa, _parallel_config, precision=precision)
+    fn.__name__ = fn.__qualname__ = f"pyops_{precision}_attention"
+    return fn
+
+
+def register_diffusers_backends() -> dict:
+    """Register ``pyops_<precision>`` for every precision in diffusers' attention dispatcher;
+    idempotent. Returns {precision: backend enum member}. Raises ImportError when diffusers is
+    missing or has no attention dispatcher (diffusers < 0.35)."""
+    try:
+        from diffusers.models import attention_dispatch as ad
+    except ImportError as e:
+        raise ImportError("pyops: diffusers' attention dispatcher (diffusers >= 0.35) is needed "
+                          "to route a diffusers model's attention through pyops") from e
+    E, reg = ad.AttentionBackendName, ad._AttentionBackendRegistry
+    members = {}
+    for p in PRECISIONS:
+        name = backend_name(p)
+        member = E._value2member_map_.get(name)
+        if member is None:
+            member = str.__new__(E, name)
+            member._name_, member._value_ = name.upper(), name
+            E._member_map_[member._name_] = member
+            E._value2member_map_[name] = member
+        if member not in reg._backends:
+            fn = _make_backend(p)
+            reg._backends[member] = fn
+            reg._constraints[member] = []
+            reg._supported_arg_names[member] = set(inspect.signature(fn).parameters)
+        members[p] = member
+    return members
+
+
+@contextlib.contextmanager
+def sdpa_override(precision: str = "int8", *, backend: Optional[str] = None):
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through :func:`pyops.sdpa`
+    (``precision``, ``backend``) inside the ``with`` block; restored on exit (nesting works).
+
+    ``backend=None`` runs the auto choice on CUDA tensors and the PyTorch reference on CPU
+    tensors (pyops.sdpa alone falls back to torch's SDPA on a CPU). Masks, dropout and the other
+    cases :func:`pyops.sdpa` lists fall back to torch's SDPA with a one-time warning.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyops.sdpa_override: precision={precision!r}; expected one of "
+                         f"{PRECISIONS}")
+    F = torch.nn.functional
+    prev = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = routed_sdpa(precision, backend)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = prev
+
+
+def routed_sdpa(precision: str, backend: Optional[str] = None):
+    """An ``F.scaled_dot_product_attention`` replacement that calls :func:`pyops.sdpa` with
+    ``precision`` (``backend=None``: auto on CUDA tensors, the reference on CPU tensors)."""
+    def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        b = backend if backend is not None or query.is_cuda else "reference"
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                    precision=precision, backend=b)
+    routed.__name__ = routed.__qualname__ = f"pyops_sdpa_{precision}"
+    return routed

@@ -1,0 +1,278 @@
+"""``pyops.patch``: one call that puts pyops into a DiT transformer; :class:`PatchHandle`."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nn import QuantConfig, QuantReport, quantize_model
+from . import blocks as _blocks
+from .attention import register_diffusers_backends, routed_sdpa
+from .config import PatchConfig
+
+__all__ = ["patch", "PatchHandle", "PatchReport"]
+
+# every module a live handle has patched -> the handle (weakly); refuses a second patch
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class PatchReport:
+    """What :func:`pyops.patch` did: ``quant`` (the linears' :class:`pyops.QuantReport`, or None),
+    ``attention`` [(module name, route)], ``blocks`` [(block name, "fused" or why not)],
+    ``cache`` (a description or None). ``str(report)`` prints a summary."""
+    quant: Optional[QuantReport] = None
+    attention: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    cache: Optional[str] = None
+
+    @property
+    def fused(self) -> list:
+        return [n for n, why in self.blocks if why == "fused"]
+
+    def __str__(self) -> str:
+        lines = []
+        if self.quant is not None:
+            q = self.quant
+            lines.append(f"linears: {len(q.quantized)} quantized, {len(q.skipped)} kept "
+                         f"({100 * q.weight_fraction(q.quantized):.1f} % of the linear weights)")
+        else:
+            lines.append("linears: unchanged")
+        routes: dict = {}
+        for _, r in self.attention:
+            routes[r] = routes.get(r, 0) + 1
+        lines.append("attention: " + (", ".join(f"{n} x {r}" for r, n in routes.items())
+                                      or "unchanged"))
+        if self.blocks:
+            lines.append(f"fused blocks: {len(self.fused)} of {len(self.blocks)}")
+            why: dict = {}
+            for _, w in self.blocks:
+                if w != "fused":
+                    why[w] = why.get(w, 0) + 1
+            lines += [f"  kept ({n}): {w}" for w, n in why.items()]
+        lines.append(f"cache: {self.cache or 'none'}")
+        return "\n".join(lines)
+
+
+def _is_diffusers(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("diffusers.") for c in type(model).__mro__)
+
+
+def _dispatch_processors(model: nn.Module):
+    """[(name, processor)] of diffusers attention modules whose processor calls diffusers'
+    attention dispatcher, and the names of those whose processor does not."""
+    with_dispatch, without = [], []
+    for name, m in model.named_modules():
+        proc = getattr(m, "processor", None)
+        if proc is None or not callable(proc) or isinstance(m, nn.ModuleList):
+            continue
+        if hasattr(proc, "_attention_backend"):
+            with_dispatch.append((name, proc))
+        else:
+            without.append(name)
+    return with_dispatch, without
+
+
+class PatchHandle:
+    """Returned by :func:`pyops.patch`. ``report`` (:class:`PatchReport`), ``config`` (the
+    validated :class:`PatchConfig`), ``cache`` (the :class:`pyops.CachedModel` or None),
+    ``sampler(**fixed)`` (a :class:`pyops.FewStepSampler` on the patched model, with
+    ``config.sampler``), ``remove()``.
+    """
+
+    def __init__(self, model: nn.Module, config: PatchConfig):
+        self.model, self.config = model, config
+        self.report = PatchReport()
+        self.cache = None
+        self._linears: list = []      # (parent, child name, original module, its device)
+        self._processors: list = []   # (processor, previous _attention_backend)
+        self._hooks: list = []
+        self._forwards: list = []     # (block, installed bound forward)
+        self._removed = False
+
+    # ---- building ----------------------------------------------------------------------------
+    def _patch_linears(self) -> None:
+        cfg = self.config
+        qc = cfg.quant or QuantConfig()
+        qc = replace(qc, format=cfg.linear,
+                     backend=cfg.backend if cfg.backend is not None else qc.backend)
+        originals = {n: m for n, m in self.model.named_modules() if type(m) is nn.Linear}
+        report = quantize_model(self.model, qc)
+        self.report.quant = report
+        for d in report.quantized:
+            orig = originals[d.name]
+            parent_name, _, child = d.name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            dev = orig.weight.device
+            if cfg.keep_originals == "cpu" and dev.type != "cpu":
+                orig.to("cpu")
+            if cfg.keep_originals == "none":
+                orig = None
+            self._linears.append((parent, child, orig, dev))
+
+    def _patch_attention(self) -> None:
+        cfg = self.config
+        p = cfg.attention
+        with_dispatch, without = ([], []) if not _is_diffusers(self.model) else \
+            _dispatch_processors(self.model)
+        if with_dispatch:
+            member = register_diffusers_backends()[p]
+            seen = set()
+            for name, proc in with_dispatch:
+                if getattr(proc, "_parallel_config", None) is not None:
+                    raise ValueError(
+                        f"pyops.patch: {name} runs diffusers' context parallelism, which pyops "
+                        f"attention does not support yet; patch with attention=None")
+                if id(proc) not in seen:
+                    seen.add(id(proc))
+                    self._processors.append((proc, vars(proc).get("_attention_backend",
+                                                                  _MISSING)))
+                    proc._attention_backend = member
+                self.report.attention.append((name, f"diffusers backend {member.value}"))
+        if without or not _is_diffusers(self.model):
+            # F.scaled_dot_product_attention calls: routed while the model's forward runs
+            # plain assignments (no context-manager object), which torch.compile traces
+            routed = routed_sdpa(p, cfg.backend)
+            F = torch.nn.functional
+            saved: list = []
+
+            def enter(module, args):
+                saved.append(F.scaled_dot_product_attention)
+                F.scaled_dot_product_attention = routed
+
+            def leave(module, args, out):
+                if saved:
+                    F.scaled_dot_product_attention = saved.pop()
+
+            self._hooks.append(self.model.register_forward_pre_hook(enter))
+            self._hooks.append(self.model.register_forward_hook(leave, always_call=True))
+            names = without or ["(model)"]
+            self.report.attention += [(n, f"sdpa override {p}") for n in names]
+
+    def _patch_blocks(self) -> None:
+        for name, m in self.model.named_modules():
+            if type(m).__name__ not in _blocks.FUSED_BLOCKS:
+                continue
+            fwd, why = _blocks.plan(m)
+            if fwd is not None:
+                if "forward" in vars(m):
+                    why = "block already has an instance forward (another patch or cache)"
+                else:
+                    self._forwards.append((m, _blocks.install(m, fwd, self.config.backend)))
+            self.report.blocks.append((name, why))
+
+    # ---- public -------------------------------------------------------------------------------
+    def sampler(self, **fixed):
+        """A :class:`pyops.FewStepSampler` for ``config.sampler`` (a preset name) on the patched
+        model: diffusers transformers through :func:`pyops.diffusers_model` (``fixed``: keyword
+        arguments passed on every call), other models called as ``model(x, t, **cond)``.
+        Raises ValueError when the config names no sampler."""
+        from ..sampler import FewStepSampler, diffusers_model, preset
+        if self.config.sampler is None:
+            raise ValueError("pyops.patch: no sampler in the PatchConfig (sampler='flux-schnell' "
+                             "or another pyops.preset name)")
+        sched, kw = preset(self.config.sampler)
+        fn = diffusers_model(self.model, **fixed) if _is_diffusers(self.model) else self.model
+        return FewStepSampler(fn, sched, **kw)
+
+    def remove(self) -> None:
+        """Restore the model: the cache, fused forwards, attention routes and (unless
+        ``keep_originals="none"``, which warns) the original linears, bit for bit. Idempotent."""
+        if self._removed:
+            return
+        if self.cache is not None:
+            self.cache.remove()
+        for blk, bound in self._forwards:
+            if vars(blk).get("forward") is bound:
+                del blk.forward
+            vars(blk).pop("_pyops_backend", None)
+        for proc, prev in self._processors:
+            if prev is _MISSING:
+                vars(proc).pop("_attention_backend", None)
+            else:
+                proc._attention_backend = prev
+        for h in self._hooks:
+            h.remove()
+        lost = 0
+        for parent, child, orig, dev in self._linears:
+            if orig is None:
+                lost += 1
+                continue
+            if orig.weight.device != dev:
+                orig.to(dev)
+            setattr(parent, child, orig)
+        for m in list(_ACTIVE.keys()):
+            if _ACTIVE[m]() is self:
+                del _ACTIVE[m]
+        self._removed = True
+        if lost:
+            import warnings
+            warnings.warn(f"pyops.patch: remove() kept {lost} quantized linears "
+                          f"(keep_originals='none' dropped the originals)", stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"PatchHandle({type(self.model).__name__}, removed={self._removed})\n{self.report}"
+
+
+_MISSING = object()
+
+
+def patch(model: nn.Module, config: Union[PatchConfig, dict, None] = None) -> PatchHandle:
+    """Make a DiT transformer fast with pyops, in place; returns a :class:`PatchHandle`.
+
+    In this order: linears -> :class:`pyops.QuantLinear` (``config.linear``, the skip policy);
+    fused block forwards (``config.fuse``, FP8 only; diffusers Flux double/single blocks, Wan
+    blocks, the embedded DiT); attention -> :func:`pyops.attention` (``config.attention``), via
+    diffusers' attention dispatcher where the model's processors use it (backend
+    ``pyops_<precision>``, set per processor) and an ``F.scaled_dot_product_attention`` override
+    around the model's forward otherwise (diffusers SD3, the embedded DiT, any other model);
+    then :func:`pyops.cache_model` (``config.cache``). Works with ``torch.compile`` of the patched
+    model (compile after patching) and with the CUDA-graph sampler (``handle.sampler()``).
+
+    model: a diffusers ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
+        ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``, the embedded
+        :class:`pyops.models.dit.DiT`, or any ``nn.Module`` (linears and SDPA calls are found
+        generically; fusion and caching need a known model).
+    config: a :class:`PatchConfig`, a dict of its fields, or None (defaults: FP8 linears, INT8
+        attention, fusion on, no cache).
+
+    Inference only. ``handle.remove()`` restores the model bit for bit (with the default
+    ``keep_originals="cpu"``, the replaced bf16 linears wait in host memory).
+    Raises TypeError for a model that is not an ``nn.Module`` or a bad config type, ValueError
+    for bad config values or a model another live handle has patched (``remove()`` it first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pyops.patch: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if config is None:
+        config = PatchConfig()
+    elif isinstance(config, dict):
+        config = PatchConfig(**config)
+    elif not isinstance(config, PatchConfig):
+        raise TypeError(f"pyops.patch: config must be a pyops.PatchConfig, a dict or None, got "
+                        f"{type(config).__name__}")
+    cfg = config.validated()
+    owner = _ACTIVE.get(model)
+    if owner is not None and owner() is not None and not owner()._removed:
+        raise ValueError("pyops.patch: this model is already patched by a live PatchHandle; "
+                         "call .remove() on it first")
+    h = PatchHandle(model, cfg)
+    try:
+        if cfg.linear is not None:
+            h._patch_linears()
+        if cfg.fuse and cfg.linear == "fp8":
+            h._patch_blocks()
+        if cfg.attention is not None:
+            h._patch_attention()
+        if cfg.cache is not None:
+            from ..cache import apply as cache_apply_model
+            h.cache = cache_apply_model(model, cfg.cache)
+            h.report.cache = f"{cfg.cache.level} level, threshold {cfg.cache.threshold}"
+    except BaseException:
+        h.remove()
+        raise
+    _ACTIVE[model] = weakref.ref(h)
+    return h

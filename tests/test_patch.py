@@ -1,0 +1,344 @@
+"""pyops.patch on tiny diffusers Flux / SD3 / Wan / HunyuanVideo transformers and the embedded DiT
+(CPU: reference backends, i.e. the quantized arithmetic of every op simulated in fp32)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pyops
+from pyops.patch import blocks as B
+from pyops.patch.attention import backend_name
+
+diffusers = pytest.importorskip("diffusers")
+
+ALL_ON = dict(linear="fp8", attention="int8", fuse=True)
+TINY = pyops.QuantConfig(min_dim=0)  # tiny models: quantize every block linear
+
+
+def _flux(dtype):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                               attention_head_dim=16, num_attention_heads=2,
+                               joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=(4, 4, 8)).to(dtype).eval()
+    T, L = 6, 16
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, L, 8, generator=g),
+              encoder_hidden_states=torch.randn(1, T, 32, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g),
+              timestep=torch.tensor([0.7]), txt_ids=torch.zeros(T, 3),
+              img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0),
+                                                 torch.arange(4.0), indexing="ij"),
+                                  -1).reshape(L, 3))
+    return m, kw
+
+
+def _sd3(dtype):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                              attention_head_dim=8, num_attention_heads=2,
+                              joint_attention_dim=32, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4,
+                              pos_embed_max_size=16).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+              encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+              pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([500.0]))
+    return m, kw
+
+
+def _wan(dtype):
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                              in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
+                              ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                              rope_max_seq_len=32).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g),
+              encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+              timestep=torch.tensor([500.0]))
+    return m, kw
+
+
+def _hunyuan(dtype):
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                       attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                       num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                       guidance_embeds=True, text_embed_dim=16,
+                                       pooled_projection_dim=8,
+                                       rope_axes_dim=(2, 2, 4)).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, 4, 1, 4, 4, generator=g),
+              timestep=torch.tensor([500.0]),
+              encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+              encoder_attention_mask=torch.ones(1, 6), pooled_projections=torch.randn(1, 8,
+                                                                                        generator=g),
+              guidance=torch.tensor([3500.0]))
+    return m, kw
+
+
+def _dit(dtype):
+    from pyops.models.dit import DiT, DiTConfig
+    m = DiT.random(DiTConfig(hidden=64, depth=2, heads=2, in_channels=8), seed=0).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    return m, dict(x=torch.randn(2, 16, 8, generator=g), t=torch.tensor([0.3, 0.8]))
+
+
+MODELS = {"flux": _flux, "sd3": _sd3, "wan": _wan, "hunyuan": _hunyuan, "dit": _dit}
+# (fused blocks, attention route) expected per model
+# (HunyuanVideo's token refiner still uses diffusers' legacy AttnProcessor2_0: SDPA override)
+EXPECT = {"flux": (4, ("diffusers backend",)), "sd3": (0, ("sdpa override",)),
+          "wan": (2, ("diffusers backend",)),
+          "hunyuan": (0, ("diffusers backend", "sdpa override")),
+          "dit": (2, ("sdpa override",))}
+
+
+def _call(m, kw):
+    with torch.no_grad():
+        out = m(**{k: (v.to(next(m.parameters()).dtype) if v.is_floating_point() and k not in (
+            "timestep", "txt_ids", "img_ids", "encoder_attention_mask", "guidance", "t") else v)
+            for k, v in kw.items()}, **({} if "x" in kw else {"return_dict": False}))
+    return (out if "x" in kw else out[0]).float()
+
+
+def _err(out, ref):
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    rel = ((out - ref).abs().sum() / ref.abs().sum()).item()
+    return cos, rel
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same_state(m, s0):
+    s1 = m.state_dict()
+    return s1.keys() == s0.keys() and all(
+        s1[k].dtype == v.dtype and torch.equal(s1[k], v) for k, v in s0.items())
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_patch_none_is_exact_and_remove_restores(family):
+    m, kw = MODELS[family](torch.bfloat16)
+    ref = _call(m, kw)
+    s0 = _state(m)
+    h = pyops.patch(m, pyops.PatchConfig(linear=None, attention=None))
+    assert torch.equal(_call(m, kw), ref)
+    h.remove()
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, **ALL_ON))
+    assert not torch.equal(_call(m, kw), ref)  # something was patched
+    h.remove()
+    h.remove()  # idempotent
+    assert _same_state(m, s0)
+    assert all(type(x) is not pyops.QuantLinear for x in m.modules())
+    assert not any("forward" in vars(x) for x in m.modules())
+    assert torch.equal(_call(m, kw), ref)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_patch_all_on_within_quantization_error(family):
+    m, kw = MODELS[family](torch.bfloat16)
+    ref = _call(m.float(), kw)           # fp32 model: the reference
+    m = m.to(torch.bfloat16)
+    bf16 = _call(m, kw)
+    cos_bf, rel_bf = _err(bf16, ref)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, **ALL_ON))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hunyuan's text mask falls back to SDPA
+        out = _call(m, kw)
+    cos, rel = _err(out, ref)
+    n_fused, routes = EXPECT[family]
+    assert len(h.report.fused) == n_fused, h.report
+    assert {" ".join(r.split()[:2]) for _, r in h.report.attention} == set(routes), \
+        h.report.attention
+    assert h.report.quant.quantized
+    # FP8 W8A8 + INT8/FP8 attention on random tiny models: a few % relative L1 at most, and
+    # the bf16 model's own error stays below it (the test can tell patched from unpatched)
+    assert cos > 0.995 and rel < 0.08, (cos, rel)
+    assert rel > rel_bf
+    h.remove()
+
+
+@pytest.mark.parametrize("family", ["flux", "wan", "dit"])
+def test_fused_equals_unfused_ops(family):
+    """Fused producers = the same quantized ops unfused. In an fp32 model the unfused path
+    quantizes the same fp32 activations, so the two differ only by the few codes a
+    last-ulp difference of the norm's reductions flips."""
+    m, kw = MODELS[family](torch.float32)
+    cfg = dict(quant=TINY, linear="fp8", attention=None)
+    h = pyops.patch(m, pyops.PatchConfig(fuse=False, **cfg))
+    unfused = _call(m, kw)
+    h.remove()
+    h = pyops.patch(m, pyops.PatchConfig(fuse=True, **cfg))
+    assert len(h.report.fused) == EXPECT[family][0]
+    fused = _call(m, kw)
+    h.remove()
+    plain = _call(m, kw)
+    cos, rel = _err(fused, unfused)
+    _, rel_q = _err(unfused, plain)  # the quantization error itself
+    assert rel < 0.05 * rel_q, (rel, rel_q)
+
+
+def test_fused_forward_uses_one_quantization(monkeypatch):
+    """The QKV linears of a fused Flux block get the norm_modulate_quant FP8Tensor (no second
+    quantization), the MLP-out linear the gelu_quant one."""
+    m, kw = _flux(torch.bfloat16)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, linear="fp8", attention=None))
+    seen = []
+    import pyops.nn as pnn
+    orig = pnn.linear
+
+    def spy(x, qw, bias=None, backend=None):
+        seen.append(type(x).__name__)
+        return orig(x, qw, bias, backend=backend)
+    monkeypatch.setattr(pnn, "linear", spy)
+    _call(m, kw)
+    blk = m.transformer_blocks[0]
+    assert "FP8Tensor" in seen
+    # per double block: q,k,v + added q,k,v + ff out (x2) + ff in (x2) take FP8Tensor
+    assert seen.count("FP8Tensor") >= 10 * len(m.transformer_blocks), seen
+    h.remove()
+    assert "forward" not in vars(blk)
+
+
+def test_fuse_skips_blocks_with_bf16_consumers():
+    m, kw = _flux(torch.bfloat16)
+    q = pyops.QuantConfig(min_dim=0, overrides=[(r"transformer_blocks\.0\.attn\.to_k$", None)])
+    h = pyops.patch(m, pyops.PatchConfig(quant=q, linear="fp8", attention=None))
+    reasons = dict(h.report.blocks)
+    assert "to_k" in reasons["transformer_blocks.0"]
+    assert reasons["transformer_blocks.1"] == "fused"
+    _call(m, kw)
+    h.remove()
+
+
+@pytest.mark.parametrize("family, BACKEND", [("flux", "eager"), ("dit", "inductor")])
+def test_compile_fullgraph(family, BACKEND):
+    """Dynamo traces the patched model without a graph break (Flux: through diffusers' attention
+    dispatch and the FP8Tensor hand-off; DiT: the SDPA-override hooks), and Inductor compiles
+    the pyops ops' fake implementations (DiT)."""
+    m, kw = MODELS[family](torch.bfloat16)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, **ALL_ON))
+    eager = _call(m, kw)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend=BACKEND)
+    out = _call(cm, kw)
+    cos, rel = _err(out, eager)
+    # eager backend: the same kernels, bit for bit; Inductor fuses the bf16 glue (gates,
+    # residuals) with other roundings, which the FP8 codes downstream amplify a little
+    assert rel < (1e-6 if BACKEND == "eager" else 1e-2), rel
+    h.remove()
+
+
+def test_diffusers_backend_registered():
+    members = pyops.register_diffusers_backends()
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+    assert AttentionBackendName("pyops_int8") is members["int8"]
+    m, kw = _flux(torch.bfloat16)
+    ref = _call(m, kw)
+    m.set_attention_backend(backend_name("fp8"))  # diffusers' own API
+    out = _call(m, kw)
+    m.reset_attention_backend()
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as R
+    R.set_active_backend(AttentionBackendName.NATIVE)
+    cos, rel = _err(out, ref)
+    assert 0 < rel < 0.05, rel
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 2, 16, generator=g).bfloat16() for _ in range(3))
+    o = dispatch_attention_fn(q, k, v, backend=members["bf16"])
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert (o.float() - want).abs().max() < 2e-2
+
+
+def test_sdpa_override_restores():
+    F = torch.nn.functional
+    before = F.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 33, 64, generator=g).bfloat16()
+    with pyops.sdpa_override("int8"):
+        assert F.scaled_dot_product_attention is not before
+        o = F.scaled_dot_product_attention(q, q, q)
+        with pytest.raises(RuntimeError):
+            with pyops.sdpa_override("fp8"):
+                raise RuntimeError("inner")
+        assert F.scaled_dot_product_attention is not before
+    assert F.scaled_dot_product_attention is before
+    want = pyops.attention(q, q, q, precision="int8", backend="reference")
+    assert torch.equal(o, want)
+    with pytest.raises(ValueError, match="precision"):
+        with pyops.sdpa_override("int4"):
+            pass
+
+
+def test_sdpa_hook_restored_after_error():
+    m, kw = _dit(torch.bfloat16)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, **ALL_ON))
+    before = torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(Exception):
+        m(x=kw["x"][:, :, :3], t=kw["t"])  # wrong channel count
+    assert torch.nn.functional.scaled_dot_product_attention is before
+    h.remove()
+
+
+def test_patch_with_cache_and_sampler():
+    m, kw = _dit(torch.float32)
+    cache = pyops.CacheConfig(level="step", threshold=0.0, num_steps=4)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, cache=cache, sampler="flux-schnell",
+                                         **ALL_ON))
+    assert h.cache is not None and "step" in str(h.report)
+    s = h.sampler()
+    with torch.no_grad():
+        x0 = s.sample((2, 16, 8), generator=torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 16, 8) and torch.isfinite(x0).all()
+    h.remove()
+    assert not any("forward" in vars(x) for x in m.modules())
+    with pytest.raises(ValueError, match="sampler"):
+        pyops.patch(m, pyops.PatchConfig(quant=TINY)).sampler()
+
+
+def test_keep_originals_and_double_patch():
+    m, kw = _dit(torch.bfloat16)
+    ref = _call(m, kw)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, keep_originals="device"))
+    with pytest.raises(ValueError, match="already patched"):
+        pyops.patch(m)
+    h.remove()
+    assert torch.equal(_call(m, kw), ref)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, keep_originals="none"))
+    with pytest.warns(UserWarning, match="keep_originals"):
+        h.remove()
+    assert any(type(x) is pyops.QuantLinear for x in m.modules())
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(linear="int4"), ValueError, "weight format|linear"),
+    (dict(attention="int4"), ValueError, "attention"),
+    (dict(keep_originals="gpu"), ValueError, "keep_originals"),
+    (dict(quant="fp8"), TypeError, "QuantConfig"),
+    (dict(cache=0.1), TypeError, "CacheConfig"),
+    (dict(sampler="nope"), ValueError, "nope"),
+])
+def test_config_errors(bad, err, match):
+    m, _ = _dit(torch.float32)
+    with pytest.raises(err, match=match):
+        pyops.patch(m, pyops.PatchConfig(**bad))
+    with pytest.raises(TypeError, match="nn.Module"):
+        pyops.patch(lambda x: x)
+    with pytest.raises(TypeError, match="PatchConfig"):
+        pyops.patch(m, "fp8")
+    assert not any(type(x) is pyops.QuantLinear for x in m.modules())
+
+
+def test_plan_reasons():
+    m, _ = _dit(torch.float32)
+    fwd, why = B.plan(m.blocks[0])
+    assert fwd is None and "QuantLinear" in why
+    assert B.plan(torch.nn.Linear(2, 2))[0] is None
