@@ -94,9 +94,9 @@ def _dit(dtype):
 MODELS = {"flux": _flux, "sd3": _sd3, "wan": _wan, "hunyuan": _hunyuan, "dit": _dit}
 # (fused blocks, attention route) expected per model
 # (HunyuanVideo's token refiner still uses diffusers' legacy AttnProcessor2_0: SDPA override)
-EXPECT = {"flux": (4, ("diffusers backend",)), "sd3": (0, ("sdpa override",)),
+EXPECT = {"flux": (4, ("diffusers backend",)), "sd3": (2, ("sdpa override",)),
           "wan": (2, ("diffusers backend",)),
-          "hunyuan": (0, ("diffusers backend", "sdpa override")),
+          "hunyuan": (1, ("diffusers backend", "sdpa override")),
           "dit": (2, ("sdpa override",))}
 
 
@@ -166,7 +166,7 @@ def test_patch_all_on_within_quantization_error(family):
     h.remove()
 
 
-@pytest.mark.parametrize("family", ["flux", "wan", "dit"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "hunyuan", "dit"])
 def test_fused_equals_unfused_ops(family):
     """Fused producers = the same quantized ops unfused. In an fp32 model the unfused path
     quantizes the same fp32 activations, so the two differ only by the few codes a

@@ -9,8 +9,11 @@ The ``FP8Tensor`` goes to the block's own attention module and linears (``pyops.
 a pre-quantized row-granularity input), so the attention processor, its backend and its
 rotary embedding are the model's own. Each forward below is the diffusers 0.42 forward of its
 block (``diffusers/models/transformers/transformer_flux.py``: ``FluxTransformerBlock``,
-``FluxSingleTransformerBlock``; ``transformer_wan.py``: ``WanTransformerBlock``) or the embedded
-DiT's (``pyops/models/dit.py``), with those producers swapped in; everything else (gates,
+``FluxSingleTransformerBlock``; ``transformer_wan.py``: ``WanTransformerBlock``;
+``diffusers/models/attention.py``: SD3's ``JointTransformerBlock`` (not the SD3.5 dual-attention
+variant); ``transformer_hunyuan_video.py``: ``HunyuanVideoTransformerBlock``, the double-stream
+block; its single-stream block splits and re-joins the normalized tokens inside the processor,
+so it keeps its forward) or the embedded DiT's (``pyops/models/dit.py``), with those producers swapped in; everything else (gates,
 residuals, dtype casts, the fp16 clip) is unchanged. The numerics differ from the unfused model
 only where fusion removes a rounding: the fused y is quantized from fp32, the unfused path rounds
 the normalized, modulated activation to the model dtype first (tests/test_patch.py bounds it).
@@ -145,6 +148,29 @@ def _wan_ok(b) -> Optional[str]:
                   _attn_ok(b.attn1, "WanAttnProcessor"), n2, _ff_ok(b.ffn))
 
 
+def _sd3_ok(b) -> Optional[str]:
+    if b.use_dual_attention:
+        return "SD3.5 dual attention (attn2) is not fused"
+    if b._chunk_size is not None:
+        return "chunked feed-forward"
+    ctx = (_first(_ada_ok(b.norm1_context, 6),
+                  None if _is_layernorm(b.norm2_context) else "norm2_context is not a LayerNorm",
+                  _ff_ok(b.ff_context))
+           if not b.context_pre_only else
+           (None if type(b.norm1_context).__name__ == "AdaLayerNormContinuous"
+            and _is_layernorm(b.norm1_context.norm) else "unexpected norm1_context"))
+    return _first(_ada_ok(b.norm1, 6), ctx,
+                  _attn_ok(b.attn, "JointAttnProcessor2_0", added=True),
+                  None if _is_layernorm(b.norm2) else "norm2 is not a LayerNorm", _ff_ok(b.ff))
+
+
+def _hunyuan_double_ok(b) -> Optional[str]:
+    return _first(_ada_ok(b.norm1, 6), _ada_ok(b.norm1_context, 6),
+                  _attn_ok(b.attn, "HunyuanVideoAttnProcessor2_0", added=True),
+                  None if _is_layernorm(b.norm2) and _is_layernorm(b.norm2_context)
+                  else "norm2 is not a LayerNorm", _ff_ok(b.ff), _ff_ok(b.ff_context))
+
+
 def _dit_ok(b) -> Optional[str]:
     for n in ("qkv", "fc1", "fc2"):
         if not _fp8(getattr(b, n)):
@@ -225,6 +251,57 @@ def _wan_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
     return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+def _sd3_forward(self, hidden_states, encoder_hidden_states, temb,
+                 joint_attention_kwargs=None):
+    be = self._pyops_backend
+    n1, n1c = self.norm1, self.norm1_context
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+        n1.linear(n1.silu(temb)).chunk(6, dim=1)
+    xq = _nmq(n1.norm, hidden_states, shift_msa, scale_msa, be)
+    if self.context_pre_only:  # AdaLayerNormContinuous: (scale, shift), emb in x's dtype
+        c_scale, c_shift = n1c.linear(n1c.silu(temb).to(encoder_hidden_states.dtype)).chunk(2, 1)
+        cq = _nmq(n1c.norm, encoder_hidden_states, c_shift, c_scale, be)
+    else:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
+            n1c.linear(n1c.silu(temb)).chunk(6, dim=1)
+        cq = _nmq(n1c.norm, encoder_hidden_states, c_shift_msa, c_scale_msa, be)
+    attn_output, context_attn_output = self.attn(hidden_states=xq, encoder_hidden_states=cq,
+                                                 **(joint_attention_kwargs or {}))
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+    hq = _nmq(self.norm2, hidden_states, shift_mlp, scale_mlp, be)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * _ff(self.ff, hq, be)
+    if self.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+    ecq = _nmq(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, be)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * _ff(
+        self.ff_context, ecq, be)
+    return encoder_hidden_states, hidden_states
+
+
+def _hunyuan_double_forward(self, hidden_states, encoder_hidden_states, temb,
+                            attention_mask=None, freqs_cis=None, *args, **kwargs):
+    be = self._pyops_backend
+    n1, n1c = self.norm1, self.norm1_context
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+        n1.linear(n1.silu(temb)).chunk(6, dim=1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
+        n1c.linear(n1c.silu(temb)).chunk(6, dim=1)
+    xq = _nmq(n1.norm, hidden_states, shift_msa, scale_msa, be)
+    cq = _nmq(n1c.norm, encoder_hidden_states, c_shift_msa, c_scale_msa, be)
+    attn_output, context_attn_output = self.attn(hidden_states=xq, encoder_hidden_states=cq,
+                                                 attention_mask=attention_mask,
+                                                 image_rotary_emb=freqs_cis)
+    hidden_states = hidden_states + attn_output * gate_msa.unsqueeze(1)
+    encoder_hidden_states = encoder_hidden_states + context_attn_output * c_gate_msa.unsqueeze(1)
+    hq = _nmq(self.norm2, hidden_states, shift_mlp, scale_mlp, be)
+    ecq = _nmq(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, be)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * _ff(self.ff, hq, be)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * _ff(
+        self.ff_context, ecq, be)
+    return hidden_states, encoder_hidden_states
+
+
 def _dit_forward(self, x, c):
     be = self._pyops_backend
     B, N, D = x.shape
@@ -242,6 +319,8 @@ FUSED_BLOCKS: dict[str, tuple[str, Callable, Callable]] = {
     "FluxTransformerBlock": ("diffusers.", _flux_double_ok, _flux_double_forward),
     "FluxSingleTransformerBlock": ("diffusers.", _flux_single_ok, _flux_single_forward),
     "WanTransformerBlock": ("diffusers.", _wan_ok, _wan_forward),
+    "JointTransformerBlock": ("diffusers.", _sd3_ok, _sd3_forward),
+    "HunyuanVideoTransformerBlock": ("diffusers.", _hunyuan_double_ok, _hunyuan_double_forward),
     "DiTBlock": ("pyops.models.dit", _dit_ok, _dit_forward),
 }
 
