@@ -79,7 +79,7 @@ def _dispatch_processors(model: nn.Module):
 class PatchHandle:
     """Returned by :func:`pyops.patch`. ``report`` (:class:`PatchReport`), ``config`` (the
     validated :class:`PatchConfig`), ``cache`` (the :class:`pyops.CachedModel` or None),
-    ``sampler(**fixed)`` (a :class:`pyops.FewStepSampler` on the patched model, with
+    ``sampler(guidance=, model_dtype=, **fixed)`` (a :class:`pyops.FewStepSampler` on the patched model, with
     ``config.sampler``), ``remove()``.
     """
 
@@ -165,18 +165,24 @@ class PatchHandle:
             self.report.blocks.append((name, why))
 
     # ---- public -------------------------------------------------------------------------------
-    def sampler(self, **fixed):
+    def sampler(self, *, guidance: Optional[float] = None, model_dtype=None, **fixed):
         """A :class:`pyops.FewStepSampler` for ``config.sampler`` (a preset name) on the patched
         model: diffusers transformers through :func:`pyops.diffusers_model` (``fixed``: keyword
-        arguments passed on every call), other models called as ``model(x, t, **cond)``.
-        Raises ValueError when the config names no sampler."""
+        arguments passed to the transformer on every call), other models called as
+        ``model(x, t, **cond)``. guidance: CFG scale (None: none). model_dtype: the latent dtype
+        the model gets (default: the dtype of the model's first parameter). Raises ValueError
+        when the config names no sampler."""
         from ..sampler import FewStepSampler, diffusers_model, preset
         if self.config.sampler is None:
             raise ValueError("pyops.patch: no sampler in the PatchConfig (sampler='flux-schnell' "
                              "or another pyops.preset name)")
         sched, kw = preset(self.config.sampler)
         fn = diffusers_model(self.model, **fixed) if _is_diffusers(self.model) else self.model
-        return FewStepSampler(fn, sched, **kw)
+        if model_dtype is None:
+            p = next(self.model.parameters(), None)
+            model_dtype = p.dtype if p is not None and p.is_floating_point() else None
+        return FewStepSampler(fn, sched, guidance=guidance, model_dtype=model_dtype,
+                              backend=self.config.backend, **kw)
 
     def remove(self) -> None:
         """Restore the model: the cache, fused forwards, attention routes and (unless
