@@ -56,7 +56,7 @@ from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  #
 from . import sampler  # noqa: E402
 from .patch import (PatchConfig, PatchHandle, PatchReport, sdpa_override,  # noqa: E402
                     register_diffusers_backends)
-from .patch import patch  # noqa: E402  (the function; the package is pyops.patch in sys.modules)
+from . import patch  # noqa: E402  (a callable module: pyops.patch(model, config))
 from .sampler import (  # noqa: E402
     CapturedSampler,
     FewStepSampler,

@@ -408,3 +408,21 @@ def test_gpu_patched_model_in_captured_sampler():
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
     h.remove()
+
+
+def test_unknown_dispatcher_falls_back_to_sdpa_override(monkeypatch):
+    """A diffusers whose registry pyops cannot extend: the dispatcher's native backend calls
+    F.scaled_dot_product_attention, which the override routes through pyops."""
+    import pyops.patch.model as pm
+
+    def unknown():
+        raise AttributeError("no registry")
+    monkeypatch.setattr(pm, "register_diffusers_backends", unknown)
+    m, kw = _flux(torch.bfloat16)
+    ref = _call(m, kw)
+    h = pyops.patch(m, pyops.PatchConfig(linear=None, attention="int8"))
+    assert {r for _, r in h.report.attention} == {"sdpa override int8"}
+    out = _call(m, kw)
+    assert 0 < _err(out, ref)[1] < 0.05
+    h.remove()
+    assert torch.equal(_call(m, kw), ref)

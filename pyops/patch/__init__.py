@@ -12,9 +12,23 @@ Layout: :mod:`pyops.patch.config` (:class:`PatchConfig`), :mod:`pyops.patch.mode
 """
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
+
 from .attention import backend_name, register_diffusers_backends, sdpa_override
 from .config import PatchConfig
 from .model import PatchHandle, PatchReport, patch
 
 __all__ = ["patch", "PatchConfig", "PatchHandle", "PatchReport", "sdpa_override",
            "register_diffusers_backends", "backend_name"]
+
+
+class _CallableModule(_types.ModuleType):
+    """``pyops.patch`` is both this package and the function: ``pyops.patch(model, config)``
+    calls :func:`patch`, and ``pyops.patch.blocks`` etc. stay importable."""
+
+    def __call__(self, model, config=None):
+        return patch(model, config)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

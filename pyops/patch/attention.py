@@ -107,6 +107,10 @@ def register_diffusers_backends() -> dict:
         raise ImportError("pyops: diffusers' attention dispatcher (diffusers >= 0.35) is needed "
                           "to route a diffusers model's attention through pyops") from e
     E, reg = ad.AttentionBackendName, ad._AttentionBackendRegistry
+    for attr in ("_backends", "_constraints", "_supported_arg_names"):
+        if not isinstance(getattr(reg, attr, None), dict):
+            raise AttributeError(f"pyops: diffusers {getattr(ad, '__version__', '')} has an "
+                                 f"attention registry without {attr}; cannot add a backend")
     members = {}
     for p in PRECISIONS:
         name = backend_name(p)

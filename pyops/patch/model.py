@@ -119,7 +119,14 @@ class PatchHandle:
         with_dispatch, without = ([], []) if not _is_diffusers(self.model) else \
             _dispatch_processors(self.model)
         if with_dispatch:
-            member = register_diffusers_backends()[p]
+            try:
+                member = register_diffusers_backends()[p]
+            except (ImportError, AttributeError):  # a dispatcher layout this code does not know:
+                # its native backend calls F.scaled_dot_product_attention, which the override
+                # below routes
+                without += [n for n, _ in with_dispatch]
+                with_dispatch = []
+        if with_dispatch:
             seen = set()
             for name, proc in with_dispatch:
                 if getattr(proc, "_parallel_config", None) is not None:
