@@ -426,3 +426,17 @@ def test_unknown_dispatcher_falls_back_to_sdpa_override(monkeypatch):
     assert 0 < _err(out, ref)[1] < 0.05
     h.remove()
     assert torch.equal(_call(m, kw), ref)
+
+
+def test_default_attention_auto_keeps_unmeasured_attention():
+    """attention='auto' (the default) keeps the model's attention where no measurement shows
+    pyops attention faster (everywhere today; a CPU in this test) and says why."""
+    m, kw = _flux(torch.bfloat16)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY))
+    assert h.config.attention == "auto"
+    (name, route), = h.report.attention
+    assert route.startswith("kept") and "measured" in route
+    assert "attention: kept" in str(h.report)
+    procs = [mod.processor for mod in m.modules() if hasattr(mod, "processor")]
+    assert all(getattr(p, "_attention_backend", None) is None for p in procs)
+    h.remove()

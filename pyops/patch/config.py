@@ -24,7 +24,11 @@ class PatchConfig:
         ``QuantConfig.min_dim`` (embedders, adaLN modulation, the final projection and linears
         narrower than 1024 stay in bf16), or ``quant``.
     attention: ``"int8"`` | ``"fp8"`` | ``"int8_fp16pv"`` | ``"nvfp4"`` | ``"bf16"`` (the
-        precisions of :func:`pyops.attention`) or None / ``"none"`` (attention untouched).
+        precisions of :func:`pyops.attention`), None / ``"none"`` (attention untouched) or
+        ``"auto"`` (the default): pyops attention only on a GPU where ``bench/RESULTS.md`` shows
+        it faster than the model's own SDPA, else untouched. Today that is nowhere: on the H200
+        (2026-11-30) pyops INT8 attention ran at 0.42-0.97x cuDNN SDPA, so ``"auto"`` keeps the
+        model's attention and the report says so; ask for a precision to use it anyway.
     fuse: in blocks pyops knows (diffusers Flux double/single, Wan, the embedded DiT), replace
         the block's forward by one that runs ``norm_modulate_quant`` (norm + adaLN modulate +
         per-token FP8 in one pass) for the QKV / MLP-in linears and ``gelu_quant`` for the
@@ -44,7 +48,7 @@ class PatchConfig:
         PyTorch specs, e.g. to check numerics on a CPU).
     """
     linear: Optional[str] = "fp8"
-    attention: Optional[str] = "int8"
+    attention: Optional[str] = "auto"
     fuse: bool = True
     quant: Optional[QuantConfig] = None
     cache: Optional[CacheConfig] = None
@@ -64,9 +68,9 @@ class PatchConfig:
                 raise ValueError(f"pyops.PatchConfig: linear={self.linear!r}; expected one of "
                                  f"{LINEAR_FORMATS} or None")
         att = None if self.attention in (None, "none") else self.attention
-        if att is not None and att not in PRECISIONS:
+        if att is not None and att != "auto" and att not in PRECISIONS:
             raise ValueError(f"pyops.PatchConfig: attention={self.attention!r}; expected one of "
-                             f"{PRECISIONS} or None")
+                             f"{PRECISIONS}, 'auto' or None")
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise TypeError(f"pyops.PatchConfig: quant must be a pyops.QuantConfig, got "
                             f"{type(self.quant).__name__}")

@@ -44,8 +44,8 @@ class PatchReport:
         routes: dict = {}
         for _, r in self.attention:
             routes[r] = routes.get(r, 0) + 1
-        lines.append("attention: " + (", ".join(f"{n} x {r}" for r, n in routes.items())
-                                      or "unchanged"))
+        lines.append("attention: " + (", ".join(r if r.startswith("kept") else f"{n} x {r}"
+                                                for r, n in routes.items()) or "unchanged"))
         if self.blocks:
             lines.append(f"fused blocks: {len(self.fused)} of {len(self.blocks)}")
             why: dict = {}
@@ -116,6 +116,11 @@ class PatchHandle:
     def _patch_attention(self) -> None:
         cfg = self.config
         p = cfg.attention
+        if p == "auto":
+            p, why = auto_attention(self.model)
+            if p is None:
+                self.report.attention.append(("(model)", f"kept: {why}"))
+                return
         with_dispatch, without = ([], []) if not _is_diffusers(self.model) else \
             _dispatch_processors(self.model)
         if with_dispatch:
@@ -233,6 +238,23 @@ class PatchHandle:
 _MISSING = object()
 
 
+def auto_attention(model: nn.Module) -> tuple[Optional[str], str]:
+    """(precision or None, why) for ``PatchConfig(attention="auto")``: a precision only where a
+    measurement in bench/RESULTS.md shows pyops attention faster than torch's SDPA on the
+    model's GPU. H200 (sm_90), 2026-11-30: INT8 0.42-0.97x cuDNN SDPA end to end
+    (bench/RESULTS.md section 1), so none today; other GPUs are unmeasured."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        return None, "attention='auto' uses pyops attention only on a GPU where it is measured faster"
+    from .. import _backend
+    major, minor = _backend.device_capability(p.device)
+    if (major, minor) == (9, 0):
+        return None, ("on sm_90 pyops attention measured 0.42-0.97x cuDNN SDPA (H200, "
+                      "bench/RESULTS.md); pass attention='int8' to use it anyway")
+    return None, (f"pyops attention is unmeasured on sm_{major}{minor}; pass attention='int8' "
+                  f"to use it")
+
+
 def patch(model: nn.Module, config: Union[PatchConfig, dict, None] = None) -> PatchHandle:
     """Make a DiT transformer fast with pyops, in place; returns a :class:`PatchHandle`.
 
@@ -249,8 +271,9 @@ def patch(model: nn.Module, config: Union[PatchConfig, dict, None] = None) -> Pa
         ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``, the embedded
         :class:`pyops.models.dit.DiT`, or any ``nn.Module`` (linears and SDPA calls are found
         generically; fusion and caching need a known model).
-    config: a :class:`PatchConfig`, a dict of its fields, or None (defaults: FP8 linears, INT8
-        attention, fusion on, no cache).
+    config: a :class:`PatchConfig`, a dict of its fields, or None (defaults: FP8 linears, fusion
+        on, attention "auto" (kept where pyops attention is not measured faster: everywhere
+        today), no cache).
 
     Inference only. ``handle.remove()`` restores the model bit for bit (with the default
     ``keep_originals="cpu"``, the replaced bf16 linears wait in host memory).
