@@ -714,3 +714,17 @@ def test_gpu_int64_offsets_128k(side):
     heads = torch.tensor([0, H - 1], device="cuda")
     want = _rows_ref(q, k, v, rows, heads)
     _check_bounds(out[:, heads][:, :, rows], want.double(), "int8", "random")
+
+
+def test_pick_config_measured_entry():
+    """The measured sm_90 / D 128 / int8 configuration is used there only; other GPUs,
+    precisions and head dims keep the starting points; the interpreter its small blocks."""
+    from pyops.triton_kernels import attention as tk
+    assert tk.pick_config(128, "int8", False, (9, 0)) == dict(BLOCK_M=64, BLOCK_N=128,
+                                                               num_warps=4, num_stages=3)
+    start = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert tk.pick_config(128, "int8", False, (10, 0)) == start
+    assert tk.pick_config(128, "int8", False, None) == start
+    assert tk.pick_config(128, "fp8", False, (9, 0)) == start
+    assert tk.pick_config(64, "int8", False, (9, 0))["BLOCK_M"] == 128
+    assert tk.pick_config(128, "int8", True, (9, 0))["BLOCK_M"] == 16
