@@ -23,6 +23,10 @@
 #                wheels in ./.whl/test/ without an index when it holds any (bench/fetch_wheels.sh
 #                puts them there), otherwise from your pip index. Nothing is installed, and no
 #                index is contacted, when both are importable.
+#   bench-deps   only when matplotlib or tqdm is not importable (bench_e2e's plot and progress
+#                bar; optional): pip install the missing ones from the wheels in ./.whl/test/
+#                without an index; without those wheels nothing is installed and bench_e2e
+#                writes no PNG
 #   gpu-tests    pytest -m gpu $GPU_CHECK_TESTS (default: tests, i.e. every GPU test; a test
 #                that crashes the interpreter ends this stage only; the tests run their
 #                bad-argument checks in subprocesses themselves); recorded as skipped, with the
@@ -31,7 +35,9 @@
 #   bench NAME   python bench/bench_NAME.py, the default run (headline shapes, key providers;
 #                about a minute or less each), one stage per benchmark, the memory-bound ones
 #                first (quantize, norm_modulate_quant, block_similarity, cache_apply,
-#                sample_step), then attention, linear, sampler, cache, then any other; a script
+#                sample_step), then e2e (whole Flux- and Wan-size transformers, ~3 minutes, with
+#                its own limit: the '# gpu-check-limit-s:' line of bench_e2e.py), then
+#                attention, linear, sampler, cache, then any other; a script
 #                that names others on a '# bench-covers:' line runs them (bench_quantize.py runs
 #                the FP8 and NVFP4 quantizer benchmarks), so those are not run again
 #   suite        pytest -m "not gpu" tests, only with GPU_CHECK_SUITE=1
@@ -54,8 +60,9 @@
 #                              space-separated (default: tests); none: skip the GPU tests
 #   GPU_CHECK_BENCH_ARGS       extra arguments for every benchmark, e.g. "--full" (every shape
 #                              and provider: raise the two limits below too)
-#   GPU_CHECK_BENCH_TIMEOUT_S  hard limit per benchmark (default 90 s)
-#   GPU_CHECK_TOTAL_S          hard limit for the whole check (default 540 s); a stage that
+#   GPU_CHECK_BENCH_TIMEOUT_S  hard limit per benchmark (default 90 s; a script that names a
+#                              larger one on a '# gpu-check-limit-s: N' line gets N)
+#   GPU_CHECK_TOTAL_S          hard limit for the whole check (default 740 s); a stage that
 #                              would start with too little time left is skipped and marked so
 #   GPU_CHECK_SKIP_INSTALL=1   use the pyops already installed (no pip install, neither of
 #                              pyops nor of pytest/numpy)
@@ -63,10 +70,10 @@
 #   GPU_CHECK_DRY_RUN=1        print the stages, their limits and commands; run nothing
 #   MAX_JOBS                   parallel compile jobs for the extension (default: all cores)
 #
-# Expected run time on an H100 or H200: about 8 minutes. These are estimates, not measurements
+# Expected run time on an H100 or H200: about 11 minutes. These are estimates, not measurements
 # of this version: install ~40 s and a (partial) GPU test run of ~90 s were measured on an H200
-# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~5 minutes by their
-# own estimates (the 'estimate-h200-s' line at the top of each bench script; the dry run prints
+# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~8 minutes by their
+# own estimates (bench_e2e ~3 of them) (the 'estimate-h200-s' line at the top of each bench script; the dry run prints
 # them and their sum). If the GPU tests run long, the total limit cuts the benchmarks at the
 # end of the order (the model-size ones), never the memory-bound ones at its start; for a
 # short check, GPU_CHECK_TESTS names the tests to run. On an H100 the bandwidth-bound
@@ -77,12 +84,12 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/bench/out}
 BENCH_DIR=${GPU_CHECK_BENCH_DIR:-$ROOT/bench/out/gpu_check}
 PY=${PYTHON:-python3}
-TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-740}
 BENCH_TIMEOUT_S=${GPU_CHECK_BENCH_TIMEOUT_S:-90}
 DRY=${GPU_CHECK_DRY_RUN:-}
 # run order: the memory-bound kernels first (short, and what the total limit must not cut),
 # then the model-size benchmarks; any other bench_*.py afterwards
-ORDER="quantize norm_modulate_quant block_similarity cache_apply sample_step attention linear sampler cache"
+ORDER="quantize norm_modulate_quant block_similarity cache_apply sample_step e2e attention linear sampler cache"
 # the GPU tests to run (pytest paths or node ids); "none" skips them
 TESTS=${GPU_CHECK_TESTS:-tests}
 T0=$(date +%s)
@@ -161,18 +168,27 @@ bench_scripts() {
 }
 
 estimate_s() { sed -n 's/^# estimate-h200-s: *\([0-9]*\).*/\1/p' "$1" | head -1; }
+# a script's own hard limit ('# gpu-check-limit-s: N'), never below GPU_CHECK_BENCH_TIMEOUT_S
+limit_s() {
+    local n
+    n=$(sed -n 's/^# gpu-check-limit-s: *\([0-9]*\).*/\1/p' "$1" | head -1)
+    if [ -n "$n" ] && ((n > BENCH_TIMEOUT_S)); then echo "$n"; else echo "$BENCH_TIMEOUT_S"; fi
+}
 
 # the GPU tests' own dependencies that $PY cannot import, space-separated (none: empty)
-missing_test_deps() {
+missing_test_deps() { missing_modules pytest numpy; }
+
+# the modules among "$@" that $PY cannot import, space-separated (none: empty)
+missing_modules() {
     local m out=""
-    for m in pytest numpy; do
+    for m in "$@"; do
         "$PY" -c "import $m" >/dev/null 2>&1 || out+="$m "
     done
     echo "${out% }"
 }
 
 main() {
-    local f n lim est total_est=0
+    local f n lim est blim total_est=0
     if [ -n "$DRY" ]; then
         echo "pyops gpu_check, dry run: the plan (nothing is run)"
     else
@@ -246,6 +262,32 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
         fi
     fi
 
+    # ---- bench_e2e's plot and progress bar: matplotlib and tqdm, only when missing ----------
+    # optional (without them bench_e2e writes no PNG and prints plain progress lines); installed
+    # only from the wheels in .whl/test/ (bench/fetch_wheels.sh puts them there), no index
+    local missing_b
+    if [ -n "$DRY" ]; then
+        echo "[bench-deps] only if matplotlib or tqdm is not importable and .whl/test/ holds" \
+            "wheels: $PY -m pip install <the missing ones> --no-index --find-links .whl/test" \
+            "(without them bench_e2e writes no PNG)"
+    else
+        missing_b=$(missing_modules matplotlib tqdm)
+        if [ -z "$missing_b" ]; then
+            echo "[bench-deps] matplotlib and tqdm importable: nothing to install"
+        elif [ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+            echo "[bench-deps] not importable: $missing_b; not installed (GPU_CHECK_SKIP_INSTALL is set)"
+        elif compgen -G ".whl/test/*.whl" >/dev/null; then
+            # shellcheck disable=SC2086
+            stage bench-deps 120 150 "$PY" -m pip install -q --disable-pip-version-check \
+                --no-index --find-links .whl/test --no-compile --target /tmp/site $missing_b
+            case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *)
+                export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+        else
+            echo "[bench-deps] not importable: $missing_b; bench_e2e writes no PNG ($PY -m pip" \
+                "install matplotlib tqdm, or bash bench/fetch_wheels.sh where there is internet)"
+        fi
+    fi
+
     # ---- GPU tests ----------------------------------------------------------------------------
     PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider)
     if [ -z "$DRY" ] && "$PY" -c 'import pytest_timeout' 2>/dev/null; then
@@ -276,22 +318,23 @@ command -v ninja && ninja --version || echo 'ninja: not on PATH'"
         n=$(basename "$f" .py)
         n=${n#bench_}
         est=$(estimate_s "$f")
+        blim=$(limit_s "$f")
         total_est=$((total_est + ${est:-60}))
         if [ -n "$DRY" ]; then
-            echo "[bench $n] limit ${BENCH_TIMEOUT_S}s (estimate on an H200: ${est:-?} s): $PY $f --out $BENCH_DIR ${GPU_CHECK_BENCH_ARGS:-}"
+            echo "[bench $n] limit ${blim}s (estimate on an H200: ${est:-?} s): $PY $f --out $BENCH_DIR ${GPU_CHECK_BENCH_ARGS:-}"
             continue
         fi
         rm -f "$BENCH_DIR/$n.json" "$BENCH_DIR/$n.md"  # no stale rows from an earlier check
         echo "$n" >>"$BENCHES_RUN"
         lim=$(left)
         # squeezed by the total limit: a soft budget inside the script skips its slow peers
-        if ((lim < BENCH_TIMEOUT_S)); then
+        if ((lim < blim)); then
             # shellcheck disable=SC2086
-            stage "bench $n" "$BENCH_TIMEOUT_S" 5 "$PY" "$f" --out "$BENCH_DIR" \
+            stage "bench $n" "$blim" 5 "$PY" "$f" --out "$BENCH_DIR" \
                 --budget-s $((lim * 2 / 3)) ${GPU_CHECK_BENCH_ARGS:-}
         else
             # shellcheck disable=SC2086
-            stage "bench $n" "$BENCH_TIMEOUT_S" 5 "$PY" "$f" --out "$BENCH_DIR" \
+            stage "bench $n" "$blim" 5 "$PY" "$f" --out "$BENCH_DIR" \
                 ${GPU_CHECK_BENCH_ARGS:-}
         fi
     done

@@ -278,14 +278,24 @@ def test_resolve_run_gpu_default_run_and_budget(capsys):
 BENCH_SCRIPTS = sorted(p.stem for p in BENCH.glob("bench_*.py"))
 
 
+# scripts whose default run may take longer than 60 s: (the most it may take, its gpu_check limit)
+LONG_DEFAULT_RUNS = {"bench_e2e": (180, 200)}  # two whole models x 8 providers, with compiles
+
+
 @pytest.mark.parametrize("name", BENCH_SCRIPTS)
 def test_every_bench_states_its_default_run_length(name):
-    """Each script's first comment estimates its default run on an H200, at most 60 s."""
+    """Each script's first comment estimates its default run on an H200, at most 60 s (the
+    whole-model bench_e2e at most 3 minutes, under its own gpu_check limit)."""
     text = (BENCH / f"{name}.py").read_text()
     m = re.search(r"^# estimate-h200-s: (\d+)$", text, re.M)
     assert m, f"{name}: no '# estimate-h200-s: N' line"
-    assert 0 < int(m.group(1)) <= 60
+    most, limit = LONG_DEFAULT_RUNS.get(name, (60, None))
+    assert 0 < int(m.group(1)) <= most
     assert "--full" in text and "Run length on an H200" in text
+    lim = re.search(r"^# gpu-check-limit-s: (\d+)$", text, re.M)
+    assert (int(lim.group(1)) if lim else None) == limit, name
+    if limit is not None:
+        assert int(m.group(1)) < limit
 
 
 @pytest.mark.parametrize("name", [n for n in BENCH_SCRIPTS if n != "bench_quantize"])
@@ -295,6 +305,10 @@ def test_default_run_is_a_subset_of_full(name):
     mod = _bench_module(name)
     default, full, quick = (mod.select(m) for m in ("default", "full", "quick"))
     assert default != full and quick != default
+    if name == "bench_e2e":  # the same models and providers; the default run keeps fewer blocks
+        assert default[0] == full[0] and default[2] == full[2]
+        assert all(sum(d) < sum(f) for d, f in zip(default[1], full[1]))
+        return
     d_shapes, f_shapes = list(default[0]), list(full[0])
     assert d_shapes and set(map(repr, d_shapes)) <= set(map(repr, f_shapes))
     assert any(len(d) < len(f) for d, f in zip(default, full)
@@ -373,19 +387,21 @@ def test_gpu_check_dry_run_plan(tmp_path):
     assert names == {n[len("bench_"):] for n in BENCH_SCRIPTS} - {"quantize_fp8",
                                                                   "quantize_nvfp4"}
     for line in bench_lines:
-        assert "limit 90s" in line and "--out" in line and "--full" not in line
+        n = "bench_" + line.split()[1].rstrip("]")
+        limit = (LONG_DEFAULT_RUNS.get(n) or (None, 90))[1]
+        assert f"limit {limit}s" in line and "--out" in line and "--full" not in line, line
     # the memory-bound benchmarks run first, so a total limit cut by long GPU tests only
-    # reaches the model-size ones at the end
+    # reaches the model-size ones at the end; the whole-model e2e right after them
     ran = [line.split()[1].rstrip("]") for line in bench_lines]
     memory_bound = ["quantize", "norm_modulate_quant", "block_similarity", "cache_apply",
                     "sample_step"]
-    assert ran[:len(memory_bound)] == memory_bound, ran
-    assert ran.index("attention") > ran.index("sample_step")
+    assert ran[:len(memory_bound) + 1] == memory_bound + ["e2e"], ran
+    assert ran.index("attention") > ran.index("e2e")
     gpu_tests = next(line for line in lines if line.startswith("[gpu-tests]"))
     assert gpu_tests.endswith(" tests"), gpu_tests  # default: every GPU test
     assert "[suite]" not in out
     total = int(re.search(r"estimated ~(\d+) s on an H200", out).group(1))
-    assert total <= 60 * len(names)
+    assert total <= 60 * len(names) + sum(m - 60 for m, _ in LONG_DEFAULT_RUNS.values())
 
 
 def test_gpu_check_dry_run_test_selection(tmp_path):
@@ -415,6 +431,7 @@ _FAKE_PYTHON = r"""#!/usr/bin/env bash
 if [ "$1" = "-c" ]; then
     case "$2" in
         "import pytest"|"import numpy") [ "$FAKE_HAS_TEST_DEPS" = 1 ]; exit ;;
+        "import matplotlib"|"import tqdm") [ "${FAKE_HAS_BENCH_DEPS:-1}" = 1 ]; exit ;;
         *) exit 1 ;;
     esac
 fi
@@ -495,6 +512,23 @@ def test_gpu_check_runs_the_selected_gpu_tests(tmp_path):
     assert not [c for c in calls if c.startswith("pytest ")], calls
     assert stages["gpu-tests"] == "skipped (GPU_CHECK_TESTS=none)", stages
     assert "GPU tests: not run, skipped (GPU_CHECK_TESTS=none)." in md.read_text()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+@pytest.mark.skipif(any((ROOT / ".whl" / "test").glob("*.whl")),
+                    reason="this checkout has wheels in .whl/test/: the install path would run")
+def test_gpu_check_without_plot_packages_installs_nothing_and_says_so(tmp_path):
+    """matplotlib/tqdm missing and no wheels: bench-deps contacts no index, says the PNG is
+    skipped, and the check goes on."""
+    out, calls, stages, _ = _gpu_check_with_fake_python(tmp_path, has_test_deps=True,
+                                                        FAKE_HAS_BENCH_DEPS="0")
+    assert [c for c in calls if c.startswith("pip ")] == [
+        c for c in calls if c.startswith("pip ") and c.endswith("-e .")], calls
+    line = next(x for x in out.splitlines() if x.startswith("[bench-deps]"))
+    assert "not importable: matplotlib tqdm" in line and "writes no PNG" in line, line
+    assert "bench-deps" not in stages and stages["gpu-tests"] == "ok", stages
+    out, calls, _, _ = _gpu_check_with_fake_python(tmp_path, has_test_deps=True)
+    assert "[bench-deps] matplotlib and tqdm importable: nothing to install" in out
 
 
 def test_gpu_check_dry_run_names_the_test_deps_step(tmp_path):
