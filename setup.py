@@ -190,9 +190,13 @@ setup(
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
         # triton: the Triton kernels run in its interpreter on CPU-only machines;
-        # scikit-learn (bundled digits data), diffusers (scheduler/model parity), tqdm: sampler tests
+        # scikit-learn (bundled digits data), diffusers (scheduler/model parity), tqdm: sampler tests;
+        # matplotlib: the bench_e2e test checks its PNG
         "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "scikit-learn",
-                 "diffusers", "tqdm"],
+                 "diffusers", "tqdm", "matplotlib"],
+        # bench/run.sh (the README's main job): diffusers (the Flux / Wan models of bench_e2e,
+        # bench_cache, bench_sampler), matplotlib (bench_e2e's PNG), tqdm (its progress bar)
+        "bench": ["diffusers", "matplotlib", "tqdm"],
     },
     **kwargs,
 )
