@@ -440,3 +440,23 @@ def test_default_attention_auto_keeps_unmeasured_attention():
     procs = [mod.processor for mod in m.modules() if hasattr(mod, "processor")]
     assert all(getattr(p, "_attention_backend", None) is None for p in procs)
     h.remove()
+
+
+def test_linear_decisions_match_quantize_model():
+    """patch applies quantize_model's skip policy layer by layer: same decisions, and the
+    replaced originals wait on the CPU."""
+    m, kw = _flux(torch.bfloat16)
+    q = pyops.QuantConfig(min_dim=0, overrides=[(r"ff_context", "nvfp4")])
+    want = pyops.quantize_model(m, q, dry_run=True)
+    h = pyops.patch(m, pyops.PatchConfig(quant=q, attention=None))
+    got = h.report.quant
+    assert [(d.name, d.format, d.reason) for d in got.layers] == \
+        [(d.name, d.format, d.reason) for d in want.layers]
+    assert all(d.bytes_after > 0 for d in got.quantized)
+    assert {type(x).__name__ for x in m.modules()} >= {"QuantLinear"}
+    assert any(x.format == "nvfp4" for x in m.modules() if isinstance(x, pyops.QuantLinear))
+    # the Flux double blocks' context MLP is NVFP4 now: those blocks keep their forward
+    assert all("feed-forward" in why for n, why in h.report.blocks
+               if n.startswith("transformer_blocks")), h.report.blocks
+    _call(m, kw)
+    h.remove()

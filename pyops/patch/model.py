@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..nn import QuantConfig, QuantReport, quantize_model
+from ..nn import LayerDecision, QuantConfig, QuantLinear, QuantReport, decide
 from . import blocks as _blocks
 from .attention import register_diffusers_backends, routed_sdpa
 from .config import PatchConfig
@@ -95,23 +95,35 @@ class PatchHandle:
 
     # ---- building ----------------------------------------------------------------------------
     def _patch_linears(self) -> None:
+        """quantize_model's decisions, applied one layer at a time so that each replaced bf16
+        weight leaves the GPU (keep_originals "cpu"/"none") before the next layer is quantized:
+        GPU memory never exceeds the bf16 model plus one quantized layer (quantizing every
+        layer first would hold 1.5x the weights)."""
         cfg = self.config
         qc = cfg.quant or QuantConfig()
         qc = replace(qc, format=cfg.linear,
                      backend=cfg.backend if cfg.backend is not None else qc.backend)
-        originals = {n: m for n, m in self.model.named_modules() if type(m) is nn.Linear}
-        report = quantize_model(self.model, qc)
-        self.report.quant = report
-        for d in report.quantized:
-            orig = originals[d.name]
-            parent_name, _, child = d.name.rpartition(".")
+        report = QuantReport()
+        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear]
+        for name, mod in targets:
+            fmt, reason = decide(name, mod, qc)
+            w = mod.weight
+            d = LayerDecision(name, (mod.out_features, mod.in_features), fmt, reason,
+                              w.numel() * w.element_size())
+            report.layers.append(d)
+            if fmt is None:
+                continue
+            q = QuantLinear.from_linear(mod, fmt, backend=qc.backend)
+            d.bytes_after = q.qweight.nbytes
+            parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            dev = orig.weight.device
+            setattr(parent, child, q)
+            dev = w.device
             if cfg.keep_originals == "cpu" and dev.type != "cpu":
-                orig.to("cpu")
-            if cfg.keep_originals == "none":
-                orig = None
-            self._linears.append((parent, child, orig, dev))
+                mod.to("cpu")
+            self._linears.append((parent, child, None if cfg.keep_originals == "none" else mod,
+                                  dev))
+        self.report.quant = report
 
     def _patch_attention(self) -> None:
         cfg = self.config
