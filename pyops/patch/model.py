@@ -258,8 +258,7 @@ def auto_attention(model: nn.Module) -> tuple[Optional[str], str]:
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cuda":
         return None, "attention='auto' uses pyops attention only on a GPU where it is measured faster"
-    from .. import _backend
-    major, minor = _backend.device_capability(p.device)
+    major, minor = torch.cuda.get_device_capability(p.device)
     if (major, minor) == (9, 0):
         return None, ("on sm_90 pyops attention measured 0.42-0.97x cuDNN SDPA (H200, "
                       "bench/RESULTS.md); pass attention='int8' to use it anyway")
