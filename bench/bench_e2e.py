@@ -57,25 +57,28 @@ said so).
 # the H200 measurement of 2026-11-30 (bench/RESULTS.md, section 1): a Flux-size forward at 1024²
 # takes 174.6 ms in bf16 eager (19 + 38 blocks: ~3.1 ms per block, the two kinds have about the
 # same FLOPs), cuDNN SDPA at the Wan 480p shape 38.8 ms, cuBLAS bf16 ~790 TFLOPS.
-#   default, ~165 s:
-#   * start-up (imports incl. diffusers) ~10 s; building each reduced model on the GPU (1.3-1.5 B
-#     random parameters) ~3 s each, 6 s;
+#   default, ~155 s:
+#   * start-up (imports incl. diffusers) ~10 s; building each reduced model on the GPU (1.3 and
+#     1.6 B random parameters) ~3 s each, 6 s;
 #   * Flux (2 + 4 blocks): ~18 ms per bf16 forward (6 x 3.1 ms); 5 eager rows x (first call +
 #     1 warm-up + ~1 s of timed calls) ~6 s; pyops.patch with the bf16 linears moved to the CPU
 #     and back (~2.6 GB each way, assumed ~1 s per row) ~4 s; the Triton JIT of the attention
-#     and quantizer kernels on first use, assumed ~10 s; few-step: 50-step bf16 loop ~1 s and two
-#     4-step runs x ~5 calls ~1 s, ~3 s with warm-ups; 3 compiled rows: compile time was not
-#     measured, assumed ~15 s each for a regional compile (2 block classes) + ~1 s of timing,
-#     ~48 s. Flux ~71 s.
+#     and quantizer kernels on first use, assumed ~10 s; few-step: two 50-step bf16 loops ~2 s,
+#     two patches and two 4-step runs x ~15 calls ~2 s, ~4 s; 3 compiled rows: compile time was
+#     not measured, assumed ~15 s each for a regional compile (2 block classes) + ~1 s of timing,
+#     ~48 s. Flux ~72 s.
 #   * Wan (4 blocks): ~75 ms per block from the measured parts (SDPA 38.8 ms + 19.6 TFLOP of
 #     linears at ~650 TFLOPS ~30 ms + norms/rope/cross-attention ~6 ms), ~300 ms per forward;
 #     5 eager rows x (2 + 3 calls) ~8 s; patches ~4 s; 3 compiled rows x (~15 s + ~1.5 s) ~50 s.
 #     Wan ~62 s.
 #   * the PNG, freeing memory between models, ~3 s.
 #   The soft budget (150 s) skips the compiled rows that would start after it, marked so.
-#   --full, ~12 min: Flux 57 blocks (~175 ms per forward, 50-step loop ~9 s) and Wan 40 blocks
-#   (~3 s per forward, assumed) with whole-depth compiles; not to be run inside the GPU check.
-# estimate-h200-s: 165
+#   --full, ~7 min: Flux 57 blocks (11.9 B parameters; 174.6 ms per forward: 5 eager rows x
+#   ~2.5 s, the bf16 linears to the CPU and back, ~24 GB, assumed ~8 s per pyops row, 3 compiles
+#   ~20 s each, the 50-step loop ~9 s: ~2.5 min) and Wan 40 blocks (14.3 B; ~3 s per forward from
+#   the per-block figure above: 8 rows x 5 calls ~2 min, ~10 s per pyops row for its 29 GB, 3
+#   compiles ~45 s: ~4 min); not part of the GPU check.
+# estimate-h200-s: 155
 # gpu-check-limit-s: 200
 from __future__ import annotations
 
@@ -878,7 +881,7 @@ def main(argv=None) -> int:
     if args.model is not None:  # a clear error before anything runs
         spec_from_checkpoint(args.model, "full" if args.full else "default")
     device = U.resolve_run(args, DEFAULT_BUDGET_S)
-    if device.type != "cuda":
+    if device.type != "cuda" and args.quick:
         print("NOTE: the speed numbers need a CUDA GPU: this run only checks the pipeline "
               "(tiny models, reference backends).", flush=True)
     dtype = torch.bfloat16
@@ -911,6 +914,7 @@ def main(argv=None) -> int:
         s.kind == "flux" for s in specs) else 0)
     progress = Progress(n_runs, enabled=not args.no_progress)
     png = Path(args.out) / f"{NAME}.png"
+    png.unlink(missing_ok=True)  # never leave an earlier run's plot beside this run's table
     try:
         for spec in specs:
             st = State(spec, device, dtype)
@@ -923,7 +927,10 @@ def main(argv=None) -> int:
             free(device)
     finally:
         progress.close()
-        why = write_png(png, table, few, env)
+        try:
+            why = write_png(png, table, few, env)
+        except Exception as e:  # a plotting problem must not lose the tables
+            why = f"plotting failed: {type(e).__name__}: {e}"[:200]
         if why is not None:
             table.notes.append(f"no PNG: {why}")
         U.write_results(args.out, NAME, [table, few], env)

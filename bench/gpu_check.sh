@@ -72,7 +72,7 @@
 #
 # Expected run time on an H100 or H200: about 11 minutes. These are estimates, not measurements
 # of this version: install ~40 s and a (partial) GPU test run of ~90 s were measured on an H200
-# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~8 minutes by their
+# on 2026-11-30 (bench/RESULTS.md); the benchmarks' default runs add up to ~7.5 minutes by their
 # own estimates (bench_e2e ~3 of them) (the 'estimate-h200-s' line at the top of each bench script; the dry run prints
 # them and their sum). If the GPU tests run long, the total limit cuts the benchmarks at the
 # end of the order (the model-size ones), never the memory-bound ones at its start; for a

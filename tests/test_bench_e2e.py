@@ -256,3 +256,78 @@ def test_without_pyops_patch_the_pyops_rows_say_so(monkeypatch):
     assert row["ms"] > 0 and row["cos"] == pytest.approx(1.0)
     with pytest.raises(E._Skip, match="needs pyops.patch"):
         E.patch_config(by_name["pyops linear fp8"], quick=True)
+
+
+# ---- bench/run.sh, the README's main job ----------------------------------------------------------
+_FAKE_PY = r"""#!/usr/bin/env bash
+# A stand-in for python3 in bench/run.sh: logs every call; torch importable, CUDA as FAKE_CUDA
+# says; pip and `-m pyops` succeed without doing anything; a bench script only writes the files
+# bench_e2e.py would (into its --out folder, the PNG unless FAKE_NO_PNG is set).
+echo "$*" >>"$FAKE_LOG"
+if [ "$1" = "-c" ]; then
+    case "$2" in
+        "import torch") exit 0 ;;
+        *torch.cuda.is_available*) [ "$FAKE_CUDA" = 1 ]; exit ;;
+    esac
+    exit 1
+fi
+case "$1 $2" in
+    "-m pip"|"-m pyops") exit 0 ;;
+esac
+case "$1" in
+    bench/bench_e2e.py)
+        out=bench/out
+        prev=""
+        for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+        mkdir -p "$out" && touch "$out/e2e.md" "$out/e2e.json"
+        [ -n "${FAKE_NO_PNG:-}" ] || touch "$out/e2e.png"
+        exit 0 ;;
+    bench/*.py) exit 0 ;;
+esac
+exit 3
+"""
+
+
+def _run_sh(tmp_path, cuda: bool, **env_extra):
+    fake = tmp_path / "python3"
+    fake.write_text(_FAKE_PY)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), FAKE_CUDA="1" if cuda else "0",
+               BENCH_ARGS=f"--out {out}", **env_extra)
+    r = subprocess.run(["bash", str(BENCH / "run.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, log.read_text().splitlines(), out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_run_sh_on_a_gpu_runs_bench_e2e_first_and_says_where_its_results_are(tmp_path):
+    stdout, calls, out = _run_sh(tmp_path, cuda=True)
+    pip = [c for c in calls if c.startswith("-m pip ")]
+    assert pip == ["-m pip install --disable-pip-version-check -q --no-build-isolation -e "
+                   ".[bench]"], pip
+    benches = [c.split()[0] for c in calls if c.startswith("bench/")]
+    scripts = sorted(p.name for p in BENCH.glob("bench_*.py"))
+    covered = {"bench_quantize_fp8.py", "bench_quantize_nvfp4.py"}  # run by bench_quantize.py
+    assert benches[0] == "bench/bench_e2e.py"
+    assert sorted(benches) == [f"bench/{s}" for s in scripts if s not in covered]
+    assert all(c.endswith(f"--out {out}") for c in calls if c.startswith("bench/"))
+    assert f"table: {out}/e2e.md" in stdout and f"plot:  {out}/e2e.png" in stdout
+    (tmp_path / "again").mkdir()
+    stdout, _, _ = _run_sh(tmp_path / "again", cuda=True, FAKE_NO_PNG="1")
+    assert "plot:  none (matplotlib not importable" in stdout
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_run_sh_on_a_cpu_runs_the_demo_then_the_quick_pipeline(tmp_path):
+    stdout, calls, out = _run_sh(tmp_path, cuda=False)
+    assert any(c.startswith("-m pip install") and c.endswith("-e .[bench]") for c in calls)
+    demo = calls.index("-m pyops demo")
+    e2e = calls.index(f"bench/bench_e2e.py --quick --out {out}")
+    assert demo < e2e
+    assert not [c for c in calls if c.startswith("bench/") and "bench_e2e" not in c]
+    assert "The speed numbers need a CUDA GPU" in stdout
+    assert f"table: {out}/e2e.md" in stdout and f"plot:  {out}/e2e.png" in stdout
