@@ -324,6 +324,12 @@ def spec_from_checkpoint(path: str, mode: str) -> ModelSpec:
         depth = full if mode == "full" else (min(2, full[0]), min(4, full[1]))
         return flux_spec(depth, full, (), label=f"{FLUX_LABEL}, weights of {p.name}", path=path)
     if cls == "WanTransformer3DModel":
+        import importlib.util
+        if importlib.util.find_spec("accelerate") is None:
+            # diffusers loads models with fp32-kept modules (Wan's) only through accelerate
+            raise SystemExit(f"bench_e2e: --model {path}: diffusers needs the package "
+                             f"'accelerate' to load a WanTransformer3DModel checkpoint: pip "
+                             f"install accelerate")
         full = (int(cfg.get("num_layers", 40)),)
         depth = full if mode == "full" else (min(4, full[0]),)
         ch = int(cfg.get("in_channels", 16))
