@@ -50,6 +50,7 @@ from .cache import (  # noqa: E402
 from .cache import apply as cache_model  # noqa: E402
 from .ops.attention import attention, sdpa  # noqa: E402
 from .ops.norm_modulate_quant import norm_modulate_quant  # noqa: E402
+from .ops.gelu_quant import gelu_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
 from .ops.linear import linear  # noqa: E402
 from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  # noqa: E402
@@ -80,7 +81,7 @@ __all__ = [
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
     "dequantize_nvfp4",
     # quantized linear layers and the fused norm + modulate + quant
-    "norm_modulate_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
+    "norm_modulate_quant", "gelu_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
     "QuantizedWeight", "nn", "QuantLinear", "quantize_model", "QuantConfig", "QuantReport",
     # attention
     "attention", "sdpa",
