@@ -392,11 +392,19 @@ def test_exact_arithmetic_survives_fast_math(jobs):
     # fma.rn.f32 sits between nvcc's "begin inline asm" / "end inline asm" markers and is
     # allowed; anywhere else an fma.rn.f32 is the compiler contracting a*b+c.
     asm_block = re.compile(r"// begin inline asm\n\s*fma\.rn\.f32[^\n]*\n\s*// end inline asm")
+    # attention.cu: the softmax's exp2 and the lse's log2 are approximate by specification (the
+    # Triton kernel's tl.math.exp2 / log2 are ex2.approx / lg2.approx); written as inline asm
+    # without .ftz, so build flags cannot change them either.
+    approx_asm = re.compile(r"// begin inline asm\n\s*(ex2|lg2)\.approx\.f32 [^\n]*\n\s*"
+                            r"// end inline asm")
     bad = []
     for src in CU_FILES:
         rc, log, out = jobs["fut"][("ptx", src.name)].result()
         assert rc == 0, log[-4000:]
-        found = sorted({m.group(1) for m in inexact.finditer(asm_block.sub("", out.read_text()))})
+        text = asm_block.sub("", out.read_text())
+        if src.name == "attention.cu":
+            text = approx_asm.sub("", text)
+        found = sorted({m.group(1) for m in inexact.finditer(text)})
         if found:
             bad.append(f"{src.name}: {found}")
     assert not bad, "\n".join(bad)

@@ -17,5 +17,6 @@
 #include "pyops/cache_apply.h"
 #include "pyops/sample_step.h"
 #include "pyops/graph_conditional.h"
+#include "pyops/attention.h"
 
 #endif /* PYOPS_H_ */
