@@ -312,6 +312,20 @@ __device__ __forceinline__ float abs_rn(float v) { return __uint_as_float(abs_bi
 // torch.clamp_min(v, lo) / max(v, lo) with NaN passing through (fmaxf would drop the NaN).
 __device__ __forceinline__ float max_nan(float v, float lo) { return v < lo ? lo : v; }
 
+// min / max returning the other operand when one is NaN (IEEE minNum / maxNum; PTX min.f32 /
+// max.f32, one instruction, no .ftz in a fast-math build, which fminf / fmaxf would get). For
+// clamps whose NaN input is handled elsewhere (gelu_quant.cu: y = NaN / .. through x).
+__device__ __forceinline__ float min_num(float a, float b) {
+  float r;
+  asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float max_num(float a, float b) {
+  float r;
+  asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // (v < 0) from the bits, so an -ftz build cannot turn a negative subnormal into -0:
 // sign set, not +-0, not NaN.
 __device__ __forceinline__ bool is_negative(float v) {

@@ -191,6 +191,52 @@ NMQ_CASES = [
          r"q_scale and weight overlap"),
 ]
 
+GQ_SETUP = """
+G = op("_gelu_quant_cuda")
+x = torch.randn(6, 64, device=DEV, dtype=torch.bfloat16)
+q = torch.full((6, 64), 0xA5, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+qs = torch.full((6,), -7.0, device=DEV)
+y = torch.full((6, 64), -7.0, device=DEV)
+fp8 = torch.float8_e4m3fn
+def call(**kw):
+    a = dict(x=x, approximate=0, q=q, q_scale=qs, y=y)
+    a.update(kw)
+    G(*a.values())
+"""
+GQ_CASES = [
+    Case("x on the CPU", "call(x=x.cpu())", r"x must be a CUDA tensor"),
+    Case("x 3-D", "call(x=x.view(2, 3, 64))", r"x must be a 2-D \(M, K\) view"),
+    Case("x 1-D", "call(x=x.view(-1))", r"x must be a 2-D \(M, K\) view"),
+    Case("x float64", "call(x=x.double())", r"x has dtype Double; supported"),
+    Case("x int32", "call(x=x.int())", r"x has dtype Int; supported"),
+    Case("approximate code 2", "call(approximate=2)", r"approximate code 2 is not 0"),
+    Case("approximate code -1", "call(approximate=-1)", r"approximate code -1 is not 0"),
+    Case("q uint8", "call(q=q.view(torch.uint8))", r"q must be Float8_e4m3fn, got Byte"),
+    Case("q too narrow", "call(q=torch.empty(6, 63, dtype=fp8, device=DEV))",
+         r"q must have shape \[6, 64\], got \[6, 63\]"),
+    Case("q too few rows", "call(q=q[:5])", r"q must have shape \[6, 64\], got \[5, 64\]"),
+    Case("q non-contiguous", "call(q=torch.empty(64, 6, dtype=fp8, device=DEV).t())",
+         r"q must be contiguous"),
+    Case("q on the CPU", "call(q=q.cpu())", r"q must be a CUDA tensor"),
+    Case("q_scale too short", "call(q_scale=qs[:5])", r"q_scale must have shape \[6\], got \[5\]"),
+    Case("q_scale (M, 1)", "call(q_scale=qs.view(6, 1))", r"q_scale must have shape \[6\]"),
+    Case("q_scale float16", "call(q_scale=qs.half())", r"q_scale must be Float, got Half"),
+    Case("q_scale non-contiguous", "call(q_scale=torch.empty(12, device=DEV)[::2])",
+         r"q_scale must be contiguous"),
+    Case("q_scale on the CPU", "call(q_scale=qs.cpu())", r"q_scale must be a CUDA tensor"),
+    Case("y too wide", "call(y=torch.empty(6, 65, device=DEV))",
+         r"y must have shape \[6, 64\], got \[6, 65\]"),
+    Case("y int32", "call(y=y.int())", r"y has dtype Int"),
+    Case("y non-contiguous", "call(y=torch.empty(64, 6, device=DEV).t())",
+         r"y must be contiguous"),
+    Case("y on the CPU", "call(y=y.cpu())", r"y must be a CUDA tensor"),
+    Case("q overlaps x", "call(q=x.view(-1).view(fp8)[:384].view(6, 64))", r"q and x overlap"),
+    Case("y is x", "xf = x.float(); call(x=xf, y=xf)", r"y and x overlap"),
+    Case("q_scale overlaps y", "call(q_scale=y.view(-1)[:6])", r"q_scale and y overlap"),
+    Case("q_scale overlaps q", "call(q_scale=q.view(-1)[:24].view(torch.float32))",
+         r"q and q_scale overlap"),
+]
+
 BS_SETUP = """
 B = op("_block_similarity_cuda")
 a = torch.randn(2, 8, 16, device=DEV)
@@ -382,6 +428,7 @@ BINDINGS = {
     "_quantize_fp8_cuda": (FP8_SETUP, FP8_CASES),
     "_quantize_nvfp4_cuda": (NVFP4_SETUP, NVFP4_CASES),
     "_norm_modulate_quant_cuda": (NMQ_SETUP, NMQ_CASES),
+    "_gelu_quant_cuda": (GQ_SETUP, GQ_CASES),
     "_block_similarity_cuda": (BS_SETUP, BS_CASES),
     "_cache_apply_cuda": (APPLY_SETUP, APPLY_CASES),
     "_sample_step_cuda": (STEP_SETUP, STEP_CASES),
@@ -393,6 +440,7 @@ OTHER_GPU = {
     "_quantize_fp8_cuda": "F(x, q, s_row.to('cuda:1'), 1)",
     "_quantize_nvfp4_cuda": "G(x, data.to('cuda:1'), sc, g, True, False)",
     "_norm_modulate_quant_cuda": "call(q_scale=qs.to('cuda:1'))",
+    "_gelu_quant_cuda": "call(q_scale=qs.to('cuda:1'))",
     "_block_similarity_cuda": "call(metric=me.to('cuda:1'))",
     "_cache_apply_cuda": "A(out, x, r.to('cuda:1'), ru, 2)",
     "_sample_step_cuda": "call(noise=z.to('cuda:1'))",

@@ -20,6 +20,7 @@ GPU the two backends' y are compared bit for bit.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from pyops.ops.gelu_quant import gelu_quant
 from pyops.reference import gelu_quant as ref
 from pyops.reference.quantize_fp8 import FLT_MIN
 
-from _util import (BACKENDS, DEVICE, HAS_CUDA, assert_bits_equal, make_input,
+from _util import (BACKENDS, DEVICE, HAS_CUDA, ROOT, assert_bits_equal, make_input,
                    need_backend, non_contiguous)
 
 OP = "gelu_quant"
@@ -174,6 +175,37 @@ def test_kernel_gelu_accuracy(approximate):
     assert_bits_equal(fp8.scale.reshape(-1).cpu(), self_q.scale.reshape(-1))
     # huge negative x: exactly zero, as in the reference (t rounds to -1 there)
     assert (y[xc <= -10.5] == 0).all() and (y[xc >= 10.0] == xc[xc >= 10.0]).all()
+
+
+def test_cuda_and_triton_share_constants():
+    """csrc/gelu_quant.cu and triton_kernels/gelu_quant.py hold the same fp32 constants, bit for
+    bit, and they are the spec's constants where the spec has them."""
+    from pyops.triton_kernels import _cvt
+    from pyops.triton_kernels import gelu_quant as tk
+    src = (ROOT / "csrc" / "gelu_quant.cu").read_text()
+    cu = {m[1]: float.fromhex(m[2]) if "x" in m[2] else float(m[2])
+          for m in re.finditer(r"constexpr float (k\w+) = ([-+0-9a-fA-Fxp.]+)f;", src)}
+    rne_bits = int(re.search(r"constexpr int kRneIntBits = (0x[0-9A-Fa-f]+);", src)[1], 16)
+
+    def f32(v):
+        return torch.tensor(float(v), dtype=torch.float32)
+
+    pairs = {"kTanhA": tk.TANH_A, "kTanhB": tk.TANH_B, "kExpLo": tk.EXP_LO, "kExpHi": tk.EXP_HI,
+             "kLog2e": _cvt.LOG2E, "kLn2": _cvt.LN2, "kRneInt": tk.RNE_INT,
+             "kSqrt1_2": tk.SQRT1_2, "kErfClamp": tk.ERF_CLAMP, "kErfSplit": tk.ERF_SPLIT,
+             "kErfMid": tk.ERF_MID}
+    pairs.update({f"kExp{i}": getattr(tk, f"EXP{i}") for i in range(2, 7)})
+    pairs.update({f"kErfS{i}": getattr(tk, f"ERF_S{i}") for i in range(6)})
+    pairs.update({f"kErfL{i}": getattr(tk, f"ERF_L{i}") for i in range(7)})
+    assert set(cu) == set(pairs), sorted(set(cu) ^ set(pairs))
+    for name, k in pairs.items():
+        assert_bits_equal(f32(cu[name]), f32(k.value), name)
+    assert rne_bits == tk.RNE_INT_BITS.value == f32(tk.RNE_INT.value).view(torch.int32).item()
+    # the spec's constants
+    assert_bits_equal(f32(tk.SQRT1_2.value), f32(ref.SQRT1_2), "1/sqrt(2)")
+    assert_bits_equal(f32(tk.TANH_A.value), -2 * f32(ref.SQRT_2_OVER_PI), "-2 sqrt(2/pi)")
+    assert_bits_equal(f32(tk.TANH_B.value), f32(-2 * ref.SQRT_2_OVER_PI * ref.GELU_KAPPA),
+                      "-2 sqrt(2/pi) 0.044715")
 
 
 # ---- backends ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include "pyops/quantize_fp8.h"
 #include "pyops/quantize_nvfp4.h"
 #include "pyops/norm_modulate_quant.h"
+#include "pyops/gelu_quant.h"
 #include "pyops/block_similarity.h"
 #include "pyops/cache_apply.h"
 #include "pyops/sample_step.h"
