@@ -32,12 +32,8 @@ from torch import nn
 
 from ..nn import QuantLinear
 from ..ops.norm_modulate_quant import norm_modulate_quant
+from ..ops.gelu_quant import gelu_quant
 from ..ops.quantize_fp8 import FP8Tensor
-
-try:
-    from ..ops.gelu_quant import gelu_quant as _gelu_quant_op
-except ImportError:  # TEMPORARY
-    _gelu_quant_op = None
 
 __all__ = ["plan", "install", "FUSED_BLOCKS"]
 
@@ -61,12 +57,7 @@ def _nmq(ln: nn.Module, x: torch.Tensor, shift: Optional[torch.Tensor],
 
 
 def _gelu_quant(h: torch.Tensor, approximate: str, backend: Optional[str]) -> FP8Tensor:
-    if _gelu_quant_op is None:  # TEMPORARY until the op lands
-        from ..ops.quantize_fp8 import quantize_fp8
-        y = torch.nn.functional.gelu(h.float(), approximate=approximate)
-        q = quantize_fp8(y, "row", backend=backend)
-        return FP8Tensor(q.data, q.scale, "row", h.dtype)
-    return _gelu_quant_op(h, approximate=approximate, backend=backend)
+    return gelu_quant(h, approximate=approximate, backend=backend)
 
 
 def _ff(ff: nn.Module, xq: FP8Tensor, backend: Optional[str]) -> torch.Tensor:
