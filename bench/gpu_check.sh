@@ -34,7 +34,7 @@
 #                importable, or when GPU_CHECK_TESTS=none
 #   bench NAME   python bench/bench_NAME.py, the default run (headline shapes, key providers;
 #                about a minute or less each), one stage per benchmark, the memory-bound ones
-#                first (quantize, norm_modulate_quant, block_similarity, cache_apply,
+#                first (quantize, norm_modulate_quant, gelu_quant, block_similarity, cache_apply,
 #                sample_step), then e2e (whole Flux- and Wan-size transformers, ~3 minutes, with
 #                its own limit: the '# gpu-check-limit-s:' line of bench_e2e.py), then
 #                attention, linear, sampler, cache, then any other; a script
@@ -92,7 +92,7 @@ BENCH_TIMEOUT_S=${GPU_CHECK_BENCH_TIMEOUT_S:-90}
 DRY=${GPU_CHECK_DRY_RUN:-}
 # run order: the memory-bound kernels first (short, and what the total limit must not cut),
 # then the model-size benchmarks; any other bench_*.py afterwards
-ORDER="quantize norm_modulate_quant block_similarity cache_apply sample_step e2e attention linear sampler cache"
+ORDER="quantize norm_modulate_quant gelu_quant block_similarity cache_apply sample_step e2e attention linear sampler cache"
 # the GPU tests to run (pytest paths or node ids); "none" skips them
 TESTS=${GPU_CHECK_TESTS:-tests}
 T0=$(date +%s)

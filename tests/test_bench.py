@@ -185,7 +185,8 @@ def test_graph_timing_applies_below_twice_the_l2():
 
 
 MEMORY_BOUND = ("bench_quantize_fp8", "bench_quantize_nvfp4", "bench_norm_modulate_quant",
-                "bench_block_similarity", "bench_cache_apply", "bench_sample_step")
+                "bench_gelu_quant", "bench_block_similarity", "bench_cache_apply",
+                "bench_sample_step")
 
 
 @pytest.mark.parametrize("name", MEMORY_BOUND)
@@ -334,6 +335,9 @@ def test_headline_shapes_in_default_runs():
     flux, wan = (1, 4608, 3072), (1, 32760, 5120)
     for q in ("bench_norm_modulate_quant", "bench_cache_apply"):
         assert {tuple(s[1:4]) for s in _bench_module(q).select("default")[0]} == {flux, wan}, q
+    # GELU + quant at the MLP hidden states: Flux (4 x 3072) and Wan2.1-14B's ffn (13824)
+    gq = _bench_module("bench_gelu_quant").select("default")
+    assert {tuple(s[1:4]) for s in gq[0]} == {(1, 4608, 12288), (1, 32760, 13824)}
     bs = _bench_module("bench_block_similarity").select("default")
     assert {s[1:] for s in bs[0]} == {(1, 4096, 3072), wan}
     ss = _bench_module("bench_sample_step").select("default")
@@ -393,8 +397,8 @@ def test_gpu_check_dry_run_plan(tmp_path):
     # the memory-bound benchmarks run first, so a total limit cut by long GPU tests only
     # reaches the model-size ones at the end; the whole-model e2e right after them
     ran = [line.split()[1].rstrip("]") for line in bench_lines]
-    memory_bound = ["quantize", "norm_modulate_quant", "block_similarity", "cache_apply",
-                    "sample_step"]
+    memory_bound = ["quantize", "norm_modulate_quant", "gelu_quant", "block_similarity",
+                    "cache_apply", "sample_step"]
     assert ran[:len(memory_bound) + 1] == memory_bound + ["e2e"], ran
     assert ran.index("attention") > ran.index("e2e")
     gpu_tests = next(line for line in lines if line.startswith("[gpu-tests]"))

@@ -1,9 +1,9 @@
 """CPU smoke runs of the one-table memory-bound benchmarks (bench_norm_modulate_quant,
-bench_block_similarity, bench_cache_apply, bench_sample_step): each runs as a subprocess with
-``--device cpu`` and no size flag (on a CPU: the quick run), TRITON_INTERPRET unset, so the
-PyTorch reference and plain-torch providers run in a few seconds. The CPU times mean nothing;
-the tests check the files, the columns (µs and x ideal next to GB/s and % copy), that every
-row that ran has its per-call figures, and that the bit-exact checks hold.
+bench_gelu_quant, bench_block_similarity, bench_cache_apply, bench_sample_step): each runs as a
+subprocess with ``--device cpu`` and no size flag (on a CPU: the quick run), TRITON_INTERPRET
+unset, so the PyTorch reference and plain-torch providers run in a few seconds. The CPU times
+mean nothing; the tests check the files, the columns (µs and x ideal next to GB/s and % copy),
+that every row that ran has its per-call figures, and that the bit-exact checks hold.
 """
 import json
 import os
@@ -45,8 +45,8 @@ def _quick(name, out):
     return data, md
 
 
-@pytest.mark.parametrize("name", ["norm_modulate_quant", "block_similarity", "cache_apply",
-                                  "sample_step"])
+@pytest.mark.parametrize("name", ["norm_modulate_quant", "gelu_quant", "block_similarity",
+                                  "cache_apply", "sample_step"])
 def test_quick_run_has_per_call_columns(quick, name):
     data, md = quick(name)
     assert data["env"]["run"] == "quick" and data["env"]["copy_gbps"] > 0
@@ -98,3 +98,15 @@ def test_sample_step_quick_rows(quick):
         per = 18 if r["config"] == "cfg + noise" else 12  # bytes per element, see the docstring
         assert r["bytes"] == per * r["elements"], r
         assert r["exact"] is True and r["GB/s"] > 0 and r["x ideal"] > 0, r
+
+
+def test_gelu_quant_quick_rows(quick):
+    data, _ = quick("gelu_quant")
+    recs = data["records"]
+    got = {(r["shape"], r["provider"]) for r in recs}
+    for shape in ("quick 2x64x256", "quick odd 1x33x1000"):
+        assert (shape, "pyops reference (eager)") in got and (shape, "unfused eager") in got
+    for r in recs:
+        assert r["bytes"] == r["B"] * r["N"] * r["K"] * 3 + 4 * r["B"] * r["N"], r
+        if r["provider"].startswith("pyops"):
+            assert r["ok"] is True, r  # q/scale are quantize_fp8 of the op's own fp32 y
