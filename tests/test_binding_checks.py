@@ -424,6 +424,74 @@ GRAPH_CASES = [
          r"must be called while the current stream is being captured"),
 ]
 
+ATTN_SETUP = """
+A = op("_attention_cuda")
+i8, u8, bf = torch.int8, torch.uint8, torch.bfloat16
+qc = torch.zeros(1, 4, 70, 64, dtype=i8, device=DEV)
+kc = torch.zeros(1, 2, 77, 64, dtype=i8, device=DEV)
+vt = torch.zeros(1, 2, 64, 80, dtype=u8, device=DEV)
+qs = torch.ones(1, 4, 70, device=DEV)
+qb = torch.zeros(1, 4, 70, device=DEV)
+ks = torch.ones(1, 2, 77, device=DEV)
+vs = torch.ones(1, 2, 64, device=DEV)
+out = torch.full((1, 4, 70, 64), -7.0, dtype=bf, device=DEV)
+lse = torch.full((1, 4, 70), -7.0, device=DEV)
+buf = torch.zeros(20000, device=DEV)
+def call(**kw):
+    a = dict(qc=qc, qs=qs, qb=qb, kc=kc, ks=ks, vt=vt, vs=vs, out=out, lse=lse, causal=False)
+    a.update(kw)
+    A(*a.values())
+"""
+ATTN_CASES = [
+    Case("qc on the CPU", "call(qc=qc.cpu())", r"qc must be a CUDA tensor"),
+    Case("qc uint8", "call(qc=qc.view(u8))", r"qc must be Char, got Byte"),
+    Case("qc 3-D", "call(qc=qc[0])", r"qc must be 4-D"),
+    Case("head_dim 32", "call(qc=torch.zeros(1, 4, 70, 32, dtype=i8, device=DEV))",
+         r"supports head_dim 64 and 128, got 32"),
+    Case("qc with a stride along D", "call(qc=torch.zeros(1, 4, 70, 128, dtype=i8, "
+         "device=DEV)[..., ::2])", r"qc must have unit stride along its last dimension"),
+    Case("qc rows 72 bytes apart", "call(qc=torch.zeros(1, 4, 70, 72, dtype=i8, "
+         "device=DEV)[..., :64])", r"qc strides 0..2 must be multiples of 16 bytes"),
+    Case("qc not 16-byte aligned", "call(qc=torch.zeros(17936, dtype=i8, device=DEV)[8:17928]"
+         ".view(1, 4, 70, 64))", r"qc must be 16-byte aligned"),
+    Case("grid past INT_MAX", "call(qc=torch.zeros(64, dtype=i8, device=DEV).as_strided("
+         "(1, 2**30, 192, 64), (0, 0, 0, 1)))", r"exceeds the grid limit 2147483647"),
+    Case("kc int32", "call(kc=kc.int())", r"kc must be Char, got Int"),
+    Case("kc of another head_dim", "call(kc=torch.zeros(1, 2, 77, 128, dtype=i8, device=DEV))",
+         r"kc must be \(1, Hk, Sk, 64\)"),
+    Case("Hq not a multiple of Hk", "call(kc=torch.zeros(1, 3, 77, 64, dtype=i8, device=DEV))",
+         r"query heads \(4\) must be a multiple of kv heads \(3\)"),
+    Case("no keys", "call(kc=torch.zeros(1, 2, 0, 64, dtype=i8, device=DEV))",
+         r"kc holds no keys"),
+    Case("kc on the CPU", "call(kc=kc.cpu())", r"kc must be a CUDA tensor"),
+    Case("vt float32", "call(vt=vt.float())", r"vt must be Byte or Float8_e4m3fn"),
+    Case("vt narrower than Sk rounded to 16",
+         "call(vt=torch.zeros(1, 2, 64, 78, dtype=u8, device=DEV))",
+         r"vt must be \(1, 2, 64, Sk_pad >= 80\)"),
+    Case("vt not transposed", "call(vt=torch.zeros(1, 2, 80, 64, dtype=u8, device=DEV))",
+         r"vt must be \(1, 2, 64, Sk_pad >= 80\)"),
+    Case("vt not 16-byte aligned", "call(vt=torch.zeros(10256, dtype=u8, device=DEV)[4:10244]"
+         ".view(1, 2, 64, 80))", r"vt must be 16-byte aligned"),
+    Case("qs too short", "call(qs=qs[..., :69])", r"qs must have shape \[1, 4, 70\], got "
+         r"\[1, 4, 69\]"),
+    Case("qb float16", "call(qb=qb.half())", r"qb must be Float, got Half"),
+    Case("ks non-contiguous", "call(ks=torch.ones(1, 2, 154, device=DEV)[..., ::2])",
+         r"ks must be contiguous"),
+    Case("vs of the wrong head_dim", "call(vs=torch.ones(1, 2, 128, device=DEV))",
+         r"vs must have shape \[1, 2, 64\]"),
+    Case("vs on the CPU", "call(vs=vs.cpu())", r"vs must be a CUDA tensor"),
+    Case("out float32", "call(out=out.float())", r"out must be BFloat16 or Half, got Float"),
+    Case("out of the wrong shape", "call(out=out[:, :, :69])",
+         r"out must have shape \[1, 4, 70, 64\]"),
+    Case("out on the CPU", "call(out=out.cpu())", r"out must be a CUDA tensor"),
+    Case("lse float16", "call(lse=lse.half())", r"lse must be Float, got Half"),
+    Case("lse of the wrong shape", "call(lse=lse[:, :2])", r"lse must have shape \[1, 4, 70\]"),
+    Case("out overlaps qs", "call(out=buf.view(bf)[:17920].view(1, 4, 70, 64), "
+         "qs=buf[:280].view(1, 4, 70))", r"out and qs overlap"),
+    Case("lse overlaps out", "call(lse=out.view(-1).view(torch.float32)[:280].view(1, 4, 70))",
+         r"out and lse overlap"),
+]
+
 BINDINGS = {
     "_quantize_fp8_cuda": (FP8_SETUP, FP8_CASES),
     "_quantize_nvfp4_cuda": (NVFP4_SETUP, NVFP4_CASES),
@@ -433,6 +501,7 @@ BINDINGS = {
     "_cache_apply_cuda": (APPLY_SETUP, APPLY_CASES),
     "_sample_step_cuda": (STEP_SETUP, STEP_CASES),
     "_graph_set_conditional": (GRAPH_SETUP, GRAPH_CASES),
+    "_attention_cuda": (ATTN_SETUP, ATTN_CASES),
 }
 
 # One case per binding with a buffer on a second GPU (only where there is one).
@@ -445,6 +514,7 @@ OTHER_GPU = {
     "_cache_apply_cuda": "A(out, x, r.to('cuda:1'), ru, 2)",
     "_sample_step_cuda": "call(noise=z.to('cuda:1'))",
     "_graph_set_conditional": None,  # one tensor only
+    "_attention_cuda": "call(ks=ks.to('cuda:1'))",
 }
 
 

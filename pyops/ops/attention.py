@@ -20,6 +20,12 @@ Backends (``impl(qh, kh, vh, out_h, lse, precision, causal, scale)`` on (B, H, S
   function sends those to the reference with a warning). NVFP4 runs the native ``tl.dot_scaled``
   QK^T where ``_backend.native_fp4`` says so (sm_100/103/120/121, unverified on hardware) and an
   exact fp16 emulation elsewhere.
+* ``cuda`` (UNVERIFIED: written and compiled for sm_90a without a GPU): the same Triton
+  pre-pass, then the sm_90a wgmma kernel ``csrc/attention.cu`` (binding
+  ``pyops::_attention_cuda``) instead of the Triton kernel. Precision "int8", head_dim 64 and 128,
+  compute capability 9.0 exactly, ``pyops._C`` built with sm_90a; an explicit request for
+  anything else raises before any launch (``cuda_available``). Never chosen automatically: the
+  policy prefers ``triton`` until ``bench/RESULTS.md`` shows the CUDA kernel faster.
 * ``reference``: ``pyops/reference/attention.py``: ``simulated_attention`` (the quantized
   recipe in fp32) for quantized precisions, plain fp32 attention for "bf16".
 """
@@ -33,7 +39,7 @@ import torch
 
 from .. import _backend
 from .._checks import check_same_device, check_tensor
-from .._op import define
+from .._op import binding_fake, define
 from ..reference import attention as ref
 from ..reference.attention import PRECISIONS
 
@@ -83,8 +89,64 @@ def _triton(qh, kh, vh, out_h, lse, precision, causal, scale) -> None:
         out_h.copy_(o_k[..., :D])
 
 
+# ---- cuda: the sm_90a kernel (csrc/attention.cu), int8 only --------------------------------------
+CUDA_PRECISIONS = ("int8",)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_CAPABILITY = (9, 0)  # wgmma: sm_90a code runs on compute capability 9.0 only
+
+
+def cuda_available(device, precision: Optional[str] = None, D: Optional[int] = None,
+                   **_) -> tuple[bool, str]:
+    """(ok, why) of backend ``cuda``: ``pyops._C`` loaded with ``_attention_cuda`` and built
+    for sm_90a, a compute capability 9.0 device, and (when given) precision "int8" and head_dim
+    64 or 128. Static facts only (traceable under torch.compile)."""
+    device = torch.device(device)
+    if precision is not None and precision not in CUDA_PRECISIONS:
+        return False, (f"the CUDA attention kernel runs precision 'int8' only, got "
+                       f"{precision!r} (backend='triton' runs every precision)")
+    if D is not None and D not in CUDA_HEAD_DIMS:
+        return False, (f"the CUDA attention kernel supports head_dim 64 and 128, got {D} "
+                       f"(backend='triton' pads other head dims)")
+    ok, why = _backend._cuda_backend_ok(OP, device)
+    if not ok:
+        return ok, why
+    cap = _backend.device_capability(device)
+    if tuple(cap) != CUDA_CAPABILITY:
+        return False, (f"the CUDA attention kernel is sm_90a code (wgmma): it needs compute "
+                       f"capability 9.0, device is sm_{cap[0]}{cap[1]}")
+    if "90a" not in _backend.extension_facts().archs:
+        return False, (f"pyops._C was built for sm_{', sm_'.join(_backend.extension_archs())}, "
+                       f"not sm_90a (the kernel needs the wgmma 'a' features)")
+    return True, "sm_90a wgmma kernel (unverified on hardware)"
+
+
+def _cuda(qh, kh, vh, out_h, lse, precision, causal, scale) -> None:
+    from ..triton_kernels import attention_quant as tq
+    D = qh.shape[-1]
+    if precision not in CUDA_PRECISIONS or D not in CUDA_HEAD_DIMS:  # resolve() refuses these
+        raise ValueError(f"pyops.attention: the CUDA kernel runs precision 'int8' at head_dim "
+                         f"64 or 128, got {precision!r} at {D}")
+    bf = tq.quantize_qkv(qh, kh, vh, precision, scale)
+    torch.ops.pyops._attention_cuda(bf["qc"], bf["qs"], bf["qb"], bf["kc"], bf["ks"], bf["vt"],
+                                    bf["vs"], out_h, lse, bool(causal))
+
+
+# Measured: nothing yet. The H200 run of 2026-11-30 (bench/RESULTS.md section 1, "Attention")
+# predates the CUDA kernel; its Triton kernel reached 492-556 TFLOPS (kernel only).
+POLICY_SOURCE = ("H200 2026-11-30: the CUDA kernel is unmeasured; Triton stays the default "
+                 "until bench/RESULTS.md shows the CUDA kernel faster")
+
+
+def auto_backend(capability, **_) -> str:
+    """The automatic preference on a CUDA device: ``triton`` everywhere (``POLICY_SOURCE``)."""
+    return "triton"
+
+
 _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton, min_capability=(8, 9))  # fp8/int8 MMAs, fp8 casts
+# on_tensor_device: its pre-pass is a Triton launch (the binding guards its own device)
+_backend.register(OP, "cuda", _cuda, available=cuda_available, on_tensor_device=True)
+_backend.register_policy(OP, auto_backend, POLICY_SOURCE)
 
 
 def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -107,6 +169,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     _backend.impl(OP, backend)(qh, kh, vh, out_h, lse, precision, causal, scale)
     return out, lse
+
+
+binding_fake("_attention_cuda")  # the CUDA entry point (when built): traceable, opcheck-able
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -173,7 +238,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     with ``return_lse``, the log-sum-exp of the scaled scores (B, Hq, Sq) fp32 (natural log).
     precision: "int8" | "fp8" | "int8_fp16pv" | "nvfp4" (native dot_scaled QK^T on sm_100 /
     sm_120, emulated elsewhere) | "bf16".
-    backend: "triton" | "reference" | None (auto: Triton on CUDA, the reference on CPU).
+    backend: "triton" | "cuda" | "reference" | None (auto: Triton on CUDA, the reference on
+    CPU). "cuda" is the sm_90a wgmma kernel (UNVERIFIED on hardware; precision "int8", head_dim
+    64/128, compute capability 9.0); auto never picks it (policy ``POLICY_SOURCE``).
     head_dim: any D >= 1 in every precision (the kernel pads 1..127, larger runs the reference
     with a warning; see the module docstring).
 
@@ -197,12 +264,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     differing, tensors that are not 4-D or empty, devices that differ, an unknown layout or
     precision, mismatched batch / head_dim / k-v shapes, Hq not a multiple of Hk, a scale that
     is not finite and > 0, head_dim > 128 with an explicit ``backend="triton"``, and (Triton)
-    batch * heads > 65535.
+    batch * heads > 65535. RuntimeError (before any launch) for an explicit backend that cannot
+    run here, e.g. ``backend="cuda"`` with a precision other than "int8", a head_dim other than
+    64/128, a device other than sm_90 or a ``pyops._C`` without sm_90a code.
     """
     _check(q, k, v, layout, precision, scale)
     D = q.shape[-1]
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    b = _backend.resolve(OP, q.device, backend)
+    b = _backend.resolve(OP, q.device, backend, precision=precision, D=D)
     if b == "triton" and padded_head_dim(D) not in NATIVE_HEAD_DIMS:
         if _backend.requested(OP, backend) is not None:
             raise ValueError(f"pyops.attention: the Triton kernel supports head_dim <= 128 "
