@@ -8,8 +8,8 @@ Shapes (B, H, S, D), non-causal, bf16 in and out. Default run: (1,24,4608,128) F
 ``--quick`` (the default on a CPU): (1,1,24,64), pyops through the Triton interpreter; a smoke
 test, the times mean nothing.
 
-Providers (default run: cuDNN SDPA, sageattention, pyops int8, pyops int8_fp16pv; ``--full`` and
-``--quick``: all of them):
+Providers (default run: cuDNN SDPA, sageattention, pyops int8, pyops cuda int8, pyops int8_fp16pv;
+``--full`` and ``--quick``: all of them):
 * ``cuDNN SDPA`` / ``flash SDPA``: ``F.scaled_dot_product_attention`` under
   ``torch.nn.attention.sdpa_kernel`` (CUDNN_ATTENTION / FLASH_ATTENTION), bf16.
 * ``sageattention``: ``sageattention.sageattn`` (HND layout) if importable (its own
@@ -18,6 +18,10 @@ Providers (default run: cuDNN SDPA, sageattention, pyops int8, pyops int8_fp16pv
   automatic backend (the pre-pass counted); int8 is its default precision, int8_fp16pv the
   accuracy-first mode. Next to it: ``kernel ms`` (the attention kernel alone on pre-quantized
   buffers) and ``prepass ms``. On a CPU the Triton kernel runs in the interpreter.
+* ``pyops cuda int8``: ``pyops.attention(..., precision="int8", backend="cuda")``, the sm_90a
+  wgmma kernel (UNVERIFIED until this row has run on an H100/H200) after the same Triton
+  pre-pass; ``kernel ms`` is the CUDA kernel alone on the pre-pass buffers. Elsewhere (other
+  GPUs, no sm_90a build, the CPU) a row saying why it cannot run.
 * CPU (``--quick``): ``F.sdpa (CPU)`` as the baseline.
 
 Columns: ms (median, L2 flushed), TFLOPS = 4·B·H·S²·D / ms (quantization included for pyops),
@@ -29,14 +33,16 @@ being ``F.scaled_dot_product_attention`` on fp32 copies of those rows and all ke
 """
 # Run length on an H200, estimated (not measured) from the H200 measurement of 2026-11-30
 # (bench/RESULTS.md, section 1: the Attention table and "Run length at 8d8b3ea"):
-#   default, ~30 s: start-up (imports, environment) ~5 s + Triton compiles of two precisions
-#     (kernel + pre-pass) ~10 s + 8 rows. Flux rows: 0.4-1.1 ms per call, ~0.3 s per row
+#   default, ~33 s: start-up (imports, environment) ~5 s + Triton compiles of two precisions
+#     (kernel + pre-pass) ~10 s + 10 rows. Flux rows: 0.4-1.1 ms per call, ~0.3 s per row
 #     (do_bench ~80 calls, kernel-only and pre-pass timings, accuracy on two inputs). Wan rows:
 #     39-54 ms per call x ~25 calls (first call, do_bench 5 + 1 + 1, kernel-only and pre-pass,
-#     two accuracy calls) + inputs ~1 s = ~2.5 s per row, 4 rows ~10 s.
-#   --full, ~2.5 min: 4 shapes x 8 providers; at 8d8b3ea this run needed 65 s for 23 of its 32
+#     two accuracy calls) + inputs ~1 s = ~2.5 s per row, 5 rows ~13 s (the "pyops cuda int8"
+#     rows are counted at the Triton int8 row's cost: the CUDA kernel is unmeasured and needs no
+#     JIT compile).
+#   --full, ~2.7 min: 4 shapes x 9 providers; at 8d8b3ea this run needed 65 s for 23 of its 32
 #     rows (long video and D64 mostly skipped: budget spent); nvfp4 alone 194 ms per call at Wan.
-# estimate-h200-s: 30
+# estimate-h200-s: 33
 from __future__ import annotations
 
 import argparse
@@ -64,7 +70,9 @@ DEFAULT_SHAPES = SHAPES[:2]
 QUICK = [("quick", 1, 1, 24, 64)]
 PRECISIONS = ("int8", "fp8", "int8_fp16pv", "nvfp4", "bf16")
 # the default run: pyops' default precision and its accuracy-first mode, cuDNN, SageAttention
-DEFAULT_PROVIDERS = ("cuDNN SDPA", "sageattention", "pyops int8", "pyops int8_fp16pv")
+DEFAULT_PROVIDERS = ("cuDNN SDPA", "sageattention", "pyops int8", "pyops cuda int8",
+                     "pyops int8_fp16pv")
+CUDA_PROVIDER = "pyops cuda int8"  # the sm_90a kernel (backend="cuda"), int8 only
 DEFAULT_BUDGET_S = 45
 ACC_ROWS = 1024
 COLUMNS = ["shape", "B", "H", "S", "D", "provider", "ms", "TFLOPS", "kernel ms",
@@ -109,9 +117,22 @@ def providers(device, quick, names=None):
     for p in PRECISIONS:
         out.append((f"pyops {p}", (lambda p: lambda q, k, v: pyops_attention(
             q, k, v, precision=p, backend=backend))(p), p))
+        if p == "int8":
+            out.append(cuda_provider(device))
     if names is not None:
         out = [o for o in out if o[0] in names]
     return out
+
+
+def cuda_provider(device):
+    """(name, fn or None, "int8" or why not) of the sm_90a CUDA kernel's row."""
+    from pyops import _backend
+    from pyops.ops.attention import attention as pyops_attention
+    ok, why = _backend.available("attention", "cuda", device, precision="int8")
+    if not ok:
+        return CUDA_PROVIDER, None, f"cannot run here: {why}"
+    return CUDA_PROVIDER, (lambda q, k, v: pyops_attention(q, k, v, precision="int8",
+                                                           backend="cuda")), "int8"
 
 
 def accuracy(fn, B, H, S, D, device):
@@ -128,8 +149,8 @@ def accuracy(fn, B, H, S, D, device):
     return res
 
 
-def kernel_only(prec, q, k, v, device, args):
-    """(kernel ms, prepass ms) for a pyops precision."""
+def kernel_only(prec, q, k, v, device, args, cuda=False):
+    """(kernel ms, prepass ms) for a pyops precision (``cuda``: the sm_90a kernel, int8)."""
     from pyops.triton_kernels import attention as tk
     from pyops.triton_kernels import attention_quant as tq
     B, H, S, D = q.shape
@@ -149,6 +170,10 @@ def kernel_only(prec, q, k, v, device, args):
     run = lambda: tk.attention_fwd(bf["qc"], bf["kc"], vt, bf["qs"], bf["ks"], bf["vs"],  # noqa
                                    bf["qb"], out, lse, prec, False, sc, H, bf.get("qsb"),
                                    bf.get("ksb"))
+    if cuda:
+        run = lambda: torch.ops.pyops._attention_cuda(  # noqa: E731
+            bf["qc"], bf["qs"], bf["qb"], bf["kc"], bf["ks"], bf["vt"], bf["vs"], out, lse,
+            False)
     run()
     kms = U.time_ms(run, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     pms = U.time_ms(pre, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
@@ -167,10 +192,12 @@ def run_shape(table, label, B, H, S, D, device, args, budget, names=None):
             row["note"] = extra
             table.add(**row)
             continue
-        if budget.spent() and name not in ("cuDNN SDPA", "pyops int8"):
+        if budget.spent() and name not in ("cuDNN SDPA", "pyops int8", CUDA_PROVIDER):
             row["note"] = "skipped: time budget spent"
             table.add(**row)
             continue
+        if name == CUDA_PROVIDER:
+            row["path"] = "sm_90a wgmma (CUDA)"
         if extra == "nvfp4":
             row["path"] = ("native dot_scaled QK^T, emulated PV"
                            if _native_fp4(device) else "emulated")
@@ -185,7 +212,8 @@ def run_shape(table, label, B, H, S, D, device, args, budget, names=None):
             if cudnn_ms:
                 row["x cuDNN"] = cudnn_ms / ms
             if extra in PRECISIONS:
-                kms, pms = kernel_only(extra, q, k, v, device, args)
+                kms, pms = kernel_only(extra, q, k, v, device, args,
+                                       cuda=name == CUDA_PROVIDER)
                 row.update({"kernel ms": kms, "kernel TFLOPS": U.tflops(flops, kms),
                             "prepass ms": pms})
             row.update(accuracy(fn, B, H, S, D, device))
@@ -256,6 +284,8 @@ def main(argv=None) -> int:
         "pre-quantized buffers; prepass ms: the pre-pass alone.",
         f"accuracy: cosine / relative L1 vs fp32 SDPA on the first {ACC_ROWS} query rows "
         "of every head, random and outlier-channel inputs (same shape).",
+        "pyops cuda int8: the sm_90a wgmma kernel (backend='cuda') after the same Triton "
+        "pre-pass; unverified before this run, never picked by auto (Triton is).",
         "pyops nvfp4: the path column says which kernel ran. emulated (Hopper): NVFP4 Q/K and "
         "two-level NVFP4 "
         "P decoded exactly to fp16, fp16 MMAs -- its accuracy is the Blackwell recipe's, its "
