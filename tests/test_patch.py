@@ -100,11 +100,16 @@ EXPECT = {"flux": (4, ("diffusers backend",)), "sd3": (2, ("sdpa override",)),
           "dit": (2, ("sdpa override",))}
 
 
+def _inputs(m, kw):
+    """kw with the floating activations in the model's dtype (ids, timesteps, masks as given)."""
+    return {k: (v.to(next(m.parameters()).dtype) if v.is_floating_point() and k not in (
+        "timestep", "txt_ids", "img_ids", "encoder_attention_mask", "guidance", "t") else v)
+        for k, v in kw.items()}
+
+
 def _call(m, kw):
     with torch.no_grad():
-        out = m(**{k: (v.to(next(m.parameters()).dtype) if v.is_floating_point() and k not in (
-            "timestep", "txt_ids", "img_ids", "encoder_attention_mask", "guidance", "t") else v)
-            for k, v in kw.items()}, **({} if "x" in kw else {"return_dict": False}))
+        out = m(**_inputs(m, kw), **({} if "x" in kw else {"return_dict": False}))
     return (out if "x" in kw else out[0]).float()
 
 
@@ -378,7 +383,7 @@ def test_gpu_compile_and_cuda_graph():
     torch._dynamo.reset()
     out = _call(torch.compile(m, fullgraph=True), kw)
     assert _err(out, eager)[1] < 1e-2
-    static = {k: v.clone() for k, v in kw.items()}
+    static = {k: v.clone() for k, v in _inputs(m, kw).items()}  # bf16 activations
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -460,3 +465,28 @@ def test_linear_decisions_match_quantize_model():
                if n.startswith("transformer_blocks")), h.report.blocks
     _call(m, kw)
     h.remove()
+
+
+def test_keep_originals_none_releases_each_replaced_linear(monkeypatch):
+    """keep_originals="none": while a linear is being quantized, no earlier replaced bf16 linear
+    is still referenced by the patch (on a GPU it would still hold device memory), so the peak
+    stays at the bf16 model plus one quantized layer, as _patch_linears promises."""
+    import gc
+    import weakref
+
+    import pyops.patch.model as pm
+    m, _ = _dit(torch.float32)
+    refs = [weakref.ref(x) for x in m.modules() if type(x) is torch.nn.Linear]
+    orig = pm.QuantLinear.from_linear
+    alive = []
+
+    def spy(lin, fmt, backend=None):
+        gc.collect()
+        inside = {id(x) for x in m.modules()}
+        alive.append(sum(1 for r in refs if r() is not None and id(r()) not in inside))
+        return orig(lin, fmt, backend=backend)
+    monkeypatch.setattr(pm.QuantLinear, "from_linear", spy)
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, keep_originals="none", attention=None))
+    assert len(alive) > 2 and max(alive) == 0, alive
+    with pytest.warns(UserWarning, match="keep_originals"):
+        h.remove()

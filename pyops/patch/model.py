@@ -104,8 +104,11 @@ class PatchHandle:
         qc = replace(qc, format=cfg.linear,
                      backend=cfg.backend if cfg.backend is not None else qc.backend)
         report = QuantReport()
-        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear]
-        for name, mod in targets:
+        # names only: a list of the modules would keep every replaced original alive (and, with
+        # keep_originals="none", on the GPU) until the loop ends
+        targets = [n for n, m in self.model.named_modules() if type(m) is nn.Linear]
+        for name in targets:
+            mod = self.model.get_submodule(name)
             fmt, reason = decide(name, mod, qc)
             w = mod.weight
             d = LayerDecision(name, (mod.out_features, mod.in_features), fmt, reason,
