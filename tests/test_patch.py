@@ -420,7 +420,7 @@ def test_unknown_dispatcher_falls_back_to_sdpa_override(monkeypatch):
     F.scaled_dot_product_attention, which the override routes through pyops."""
     import pyops.patch.model as pm
 
-    def unknown():
+    def unknown(*args, **kwargs):
         raise AttributeError("no registry")
     monkeypatch.setattr(pm, "register_diffusers_backends", unknown)
     m, kw = _flux(torch.bfloat16)
