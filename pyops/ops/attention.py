@@ -188,7 +188,8 @@ _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def _warn_once(key: str, msg: str) -> None:
-    if key not in _WARNED:
+    # never while torch.compile traces (Dynamo cannot trace warnings.warn: fullgraph would fail)
+    if key not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(key)
         warnings.warn(msg, stacklevel=3)
 

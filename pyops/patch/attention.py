@@ -5,13 +5,17 @@
   precision, named ``"pyops_<precision>"`` (``pyops_int8``, ``pyops_fp8``, ``pyops_int8_fp16pv``,
   ``pyops_nvfp4``, ``pyops_bf16``), to diffusers' registry, so ``transformer.
   set_attention_backend("pyops_int8")`` and ``with diffusers.attention_backend("pyops_int8"):``
-  work like any built-in backend. ``pyops.patch`` sets it per processor (no global side effect).
+  work like any built-in backend. ``pyops.patch`` sets it per processor (the process-wide active
+  backend stays as it is; the names stay registered).
   diffusers' backend names form a closed ``Enum``; the names are added to its member maps, the
   way other projects plug backends into this dispatcher.
 * any other model calling ``F.scaled_dot_product_attention`` (diffusers SD3's
   ``JointAttnProcessor2_0``, the embedded DiT, your own): :func:`sdpa_override` routes those
   calls through :func:`pyops.sdpa` while it is active. ``pyops.patch`` enters it around the
-  model's forward (forward pre/post hooks, traced by ``torch.compile(fullgraph=True)``).
+  model's forward (forward pre/post hooks, traced by ``torch.compile(fullgraph=True)``). The
+  override replaces a process-wide function: while a patched forward runs, SDPA calls of other
+  threads go through pyops too, and two patched models must not run their forwards concurrently
+  in two threads (the last one to finish could leave the override in place).
 
 Both fall back to torch's own SDPA (one warning per reason) where pyops attention does not
 apply: an attention mask, dropout, head_dim > 128 on a GPU, gradients.
@@ -35,16 +39,26 @@ BACKEND_PREFIX = "pyops_"
 _WARNED: set = set()
 
 
-def backend_name(precision: str) -> str:
-    """The diffusers backend name of a pyops attention precision (``"int8"`` -> ``"pyops_int8"``)."""
+OP_BACKENDS = ("cuda", "triton", "reference")
+
+
+def backend_name(precision: str, backend: Optional[str] = None) -> str:
+    """The diffusers backend name of a pyops attention precision: ``"pyops_int8"`` (the op's
+    auto backend choice) or, with an explicit op backend, ``"pyops_int8_reference"`` etc."""
     if precision not in PRECISIONS:
         raise ValueError(f"pyops: unknown attention precision {precision!r}; expected one of "
                          f"{PRECISIONS}")
-    return BACKEND_PREFIX + precision
+    if backend is None:
+        return BACKEND_PREFIX + precision
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"pyops: unknown attention backend {backend!r}; expected one of "
+                         f"{OP_BACKENDS} or None")
+    return f"{BACKEND_PREFIX}{precision}_{backend}"
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
+    # never while torch.compile traces (Dynamo cannot trace warnings.warn: fullgraph would fail)
+    if reason not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(reason)
         warnings.warn(f"pyops attention: falling back to torch SDPA for {reason}", stacklevel=3)
 
@@ -87,20 +101,24 @@ def diffusers_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
                      causal=is_causal, backend=backend)
 
 
-def _make_backend(precision: str):
+def _make_backend(precision: str, backend: Optional[str]):
     # diffusers passes the keyword arguments whose names the function's signature lists
     def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
            enable_gqa=False, _parallel_config=None):
         return diffusers_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                   enable_gqa, _parallel_config, precision=precision)
-    fn.__name__ = fn.__qualname__ = f"pyops_{precision}_attention"
+                                   enable_gqa, _parallel_config, precision=precision,
+                                   backend=backend)
+    fn.__name__ = fn.__qualname__ = backend_name(precision, backend) + "_attention"
     return fn
 
 
-def register_diffusers_backends() -> dict:
-    """Register ``pyops_<precision>`` for every precision in diffusers' attention dispatcher;
-    idempotent. Returns {precision: backend enum member}. Raises ImportError when diffusers is
-    missing or has no attention dispatcher (diffusers < 0.35)."""
+def register_diffusers_backends(backend: Optional[str] = None) -> dict:
+    """Register ``pyops_<precision>`` for every precision in diffusers' attention dispatcher
+    (with ``backend``: ``pyops_<precision>_<backend>``, which run that op backend); idempotent.
+    The names stay registered for the rest of the process (``remove()`` of a patch only resets
+    the processors). Returns {precision: backend enum member}. Raises ImportError when diffusers
+    is missing or has no attention dispatcher (diffusers < 0.35), AttributeError when its
+    registry has another layout."""
     try:
         from diffusers.models import attention_dispatch as ad
     except ImportError as e:
@@ -113,7 +131,7 @@ def register_diffusers_backends() -> dict:
                                  f"attention registry without {attr}; cannot add a backend")
     members = {}
     for p in PRECISIONS:
-        name = backend_name(p)
+        name = backend_name(p, backend)
         member = E._value2member_map_.get(name)
         if member is None:
             member = str.__new__(E, name)
@@ -121,10 +139,13 @@ def register_diffusers_backends() -> dict:
             E._member_map_[member._name_] = member
             E._value2member_map_[name] = member
         if member not in reg._backends:
-            fn = _make_backend(p)
-            reg._backends[member] = fn
-            reg._constraints[member] = []
-            reg._supported_arg_names[member] = set(inspect.signature(fn).parameters)
+            fn = _make_backend(p, backend)
+            if callable(getattr(reg, "register", None)):
+                reg.register(member)(fn)  # diffusers' own decorator keeps its tables consistent
+            else:
+                reg._backends[member] = fn
+                reg._constraints[member] = []
+                reg._supported_arg_names[member] = set(inspect.signature(fn).parameters)
         members[p] = member
     return members
 

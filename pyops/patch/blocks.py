@@ -81,6 +81,8 @@ def _ff_ok(ff) -> Optional[str]:
             or getattr(act, "approximate", None) not in ("tanh", "none")
             or not isinstance(net[1], nn.Dropout)):
         return "feed-forward is not GELU -> Dropout -> Linear"
+    if net[1].p > 0:
+        return "feed-forward dropout p > 0 (the fused forward is for inference)"
     if not (_fp8(act.proj) and _fp8(net[2])):
         return "a feed-forward linear is not an FP8 QuantLinear"
     return None
@@ -107,9 +109,11 @@ def _attn_ok(attn, processor_class: str, *, self_kv: bool = True, added: bool = 
 def _ada_ok(norm, n_chunks: int) -> Optional[str]:
     if getattr(norm, "emb", None) is not None:
         return "adaLN with its own embedding (class labels)"
-    if not (isinstance(getattr(norm, "linear", None), nn.Module) and _is_layernorm(
-            getattr(norm, "norm", None))):
+    lin, ln = getattr(norm, "linear", None), getattr(norm, "norm", None)
+    if not (isinstance(lin, nn.Module) and _is_layernorm(ln)):
         return f"{type(norm).__name__} without a LayerNorm"
+    if getattr(lin, "out_features", None) != n_chunks * ln.normalized_shape[0]:
+        return f"{type(norm).__name__} with another number of modulation vectors"
     return None
 
 

@@ -29,7 +29,8 @@ class PatchConfig:
         it faster than the model's own SDPA, else untouched. Today that is nowhere: on the H200
         (2026-11-30) pyops INT8 attention ran at 0.42-0.97x cuDNN SDPA, so ``"auto"`` keeps the
         model's attention and the report says so; ask for a precision to use it anyway.
-    fuse: in blocks pyops knows (diffusers Flux double/single, Wan, the embedded DiT), replace
+    fuse: in blocks pyops knows (diffusers Flux double/single, Wan, SD3 joint, HunyuanVideo
+        double, the embedded DiT), replace
         the block's forward by one that runs ``norm_modulate_quant`` (norm + adaLN modulate +
         per-token FP8 in one pass) for the QKV / MLP-in linears and ``gelu_quant`` for the
         MLP-out linear, so each activation is quantized once by the op that produces it.
@@ -42,10 +43,13 @@ class PatchConfig:
     sampler: a few-step preset name (:func:`pyops.preset`, e.g. ``"flux-schnell"``); the handle's
         ``sampler()`` then builds a :class:`pyops.FewStepSampler` on the patched model.
     keep_originals: where the replaced bf16 linears wait for ``remove()``: ``"cpu"`` (host
-        memory; the GPU holds only the quantized weights), ``"device"`` (no copy, twice the
-        weight memory) or ``"none"`` (dropped: ``remove()`` cannot restore the linears).
-    backend: passed to every op (None: each op's measured auto policy; ``"reference"`` runs the
-        PyTorch specs, e.g. to check numerics on a CPU).
+        memory; the GPU holds only the quantized weights), ``"device"`` (no copy; the bf16
+        weights plus the quantized ones, 1.5x with FP8) or ``"none"`` (dropped: ``remove()``
+        cannot restore the linears).
+    backend: passed to every op: the linears, the fused producers, attention (on diffusers'
+        dispatcher as the backend ``pyops_<precision>_<backend>``) and the cache (when its own
+        ``backend`` is None). None: each op's measured auto policy; ``"reference"`` runs the
+        PyTorch specs, e.g. to check numerics.
     """
     linear: Optional[str] = "fp8"
     attention: Optional[str] = "auto"

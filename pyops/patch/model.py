@@ -28,6 +28,7 @@ class PatchReport:
     attention: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     cache: Optional[str] = None
+    notes: list = field(default_factory=list)
 
     @property
     def fused(self) -> list:
@@ -53,6 +54,7 @@ class PatchReport:
                 if w != "fused":
                     why[w] = why.get(w, 0) + 1
             lines += [f"  kept ({n}): {w}" for w, n in why.items()]
+        lines += self.notes
         lines.append(f"cache: {self.cache or 'none'}")
         return "\n".join(lines)
 
@@ -121,11 +123,10 @@ class PatchHandle:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, q)
-            dev = w.device
-            if cfg.keep_originals == "cpu" and dev.type != "cpu":
+            if cfg.keep_originals == "cpu" and w.device.type != "cpu":
                 mod.to("cpu")
             self._linears.append((parent, child, None if cfg.keep_originals == "none" else mod,
-                                  dev))
+                                  q))
         self.report.quant = report
 
     def _patch_attention(self) -> None:
@@ -140,12 +141,15 @@ class PatchHandle:
             _dispatch_processors(self.model)
         if with_dispatch:
             try:
-                member = register_diffusers_backends()[p]
+                member = register_diffusers_backends(cfg.backend)[p]
             except (ImportError, AttributeError):  # a dispatcher layout this code does not know:
                 # its native backend calls F.scaled_dot_product_attention, which the override
                 # below routes
                 without += [n for n, _ in with_dispatch]
                 with_dispatch = []
+        # HunyuanVideo passes a key-padding mask for its text tokens on every call
+        note = (" (falls back to torch SDPA: the model passes an attention mask)"
+                if type(self.model).__name__.startswith("HunyuanVideo") else "")
         if with_dispatch:
             seen = set()
             for name, proc in with_dispatch:
@@ -158,7 +162,7 @@ class PatchHandle:
                     self._processors.append((proc, vars(proc).get("_attention_backend",
                                                                   _MISSING)))
                     proc._attention_backend = member
-                self.report.attention.append((name, f"diffusers backend {member.value}"))
+                self.report.attention.append((name, f"diffusers backend {member.value}{note}"))
         if without or not _is_diffusers(self.model):
             # F.scaled_dot_product_attention calls: routed while the model's forward runs
             # plain assignments (no context-manager object), which torch.compile traces
@@ -177,7 +181,7 @@ class PatchHandle:
             self._hooks.append(self.model.register_forward_pre_hook(enter))
             self._hooks.append(self.model.register_forward_hook(leave, always_call=True))
             names = without or ["(model)"]
-            self.report.attention += [(n, f"sdpa override {p}") for n in names]
+            self.report.attention += [(n, f"sdpa override {p}{note}") for n in names]
 
     def _patch_blocks(self) -> None:
         for name, m in self.model.named_modules():
@@ -192,19 +196,23 @@ class PatchHandle:
             self.report.blocks.append((name, why))
 
     # ---- public -------------------------------------------------------------------------------
-    def sampler(self, *, guidance: Optional[float] = None, model_dtype=None, **fixed):
+    def sampler(self, *, guidance: Optional[float] = None, model_dtype=None,
+                model: Optional[nn.Module] = None, **fixed):
         """A :class:`pyops.FewStepSampler` for ``config.sampler`` (a preset name) on the patched
         model: diffusers transformers through :func:`pyops.diffusers_model` (``fixed``: keyword
         arguments passed to the transformer on every call), other models called as
         ``model(x, t, **cond)``. guidance: CFG scale (None: none). model_dtype: the latent dtype
-        the model gets (default: the dtype of the model's first parameter). Raises ValueError
-        when the config names no sampler."""
+        the model gets (default: the dtype of the model's first parameter). model: what the
+        sampler calls instead of the patched module, e.g. ``torch.compile(transformer)`` (the
+        compiled wrapper runs the patched module). Raises ValueError when the config names no
+        sampler."""
         from ..sampler import FewStepSampler, diffusers_model, preset
         if self.config.sampler is None:
             raise ValueError("pyops.patch: no sampler in the PatchConfig (sampler='flux-schnell' "
                              "or another pyops.preset name)")
         sched, kw = preset(self.config.sampler)
-        fn = diffusers_model(self.model, **fixed) if _is_diffusers(self.model) else self.model
+        target = self.model if model is None else model
+        fn = diffusers_model(target, **fixed) if _is_diffusers(self.model) else target
         if model_dtype is None:
             p = next(self.model.parameters(), None)
             model_dtype = p.dtype if p is not None and p.is_floating_point() else None
@@ -216,6 +224,16 @@ class PatchHandle:
         ``keep_originals="none"``, which warns) the original linears, bit for bit. Idempotent."""
         if self._removed:
             return
+        wrapped = [type(b).__name__ for b, bound in self._forwards
+                   if vars(b).get("forward") is not bound
+                   and not (self.cache is not None and vars(b).get("forward") in
+                            self.cache._wrappers)]
+        if wrapped:
+            raise RuntimeError(
+                f"pyops.patch: remove() found {len(wrapped)} fused block(s) ({wrapped[0]}, ...) "
+                f"whose forward was wrapped after patch() (e.g. pyops.cache_model applied on "
+                f"the patched model); remove that wrapper first (its handle's .remove()), then "
+                f"this patch. Nothing was changed.")
         if self.cache is not None:
             self.cache.remove()
         for blk, bound in self._forwards:
@@ -230,12 +248,17 @@ class PatchHandle:
         for h in self._hooks:
             h.remove()
         lost = 0
-        for parent, child, orig, dev in self._linears:
+        for parent, child, orig, q in self._linears:
             if orig is None:
                 lost += 1
                 continue
-            if orig.weight.device != dev:
-                orig.to(dev)
+            # the model may have been moved or cast since patch(): the original follows the
+            # quantized layer's current device and (through its bias, which model.to(dtype)
+            # casts) its current dtype
+            dev = q.weight.device
+            dt = q.bias.dtype if q.bias is not None else orig.weight.dtype
+            if orig.weight.device != dev or orig.weight.dtype != dt:
+                orig.to(device=dev, dtype=dt)
             setattr(parent, child, orig)
         for m in list(_ACTIVE.keys()):
             if _ACTIVE[m]() is self:
@@ -274,7 +297,7 @@ def patch(model: nn.Module, config: Union[PatchConfig, dict, None] = None) -> Pa
 
     In this order: linears -> :class:`pyops.QuantLinear` (``config.linear``, the skip policy);
     fused block forwards (``config.fuse``, FP8 only; diffusers Flux double/single blocks, Wan
-    blocks, the embedded DiT); attention -> :func:`pyops.attention` (``config.attention``), via
+    blocks, SD3 joint blocks, HunyuanVideo double blocks, the embedded DiT); attention -> :func:`pyops.attention` (``config.attention``), via
     diffusers' attention dispatcher where the model's processors use it (backend
     ``pyops_<precision>``, set per processor) and an ``F.scaled_dot_product_attention`` override
     around the model's forward otherwise (diffusers SD3, the embedded DiT, any other model);
@@ -315,11 +338,17 @@ def patch(model: nn.Module, config: Union[PatchConfig, dict, None] = None) -> Pa
             h._patch_linears()
         if cfg.fuse and cfg.linear == "fp8":
             h._patch_blocks()
+        elif cfg.fuse:
+            h.report.notes.append(f"fused blocks: none (fuse needs linear='fp8', got "
+                                  f"{cfg.linear!r})")
         if cfg.attention is not None:
             h._patch_attention()
         if cfg.cache is not None:
             from ..cache import apply as cache_apply_model
-            h.cache = cache_apply_model(model, cfg.cache)
+            cache_cfg = cfg.cache
+            if cfg.backend is not None and cache_cfg.backend is None:
+                cache_cfg = replace(cache_cfg, backend=cfg.backend)
+            h.cache = cache_apply_model(model, cache_cfg)
             h.report.cache = f"{cfg.cache.level} level, threshold {cfg.cache.threshold}"
     except BaseException:
         h.remove()
