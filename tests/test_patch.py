@@ -54,12 +54,12 @@ def _sd3(dtype):
     return m, kw
 
 
-def _wan(dtype):
+def _wan(dtype, cross_attn_norm=True):
     from diffusers import WanTransformer3DModel
     torch.manual_seed(0)
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                               in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
-                              ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                              ffn_dim=32, num_layers=2, cross_attn_norm=cross_attn_norm,
                               rope_max_seq_len=32).to(dtype).eval()
     g = torch.Generator().manual_seed(1)
     kw = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g),
@@ -101,6 +101,36 @@ EXPECT = {"flux": (4, ("diffusers backend",)), "sd3": (2, ("sdpa override",)),
           "wan": (2, ("diffusers backend",)),
           "hunyuan": (1, ("diffusers backend", "sdpa override")),
           "dit": (2, ("sdpa override",))}
+
+
+# branches of the fused forwards that the five models above do not take
+def _wan_ti2v(dtype):
+    """Wan 2.2 TI2V: a timestep per token, (B, S); WanTransformer3DModel's expand-timesteps
+    path gives the blocks a 4-D temb (B, S, 6, D) (diffusers 0.42 transformer_wan.py), so each
+    token gets its own shift/scale."""
+    m, kw = _wan(dtype)
+    S = 2 * 4 * 4  # frames x (8/2) x (8/2) tokens after the (1, 2, 2) patch embedding
+    kw["timestep"] = torch.rand(1, S, generator=torch.Generator().manual_seed(2)) * 1000
+    return m, kw
+
+
+def _flux_fused_qkv(dtype):
+    """Flux after diffusers' ``fuse_qkv_projections()``: to_qkv / to_added_qkv linears."""
+    m, kw = _flux(dtype)
+    m.fuse_qkv_projections()
+    return m, kw
+
+
+VARIANTS = {**MODELS, "flux_fused_qkv": _flux_fused_qkv, "wan_ti2v": _wan_ti2v,
+            "wan_no_cross_norm": lambda dtype: _wan(dtype, cross_attn_norm=False)}
+# the variant's branch, checked on the model and its first fused block's arguments
+TAKES_BRANCH = {
+    "flux_fused_qkv": lambda m, args: all(a.fused_projections for a in m.modules()
+                                          if type(a).__name__ == "FluxAttention"),
+    "wan_ti2v": lambda m, args: args[2].dim() == 4,                     # temb (B, S, 6, D)
+    "wan_no_cross_norm": lambda m, args: all(isinstance(b.norm2, torch.nn.Identity)
+                                             for b in m.blocks),
+}
 
 
 def _inputs(m, kw):
@@ -150,11 +180,12 @@ def test_patch_none_is_exact_and_remove_restores(family):
     assert torch.equal(_call(m, kw), ref)
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
-def test_patch_all_on_within_quantization_error(family):
-    m, kw = MODELS[family](torch.bfloat16)
+@pytest.mark.parametrize("family, dtype", [(f, torch.bfloat16) for f in sorted(MODELS)]
+                         + [("flux", torch.float16)])  # fp16: the fused forwards' fp16 clips
+def test_patch_all_on_within_quantization_error(family, dtype):
+    m, kw = MODELS[family](dtype)
     ref = _call(m.float(), kw)           # fp32 model: the reference
-    m = m.to(torch.bfloat16)
+    m = m.to(dtype)
     bf16 = _call(m, kw)
     cos_bf, rel_bf = _err(bf16, ref)
     h = pyops.patch(m, pyops.PatchConfig(quant=TINY, **ALL_ON))
@@ -174,19 +205,29 @@ def test_patch_all_on_within_quantization_error(family):
     h.remove()
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "hunyuan", "dit"])
+@pytest.mark.parametrize("family", ["flux", "flux_fused_qkv", "sd3", "wan", "wan_ti2v",
+                                    "wan_no_cross_norm", "hunyuan", "dit"])
 def test_fused_equals_unfused_ops(family):
     """Fused producers = the same quantized ops unfused. In an fp32 model the unfused path
     quantizes the same fp32 activations, so the two differ only by the few codes a
-    last-ulp difference of the norm's reductions flips."""
-    m, kw = MODELS[family](torch.float32)
+    last-ulp difference of the norm's reductions flips. The variants take the fused forwards'
+    other branches: fused QKV projections, Wan 2.2 per-token modulation, Wan without the
+    cross-attention norm."""
+    m, kw = VARIANTS[family](torch.float32)
     cfg = dict(quant=TINY, linear="fp8", attention=None)
     h = pyops.patch(m, pyops.PatchConfig(fuse=False, **cfg))
     unfused = _call(m, kw)
     h.remove()
     h = pyops.patch(m, pyops.PatchConfig(fuse=True, **cfg))
-    assert len(h.report.fused) == EXPECT[family][0]
+    assert len(h.report.fused) == EXPECT[family.split("_")[0]][0], h.report.blocks
+    block_args = []
+    first = m.get_submodule(h.report.fused[0])
+    hook = first.register_forward_pre_hook(lambda mod, args: block_args.append(args))
     fused = _call(m, kw)
+    hook.remove()
+    assert block_args and "forward" in vars(first)
+    if family in TAKES_BRANCH:
+        assert TAKES_BRANCH[family](m, block_args[0]), family
     h.remove()
     plain = _call(m, kw)
     cos, rel = _err(fused, unfused)
