@@ -235,24 +235,51 @@ def test_fused_equals_unfused_ops(family):
     assert rel < 0.05 * rel_q, (rel, rel_q)
 
 
-def test_fused_forward_uses_one_quantization(monkeypatch):
-    """The QKV linears of a fused Flux block get the norm_modulate_quant FP8Tensor (no second
-    quantization), the MLP-out linear the gelu_quant one."""
+# per fused Flux block: the linears whose input the fused forward produces quantized (the
+# norm_modulate_quant or gelu_quant FP8Tensor); every other linear of the block gets a tensor
+FP8_INPUT = {
+    "FluxTransformerBlock": {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+                             "attn.add_k_proj", "attn.add_v_proj", "ff.net.0.proj", "ff.net.2",
+                             "ff_context.net.0.proj", "ff_context.net.2"},
+    "FluxSingleTransformerBlock": {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"},
+}
+
+
+def test_fused_forward_uses_one_quantization():
+    """Every consumer of a fused Flux block's quantized activations (double: q, k, v, added
+    q, k, v, both MLPs' in and out; single: q, k, v, proj_mlp) gets the FP8Tensor of the op that
+    produced it (no second quantization); the linears after attention or concatenation (to_out,
+    to_add_out, proj_out) and the adaLN linears get plain tensors. Recorded per QuantLinear."""
     m, kw = _flux(torch.bfloat16)
     h = pyops.patch(m, pyops.PatchConfig(quant=TINY, linear="fp8", attention=None))
-    seen = []
-    import pyops.nn as pnn
-    orig = pnn.linear
+    assert len(h.report.fused) == 4, h.report.blocks
+    seen = collections.defaultdict(set)
 
-    def spy(x, qw, bias=None, backend=None):
-        seen.append(type(x).__name__)
-        return orig(x, qw, bias, backend=backend)
-    monkeypatch.setattr(pnn, "linear", spy)
+    def record(name):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            seen[name].add(type(x).__name__)
+        return hook
+    hooks = [q.register_forward_pre_hook(record(n), with_kwargs=True)
+             for n, q in m.named_modules() if isinstance(q, pyops.QuantLinear)]
     _call(m, kw)
+    for hk in hooks:
+        hk.remove()
+    checked = set()
+    for bname in h.report.fused:
+        blk = m.get_submodule(bname)
+        fp8_in = FP8_INPUT[type(blk).__name__]
+        for n, q in blk.named_modules():
+            if isinstance(q, pyops.QuantLinear):
+                want = "FP8Tensor" if n in fp8_in else "Tensor"
+                assert seen[f"{bname}.{n}"] == {want}, (bname, n, seen[f"{bname}.{n}"])
+                checked.add((type(blk).__name__, n))
+    # every listed consumer exists and was checked, and plain-input linears were checked too
+    for cls, names in FP8_INPUT.items():
+        assert {(cls, n) for n in names} <= checked
+    assert {("FluxTransformerBlock", "attn.to_out.0"), ("FluxTransformerBlock", "attn.to_add_out"),
+            ("FluxSingleTransformerBlock", "proj_out")} <= checked
     blk = m.transformer_blocks[0]
-    assert "FP8Tensor" in seen
-    # per double block: q,k,v + added q,k,v + ff out (x2) + ff in (x2) take FP8Tensor
-    assert seen.count("FP8Tensor") >= 10 * len(m.transformer_blocks), seen
     h.remove()
     assert "forward" not in vars(blk)
 
