@@ -430,17 +430,38 @@ def test_sdpa_hook_restored_after_error():
 
 
 def test_patch_with_cache_and_sampler():
-    m, kw = _dit(torch.float32)
-    cache = pyops.CacheConfig(level="step", threshold=0.0, num_steps=4)
+    """handle.sampler() runs the patched, cached model: its sample is the same preset's
+    FewStepSampler on the unpatched model within quantization error, but not equal; the cache
+    checked its region at every step (threshold 0: it never reuses, so the sample equals the
+    patched model's without a cache, bit for bit)."""
+    m, kw = _dit(torch.bfloat16)  # bf16: the attention route runs too (fp32 falls back)
+    sched, skw = pyops.preset("flux-schnell")
+    n_steps = len(sched.timesteps)
+
+    def sample(s):
+        with torch.no_grad():
+            return s.sample((2, 16, 8), generator=torch.Generator().manual_seed(0))
+    plain = sample(pyops.FewStepSampler(m, sched, model_dtype=torch.bfloat16, **skw))
+    h = pyops.patch(m, pyops.PatchConfig(quant=TINY, sampler="flux-schnell", **ALL_ON))
+    uncached = sample(h.sampler())
+    h.remove()
+    cache = pyops.CacheConfig(level="step", threshold=0.0, num_steps=n_steps)
     h = pyops.patch(m, pyops.PatchConfig(quant=TINY, cache=cache, sampler="flux-schnell",
                                          **ALL_ON))
     assert h.cache is not None and "step" in str(h.report)
-    s = h.sampler()
-    with torch.no_grad():
-        x0 = s.sample((2, 16, 8), generator=torch.Generator().manual_seed(0))
+    x0 = sample(h.sampler())
     assert x0.shape == (2, 16, 8) and torch.isfinite(x0).all()
+    cos, rel = _err(x0, plain)
+    assert not torch.equal(x0, plain)
+    assert cos > 0.999 and rel < 0.05, (cos, rel)  # FP8 + INT8 on a 4-step sample: ~0.007
+    assert h.cache.stats["checks"] == n_steps, h.cache.stats
+    flags = h.cache.reuse_flags()
+    assert flags and all(int(f.sum()) == 0 for f in flags.values()), flags
+    assert torch.equal(x0, uncached)
     h.remove()
     assert not any("forward" in vars(x) for x in m.modules())
+    assert torch.equal(sample(pyops.FewStepSampler(m, sched, model_dtype=torch.bfloat16, **skw)),
+                       plain)
     with pytest.raises(ValueError, match="sampler"):
         pyops.patch(m, pyops.PatchConfig(quant=TINY)).sampler()
 
