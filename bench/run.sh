@@ -37,7 +37,8 @@ where_e2e() {
   if [ -f "$out/e2e.png" ]; then
     echo "   plot:  $out/e2e.png"
   else
-    echo "   plot:  none (matplotlib not importable: pip install matplotlib)"
+    # bench_e2e writes no PNG without matplotlib or on a plotting error; its table notes say which
+    echo "   plot:  none (see the notes in $out/e2e.md)"
   fi
 }
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
