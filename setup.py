@@ -195,8 +195,10 @@ setup(
         "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "scikit-learn",
                  "diffusers", "tqdm", "matplotlib"],
         # bench/run.sh (the README's main job): diffusers (the Flux / Wan models of bench_e2e,
-        # bench_cache, bench_sampler), matplotlib (bench_e2e's PNG), tqdm (its progress bar)
-        "bench": ["diffusers", "matplotlib", "tqdm"],
+        # bench_cache, bench_sampler), accelerate (diffusers loads a Wan checkpoint, whose
+        # modules kept in fp32 need it, only through it: bench_e2e --model), matplotlib
+        # (bench_e2e's PNG), tqdm (its progress bar)
+        "bench": ["diffusers", "accelerate", "matplotlib", "tqdm"],
     },
     **kwargs,
 )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's main job: set up pyops (with the 'bench' extra: diffusers, matplotlib, tqdm), then
+# The README's main job: set up pyops (with the 'bench' extra: diffusers, accelerate, matplotlib,
+# tqdm), then
 #   * on a CUDA machine: every benchmark's default run (bench/bench_*.py: the headline shapes
 #     and the key providers), bench_e2e.py first: whole Flux-dev- and Wan-2.1-14B-size
 #     transformers, bf16 vs torch.compile vs pyops.patch vs torchao, and a 4-step generation vs

@@ -267,6 +267,20 @@ def test_local_checkpoint_is_loaded_and_cut_to_its_first_blocks(tmp_path):
         E.spec_from_checkpoint(str(tmp_path), "default")
 
 
+def test_bench_extra_installs_what_bench_e2e_imports():
+    """setup.py's 'bench' extra (what bench/run.sh installs) holds every package bench_e2e needs
+    beyond torch: diffusers (the models), accelerate (diffusers loads a Wan checkpoint only
+    through it: --model), matplotlib (the PNG), tqdm (the progress bar)."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    extras = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "extras_require")
+    extras = ast.literal_eval(extras)
+    names = {r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+             for r in extras["bench"]}
+    assert {"diffusers", "accelerate", "matplotlib", "tqdm"} <= names, names
+
+
 def test_without_pyops_patch_the_pyops_rows_say_so(monkeypatch):
     """A pyops without pyops.patch: the pyops rows stay blank with the reason, never a
     stand-in; the other rows still run."""
