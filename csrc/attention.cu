@@ -85,7 +85,7 @@ __host__ __device__ constexpr int perm_key(int n) {
 // Byte offset of logical byte `lin` (row * W + column byte) of a tile whose rows are W bytes
 // (W = 64 or 128), W-byte swizzled: 16-byte chunk index XOR (address bits 7..9 / 7..8).
 template <int W>
-__device__ __forceinline__ uint32_t swizzle(uint32_t lin) {
+__host__ __device__ __forceinline__ uint32_t swizzle(uint32_t lin) {
   static_assert(W == 64 || W == 128, "swizzle width");
   constexpr uint32_t mask = W == 128 ? 7u : 3u;
   return lin ^ (((lin >> 7) & mask) << 4);
@@ -146,8 +146,13 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// exp2 / log2: the hardware approximations Triton's tl.math.exp2 / log2 use, written out so
-// that no build flag (-use_fast_math / -ftz) changes them (no .ftz: subnormals kept).
+// exp2 / log2: hardware approximations written out so that no build flag (-use_fast_math /
+// -ftz) changes them (no .ftz: subnormals kept). The Triton kernel (3.9, sm_90 PTX) has
+// ex2.approx.ftz.f32 for exp2: the two differ only where a result is below 2^-126 (Triton
+// flushes it to 0), which changes no P code (p * 448 < 2^-117 rounds to e4m3 0 either way) and
+// no l (from the first block on, l holds about 1: the row max's own p); its log2 is
+// libdevice's __nv_log2f, so lse may differ from Triton's in the last bits (as the fp32
+// summation order makes it anyway).
 __device__ __forceinline__ float exp2_approx(float x) {
   float r;
   asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -171,8 +176,10 @@ __device__ __forceinline__ float score_max(float a, float b) {
 // GMMA shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address,
 // leading byte offset (unused by swizzled K-major layouts; 16 bytes), stride byte offset (8
 // rows x W bytes: the next 8-row core-matrix group), swizzle mode (1: 128 B, 2: 64 B).
+// swizzle / make_desc / desc_step are __host__ too: tests/test_attention_cuda.py runs them on
+// the CPU and reads the operands back the way the PTX ISA says wgmma does.
 template <int W>
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+__host__ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
   uint64_t d = static_cast<uint64_t>((saddr & 0x3FFFFu) >> 4);
   d |= static_cast<uint64_t>(16 >> 4) << 16;
   d |= static_cast<uint64_t>((8 * W) >> 4) << 32;
@@ -181,7 +188,7 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
 }
 // The descriptor of the k-th 32-byte K step of a K-major tile: the start address moves by 32
 // bytes inside the swizzle row (the hardware applies the XOR on the address bits).
-__device__ __forceinline__ uint64_t desc_step(uint64_t d, int k) {
+__host__ __device__ __forceinline__ uint64_t desc_step(uint64_t d, int k) {
   return d + static_cast<uint64_t>((32 * k) >> 4);
 }
 

@@ -11,7 +11,11 @@ here check what can be checked without one:
 * the C entry's argument checks, from C, without a GPU;
 * the index maps the design rests on: ``perm_key`` (read from the source) turns each thread's
   QK^T accumulator columns into its PV A-fragment bytes in natural key order (the layouts of the
-  PTX ISA's wgmma register-fragment figures).
+  PTX ISA's wgmma register-fragment figures);
+* the shared-memory operands: the source's own swizzle / descriptor helpers, run on the host,
+  and an emulation of what wgmma reads through each descriptor (PTX ISA field table, canonical
+  K-major layout, swizzle on the address bits): Q, permuted K and V^T for every k32 step, and
+  one key block from S = Q K^T through the packed P fragment to P V.
 
 The GPU tests (``gpu``; an sm_90 device with pyops._C built for sm_90a, else skipped) compare the
 kernel with the Triton kernel on the same pre-pass buffers and with the simulated reference, on
@@ -21,6 +25,7 @@ fresh random and outlier inputs, odd lengths, GQA, causal with Sq != Sk, D 64 / 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import subprocess
@@ -323,6 +328,207 @@ def test_perm_key_turns_accumulator_columns_into_a_fragment_bytes():
                         want = 32 * ks + 4 * t + b + 16 * h  # the A fragment's k (key)
                         assert perm(col) == want, (t, ks, h, r, b, perm(col), want)
 
+
+# ---- shared-memory layout, descriptors and fragments, emulated (PTX ISA; no GPU) -----------------
+# The real helpers of csrc/attention.cu (perm_key, swizzle<W>, make_desc<W>, desc_step, Smem<D>;
+# __host__ __device__) run on the host in a program that includes the source; Python then plays
+# the hardware: it decodes each descriptor by the PTX ISA's field table and reads the operand the
+# way wgmma does, and it maps registers by the PTX ISA's fragment figures. Only the index
+# arithmetic of the cp.async loops and of the P packing is restated here (attention.cu's
+# load_kv_block, Q load and "P = e4m3(p * 448)" loop), as the perm_key test above restates it.
+_LAYOUT_MAIN = r"""
+#include "attention.cu"
+#include <cstdio>
+using namespace pyops;
+
+static void desc_list(uint64_t d, int n) {
+  std::printf("[");
+  for (int k = 0; k < n; ++k)
+    std::printf("%s\"%llu\"", k ? ", " : "", (unsigned long long)desc_step(d, k));
+  std::printf("]");
+}
+
+template <int D>
+static void tile(uint32_t base) {  // the descriptors attention_kernel builds for this base
+  using S = Smem<D>;
+  std::printf("{\"D\": %d, \"base\": %u, \"kQ\": %d, \"kK\": %d, \"kV\": %d, \"kAlloc\": %d, "
+              "\"q\": ", D, base, S::kQ, S::kK, S::kV, S::kAlloc);
+  desc_list(make_desc<D>(base + S::kQ), D / 32);
+  for (int st = 0; st < 2; ++st) {
+    std::printf(", \"k%d\": ", st);
+    desc_list(make_desc<D>(base + S::kK + st * (kBN * D)), D / 32);
+    std::printf(", \"v%d\": ", st);
+    desc_list(make_desc<128>(base + S::kV + st * (D * kBN)), kBN / 32);
+  }
+  std::printf("}");
+}
+
+int main() {
+  std::printf("{\"perm\": [");
+  for (int n = 0; n < kBN; ++n) std::printf("%s%d", n ? ", " : "", perm_key(n));
+  std::printf("], \"swz64\": [");
+  for (uint32_t i = 0; i < 128 * 64; i += 16) std::printf("%s%u", i ? ", " : "", swizzle<64>(i));
+  std::printf("], \"swz128\": [");
+  for (uint32_t i = 0; i < 128 * 128; i += 16)
+    std::printf("%s%u", i ? ", " : "", swizzle<128>(i));
+  /* a low base and one near the top of the 227 KiB a CTA may have (the 14-bit address field) */
+  std::printf("], \"tiles\": [");
+  tile<64>(1024u); std::printf(", "); tile<128>(1024u); std::printf(", ");
+  tile<64>((232448u - Smem<64>::kAlloc) & ~1023u); std::printf(", ");
+  tile<128>((232448u - Smem<128>::kAlloc) & ~1023u);
+  std::printf("]}\n");
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def layout_facts(tmp_path_factory):
+    """The JSON the host program above prints (built with nvcc once per module)."""
+    nvcc = _tools()[0]
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    d = tmp_path_factory.mktemp("attn_layout")
+    (d / "main.cu").write_text(_LAYOUT_MAIN)
+    exe = d / "layout"
+    _nvcc_run(["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", *_inc(),
+               str(d / "main.cu"), "-o", str(exe)])
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+_SWIZZLE_BYTES = {1: 128, 2: 64, 3: 32}  # PTX ISA matrix descriptor, bits 62-63 (sm_90)
+
+
+def _decode_desc(d: int) -> dict:
+    """PTX ISA "Matrix Descriptor Format" (wgmma): bits 0-13 start address >> 4, 16-29 leading
+    dimension byte offset >> 4, 32-45 stride dimension byte offset >> 4, 49-51 base offset,
+    62-63 swizzle mode (0 none, 1 128B, 2 64B, 3 32B); every other bit 0."""
+    f14 = lambda s: (d >> s) & 0x3FFF  # noqa: E731
+    fields = (0x3FFF | 0x3FFF << 16 | 0x3FFF << 32 | 7 << 49 | 3 << 62)
+    assert d & ~fields == 0, hex(d)
+    return dict(start=f14(0) << 4, lbo=f14(16) << 4, sbo=f14(32) << 4, base_off=(d >> 49) & 7,
+                mode=(d >> 62) & 3)
+
+
+def _wgmma_read(mem: torch.Tensor, desc: int, rows: int) -> torch.Tensor:
+    """The operand one k32 (32-byte) step of wgmma reads through a K-major, swizzled descriptor:
+    (rows, 32) bytes. Canonical K-major layout of the PTX ISA (8-row core-matrix groups SBO
+    apart, rows of the swizzle width W inside a group, K contiguous), then the swizzle on the
+    shared-memory address bits: the 16-byte chunk bits [4, 4 + log2(W/16)) XOR bits [7, ...)
+    (CUTLASS Swizzle<3,4,3> / <2,4,3> / <1,4,3> for 128B / 64B / 32B). Base offset 0 is right
+    only when the pattern starts at its repeat boundary: (start >> 7) & 7 == 0."""
+    f = _decode_desc(desc)
+    W = _SWIZZLE_BYTES[f["mode"]]
+    assert f["base_off"] == 0 and (f["start"] >> 7) & 7 == 0, f
+    i = torch.arange(rows)[:, None]
+    j = torch.arange(32)[None, :]
+    a = f["start"] + (i // 8) * f["sbo"] + (i % 8) * W + j
+    a = a ^ (((a >> 7) & (W // 16 - 1)) << 4)
+    return mem[a]
+
+
+def _store_tiles(facts, T, Q, stage_data):
+    """Shared memory after the cp.async copies of attention_kernel's Q load and load_kv_block
+    (destination = tile base + swizzle<W>(row * W + chunk * 16); K row n holds key perm_key(n);
+    V^T row d holds keys in natural order). -1000 marks bytes no copy wrote."""
+    D, base, perm = T["D"], T["base"], facts["perm"]
+    swz = {W: torch.tensor(facts[f"swz{W}"]) for W in (64, 128)}
+    mem = torch.full((232448,), -1000, dtype=torch.int64)
+    b16 = torch.arange(16)
+
+    def put(off, W, rows, src):  # src (rows, W) logical bytes
+        r = torch.arange(rows)[:, None, None]
+        ch = torch.arange(W // 16)[None, :, None]
+        dst = off + swz[W][(r * W + ch * 16) // 16] + b16
+        mem[dst.flatten()] = src.reshape(rows, W // 16, 16).flatten()
+
+    put(base + T["kQ"], D, 64, Q)
+    for st, (Ks, Vs) in enumerate(stage_data):
+        put(base + T["kK"] + st * 128 * D, D, 128, Ks[perm])
+        put(base + T["kV"] + st * D * 128, 128, D, Vs.T.contiguous())
+    return mem
+
+
+@pytest.mark.build
+def test_descriptors_and_swizzle_give_wgmma_the_intended_operands(layout_facts):
+    """Item by item of the wgmma operands, as the hardware reads them through attention.cu's own
+    descriptors (make_desc / desc_step) from the bytes its cp.async loops wrote with its own
+    swizzle<W>: for D 64 (64B swizzle Q/K) and 128 (128B), both stages, every k32 step:
+    Q step k = Q[:, 32k:32k+32], K step k = K[perm_key rows][:, 32k:...], V^T step k =
+    V[32k:32k+32].T. Catches a wrong swizzle mode value or bit position, SBO, LBO use, start
+    address field, k-step advance, tile offset or a tile base off the 1024-byte pattern."""
+    g = torch.Generator().manual_seed(12)
+    for T in layout_facts["tiles"]:
+        D = T["D"]
+        assert T["base"] % 1024 == 0 and T["base"] + T["kAlloc"] - 1024 <= 232448
+        rnd = lambda *s: torch.randint(-127, 128, s, generator=g)  # noqa: E731
+        Q = rnd(64, D)
+        stages = [(rnd(128, D), rnd(128, D)) for _ in range(2)]
+        mem = _store_tiles(layout_facts, T, Q, stages)
+        perm = layout_facts["perm"]
+        for k, d in enumerate(T["q"]):
+            assert torch.equal(_wgmma_read(mem, int(d), 64), Q[:, 32 * k:32 * k + 32]), (D, k)
+        for st, (Ks, Vs) in enumerate(stages):
+            for k, d in enumerate(T[f"k{st}"]):
+                assert torch.equal(_wgmma_read(mem, int(d), 128),
+                                   Ks[perm][:, 32 * k:32 * k + 32]), (D, st, k)
+            for k, d in enumerate(T[f"v{st}"]):
+                assert torch.equal(_wgmma_read(mem, int(d), D),
+                                   Vs[32 * k:32 * k + 32].T), (D, st, k)
+
+
+def _acc_frag(M: torch.Tensor, w: int, g: int, t: int) -> list:
+    """Registers of lane 4g + t of warp w for a 64 x N wgmma accumulator (PTX ISA m64nNk*
+    D-fragment figure; CUTLASS CLayout_64xN): register 4c + 2r + e = (16w + g + 8r, 8c + 2t + e)."""
+    N = M.shape[1]
+    return [M[16 * w + g + 8 * ((v >> 1) & 1), 8 * (v >> 2) + 2 * t + (v & 1)].item()
+            for v in range(N // 2)]
+
+
+@pytest.mark.build
+def test_qk_scores_to_pv_product_through_the_fragments(layout_facts):
+    """One key block end to end on the layouts: S = Q K^T from the emulated operands; each lane's
+    accumulator registers; the key index the kernel gives register 4c + 2r + e (perm_key(8c + 2t
+    + e), used for ks, the tail and the causal mask) must be the key whose score it holds; P packed
+    as the kernel packs it is read back through the 8-bit A-fragment layout (PTX ISA m64nNk32 A
+    figure; CUTLASS ALayout_64x32: register r + 2h, byte b = (16w + g + 8r, 4t + b + 16h)) and
+    multiplied with the emulated V^T operand: the product must be P V in natural key order."""
+    g_ = torch.Generator().manual_seed(7)
+    perm = layout_facts["perm"]
+    for T in layout_facts["tiles"][:2]:
+        D = T["D"]
+        Q = torch.randint(-127, 128, (64, D), generator=g_)
+        K = torch.randint(-127, 128, (128, D), generator=g_)
+        V = torch.randint(-127, 128, (128, D), generator=g_)
+        mem = _store_tiles(layout_facts, T, Q, [(K, V), (K, V)])
+        S = sum(_wgmma_read(mem, int(T["q"][k]), 64) @ _wgmma_read(mem, int(T["k0"][k]), 128).T
+                for k in range(D // 32))
+        Pl = torch.randint(0, 256, (64, 128), generator=g_)  # P codes per (row, natural key)
+        A = [torch.zeros(64, 32, dtype=torch.int64) for _ in range(4)]  # A operand per k step
+        for w in range(4):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                s = _acc_frag(S, w, g, t)
+                f = [None] * 64
+                for c in range(16):
+                    for e in range(2):
+                        kj = perm[8 * c + 2 * t + e]  # attention_kernel: kj = perm_key(...)
+                        for r in range(2):
+                            row = 16 * w + g + 8 * r
+                            assert s[4 * c + 2 * r + e] == int(Q[row] @ K[kj]), (D, w, lane, c)
+                            f[4 * c + 2 * r + e] = Pl[row, kj].item()
+                for ks in range(4):  # the kernel's packing: pa[4ks + r + 2hh]
+                    for hh in range(2):
+                        for r in range(2):
+                            c = 4 * ks + 2 * hh
+                            by = [f[4 * c + 2 * r], f[4 * c + 2 * r + 1],
+                                  f[4 * (c + 1) + 2 * r], f[4 * (c + 1) + 2 * r + 1]]
+                            for b in range(4):  # register r + 2hh of this k step, byte b
+                                A[ks][16 * w + g + 8 * r, 4 * t + b + 16 * hh] = by[b]
+        O = sum(A[ks] @ _wgmma_read(mem, int(T["v0"][ks]), D).T for ks in range(4))
+        assert torch.equal(O, Pl @ V), D
 
 # ---- GPU ---------------------------------------------------------------------------------------
 def _need_kernel():
