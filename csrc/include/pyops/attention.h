@@ -20,8 +20,9 @@
  *   l   = l * alpha + sum_j p_j;  P_j = e4m3(p_j * 448)
  *   acc = acc * alpha + (P . V^T codes of the block)   (a fresh fp32 MMA product per block)
  *   out = acc / l * (vs / 448);  lse = (m + log2 l) * ln 2 + qb[i]
- * exp2 / log2 are the hardware approximations (ex2.approx.f32 / lg2.approx.f32, as Triton's
- * tl.math.exp2 / log2); fp32 summation orders differ from the Triton kernel's. NaN/inf
+ * exp2 / log2 are the hardware approximations ex2.approx.f32 / lg2.approx.f32 (Triton's sm_90
+ * code: ex2.approx.ftz.f32, equal above 2^-126, and libdevice log2f); fp32 summation orders
+ * and the last bits of the output division and of lse differ from the Triton kernel's. NaN/inf
  * scales propagate to the rows that use them (a NaN query row stays in its row).
  *
  * Requirements (else cudaErrorInvalidValue, nothing enqueued):
