@@ -392,9 +392,10 @@ def test_exact_arithmetic_survives_fast_math(jobs):
     # fma.rn.f32 sits between nvcc's "begin inline asm" / "end inline asm" markers and is
     # allowed; anywhere else an fma.rn.f32 is the compiler contracting a*b+c.
     asm_block = re.compile(r"// begin inline asm\n\s*fma\.rn\.f32[^\n]*\n\s*// end inline asm")
-    # attention.cu: the softmax's exp2 and the lse's log2 are approximate by specification (the
-    # Triton kernel's tl.math.exp2 / log2 are ex2.approx / lg2.approx); written as inline asm
-    # without .ftz, so build flags cannot change them either.
+    # attention.cu: the softmax's exp2 and the lse's log2 are approximate by specification, as
+    # in the Triton kernel (whose exp2 is ex2.approx with .ftz and whose log2 is libdevice's, so
+    # the two differ in the last bits: docs/attention.md); written as inline asm without .ftz,
+    # so build flags cannot change them either.
     approx_asm = re.compile(r"// begin inline asm\n\s*(ex2|lg2)\.approx\.f32 [^\n]*\n\s*"
                             r"// end inline asm")
     bad = []
