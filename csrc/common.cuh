@@ -270,6 +270,22 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
   return r;
 }
 
+// Max over the `wpr` warps that hold one row (rows of wpr consecutive warps, side by side in the
+// CTA; wpr block-uniform, every thread calls; `red` is __shared__ uint32_t[blockDim.x / 32]).
+// A single-warp row needs no barrier. Ends with a barrier so `red` can be reused right away.
+__device__ __forceinline__ uint32_t row_max(uint32_t v, uint32_t* red, int wpr) {
+  v = group_max<32>(v);
+  if (wpr == 1) return v;
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) red[warp] = v;
+  __syncthreads();
+  const int w0 = warp - warp % wpr;
+  uint32_t r = 0;
+  for (int i = 0; i < wpr; ++i) r = umax(r, red[w0 + i]);
+  __syncthreads();
+  return r;
+}
+
 // IEEE fp32 division / product, round to nearest even, subnormals kept, never contracted.
 __device__ __forceinline__ float div_rn(float a, float b) {
   float r;
@@ -501,6 +517,8 @@ inline InView flatten_if_contiguous(const InView& in) {
 }
 
 // Grid size for grid-stride kernels: enough CTAs to fill the device a few times over.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 inline cudaError_t grid_for(int64_t work_items, int threads, int ctas_per_sm, int* grid) {
   int dev = 0, sms = 0;
   cudaError_t e = cudaGetDevice(&dev);

@@ -173,20 +173,6 @@ struct WarpShape {
   static constexpr int min_ctas = E::V == 8 ? 2 : 1;
 };
 
-// Max over the `wpr` warps of a row (every thread of the CTA calls; wpr block-uniform).
-__device__ __forceinline__ uint32_t gq_row_max(uint32_t v, uint32_t* red, int wpr) {
-  v = group_max<32>(v);
-  if (wpr == 1) return v;
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) == 0) red[warp] = v;
-  __syncthreads();
-  const int w0 = warp - warp % wpr;
-  uint32_t r = 0;
-  for (int i = 0; i < wpr; ++i) r = umax(r, red[w0 + i]);
-  __syncthreads();
-  return r;
-}
-
 template <typename E, int APPROX>
 __global__ void __launch_bounds__(WarpShape<E>::threads, WarpShape<E>::min_ctas)
     gq_warp_kernel(const GqArgs a, int wpr) {
@@ -222,7 +208,7 @@ __global__ void __launch_bounds__(WarpShape<E>::threads, WarpShape<E>::min_ctas)
       for (int i = 0; i < CPL; ++i)  // past the row: GELU(0) = 0, no effect on the amax
         mx = umax(mx, gelu_chunk<E, APPROX>(c[i], 0, K, v[i]));
     }
-    mx = gq_row_max(mx, red, wpr);
+    mx = row_max(mx, red, wpr);
     if (!valid) continue;
     const bool bad = mx >= kInfBits;
     const float sc = fp8_scale(mx);
@@ -289,13 +275,11 @@ __global__ void __launch_bounds__(kMaxThreads) gq_kernel(const GqArgs a) {
   }
 }
 
-bool gq_aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <typename E, int APPROX>
 cudaError_t launch_gq(const pyops_gelu_quant_params& p, cudaStream_t stream) {
   constexpr int V = E::V;
   GqArgs a{p, false};
-  a.ovec = p.K % V == 0 && gq_aligned16(p.q) && (p.y == nullptr || gq_aligned16(p.y));
+  a.ovec = p.K % V == 0 && aligned16(p.q) && (p.y == nullptr || aligned16(p.y));
   const InView in{p.x, p.M, p.K, p.stride_m, p.stride_k};
   const bool vec = vec_ok(in, elem_size(p.x_dtype));
   const int64_t nc = cdiv(p.K, V);

@@ -200,8 +200,6 @@ __global__ void __launch_bounds__(kMaxThreads) nmq_kernel(const NmqArgs a) {
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // The common case -- 16-byte aligned rows with D % V == 0, aligned parameters and outputs, rows
 // up to 8 * 32 * kWCPL chunks (D <= 12288 in bf16) -- on `wpr` warps per row (1 to 8; rows of a
 // CTA run side by side): each lane loads all of its <= kWCPL chunks of the row at once and keeps
@@ -226,18 +224,6 @@ __device__ __forceinline__ float row_sum(float v, float* red, int wpr) {
   return r;
 }
 
-__device__ __forceinline__ uint32_t row_max(uint32_t v, uint32_t* red, int wpr) {
-  v = group_max<32>(v);
-  if (wpr == 1) return v;
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) == 0) red[warp] = v;
-  __syncthreads();
-  const int w0 = warp - warp % wpr;
-  uint32_t r = 0;
-  for (int i = 0; i < wpr; ++i) r = umax(r, red[w0 + i]);
-  __syncthreads();
-  return r;
-}
 
 template <typename E, typename P>
 __global__ void __launch_bounds__(kWThreads) nmq_warp_kernel(const NmqArgs a, int wpr) {
@@ -353,13 +339,10 @@ cudaError_t launch_nmq(const pyops_norm_modulate_quant_params& p, cudaStream_t s
   }
   int64_t threads = cdiv(cdiv(nc, kR), 32) * 32;
   threads = threads < 64 ? 64 : (threads > kMaxThreads ? kMaxThreads : threads);
-  int dev = 0, sms = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  // one CTA per row, as many as fill every SM four times over at full occupancy
+  int grid = 0;
+  const cudaError_t e = grid_for(p.M, 1, 4 * (2048 / static_cast<int>(threads)), &grid);
   if (e != cudaSuccess) return e;
-  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return e;
-  const int64_t cap = static_cast<int64_t>(sms) * (2048 / threads) * 4;
-  const int grid = static_cast<int>(p.M < cap ? p.M : cap);
   if (vec)
     nmq_kernel<E, P, true><<<grid, static_cast<int>(threads), 0, stream>>>(a);
   else

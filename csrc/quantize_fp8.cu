@@ -116,12 +116,7 @@ __global__ void __launch_bounds__(1024) fp8_row_kernel(Fp8Params p, int tpr) {
 #pragma unroll
       for (int j = 0; j < V; ++j) mx = umax(mx, abs_bits(f[j]));
     }
-    mx = group_max<32>(mx);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    mx = 0;
-    for (int i = 0; i < wpr; ++i) mx = umax(mx, red[rloc * wpr + i]);
-    __syncthreads();
+    mx = row_max(mx, red, wpr);
     const bool bad = mx >= kInfBits;
     const float sc = fp8_scale(mx);
     if (!valid) continue;
@@ -207,14 +202,7 @@ __global__ void __launch_bounds__(kWarpThreads) fp8_row_warp_kernel(Fp8Params p,
       uint32_t mx = 0;
 #pragma unroll
       for (int i = 0; i < kWarpCPL; ++i) mx = umax(mx, chunk_amax_bits<E>(c[i]));
-      mx = group_max<32>(mx);
-      if (wpr > 1) {  // block-uniform
-        if (lane == 0) red[warp] = mx;
-        __syncthreads();
-        mx = 0;
-        for (int i = 0; i < wpr; ++i) mx = umax(mx, red[rloc * wpr + i]);
-        __syncthreads();
-      }
+      mx = row_max(mx, red, wpr);
       if (!valid) continue;
       const float sc = fp8_scale(mx);
       if (t == 0) p.scale[m] = sc;
