@@ -14,14 +14,16 @@ from test_patch import TINY, _call, _dit, _flux, _hunyuan  # noqa: E402
 
 
 def test_backend_reaches_dispatcher_attention_and_cache(monkeypatch):
+    """The registered diffusers backend hands PatchConfig.backend (None: auto) to the pyops
+    attention route, and the cache gets it too."""
     import pyops.patch.attention as pa
     seen = []
-    orig = pa.attention
+    orig = pa.diffusers_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("backend"))
         return orig(*args, **kwargs)
-    monkeypatch.setattr(pa, "attention", spy)
+    monkeypatch.setattr(pa, "diffusers_attention", spy)
     m, kw = _flux(torch.bfloat16)
     cache = pyops.CacheConfig(level="step", threshold=0.0, num_steps=2)
     h = pyops.patch(m, pyops.PatchConfig(linear=None, attention="int8", backend="reference",
@@ -72,9 +74,7 @@ def test_compile_fullgraph_with_attention_fallback():
     """HunyuanVideo always passes a mask, so its attention takes the SDPA fallback: compiling
     before any eager call must not trip on the fallback's warning."""
     import pyops.ops.attention as oa
-    import pyops.patch.attention as pa
     oa._WARNED.clear()
-    pa._WARNED.clear()
     m, kw = _hunyuan(torch.bfloat16)
     h = pyops.patch(m, pyops.PatchConfig(quant=TINY, attention="int8"))
     assert all("falls back" in r for _, r in h.report.attention), h.report.attention

@@ -288,6 +288,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     return (out, lse) if return_lse else out
 
 
+def sdpa_fallback_reason(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                         enable_gqa: bool = False, backend: Optional[str] = None,
+                         layout: str = "bhsd") -> Optional[str]:
+    """Why an SDPA-style call cannot run ``pyops.attention`` (the words of the one-time
+    warning), or None when it can: an ``attn_mask``, ``dropout_p > 0``, inputs that need
+    gradients, inputs that are not 4-D bf16/fp16, head dims above 128 or a value head dim other
+    than the query's, differing head counts without ``enable_gqa``, CPU tensors unless
+    ``backend`` is given. ``layout``: "bhsd" (SDPA) or "bshd" (diffusers' dispatcher)."""
+    if attn_mask is not None:
+        return "attn_mask"
+    if dropout_p > 0.0:
+        return "dropout_p > 0"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return "inputs that require grad (pyops.attention is forward only)"
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in DTYPES
+           for t in (query, key, value)):
+        return "inputs other than 4-D bf16/fp16"
+    if query.shape[-1] > 128 or value.shape[-1] != query.shape[-1]:
+        return "head_dim > 128 or value head_dim != query head_dim"
+    h = 1 if layout == "bhsd" else 2
+    if query.shape[h] != key.shape[h] and not enable_gqa:
+        return "differing head counts without enable_gqa"
+    if query.device.type != "cuda" and backend is None:
+        return "CPU tensors"
+    return None
+
+
+def torch_sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+               layout: str = "bhsd") -> torch.Tensor:
+    """torch's builtin SDPA (never through ``torch.nn.functional``, which users patch), in
+    ``layout``; the fallback of :func:`sdpa` and of the diffusers backend."""
+    if layout == "bshd":
+        out = torch_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out.transpose(1, 2)
+    kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+    return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                       is_causal=is_causal, scale=scale, **kw)
+
+
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
          dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
          enable_gqa: bool = False, *, precision: str = "int8", backend: Optional[str] = None):
@@ -296,32 +337,15 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
     Runs ``pyops.attention`` (bhsd layout) when it can; falls back to torch's builtin SDPA
     (never through ``torch.nn.functional``, so patching
     ``torch.nn.functional.scaled_dot_product_attention = pyops.sdpa`` cannot recurse) with a
-    one-time warning per reason for: an ``attn_mask``,
+    one-time warning per reason (``sdpa_fallback_reason``): an ``attn_mask``,
     ``dropout_p > 0``, inputs that need gradients, inputs that are not 4-D bf16/fp16, head dims
     above 128, differing head counts without ``enable_gqa`` (torch then raises as it would),
     key/value head dims that differ, and CPU tensors unless ``backend`` is given.
     """
-    reason = None
-    if attn_mask is not None:
-        reason = "attn_mask"
-    elif dropout_p > 0.0:
-        reason = "dropout_p > 0"
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        reason = "inputs that require grad (pyops.attention is forward only)"
-    elif any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in DTYPES
-             for t in (query, key, value)):
-        reason = "inputs other than 4-D bf16/fp16"
-    elif query.shape[-1] > 128 or value.shape[-1] != query.shape[-1]:
-        reason = "head_dim > 128 or value head_dim != query head_dim"
-    elif query.shape[1] != key.shape[1] and not enable_gqa:
-        reason = "differing head counts without enable_gqa"
-    elif query.device.type != "cuda" and backend is None:
-        reason = "CPU tensors"
+    reason = sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa, backend)
     if reason is not None:
         _warn_once("sdpa:" + reason, f"pyops.sdpa: falling back to "
                    f"F.scaled_dot_product_attention for {reason}")
-        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                           is_causal=is_causal, scale=scale, **kw)
+        return torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return attention(query, key, value, layout="bhsd", scale=scale, precision=precision,
                      causal=is_causal, backend=backend)

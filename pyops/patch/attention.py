@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from typing import Optional
 
 import torch
 
-from ..ops.attention import _TORCH_SDPA, attention, sdpa
+from ..ops.attention import _warn_once, attention, sdpa, sdpa_fallback_reason, torch_sdpa
 from ..reference.attention import PRECISIONS
 
 __all__ = ["BACKEND_PREFIX", "backend_name", "register_diffusers_backends", "sdpa_override",
            "diffusers_attention"]
 
 BACKEND_PREFIX = "pyops_"
-_WARNED: set = set()
 
 
 OP_BACKENDS = ("cuda", "triton", "reference")
@@ -56,29 +54,6 @@ def backend_name(precision: str, backend: Optional[str] = None) -> str:
     return f"{BACKEND_PREFIX}{precision}_{backend}"
 
 
-def _warn_once(reason: str) -> None:
-    # never while torch.compile traces (Dynamo cannot trace warnings.warn: fullgraph would fail)
-    if reason not in _WARNED and not torch.compiler.is_compiling():
-        _WARNED.add(reason)
-        warnings.warn(f"pyops attention: falling back to torch SDPA for {reason}", stacklevel=3)
-
-
-def _fallback_reason(q, k, v, attn_mask, dropout_p) -> Optional[str]:
-    if attn_mask is not None:
-        return "an attention mask"
-    if dropout_p:
-        return "dropout_p > 0"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return "inputs that require grad (pyops attention is forward only)"
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
-        return f"dtype {q.dtype} (pyops attention takes bf16/fp16)"
-    if v.shape[-1] != q.shape[-1]:
-        return "a value head_dim other than the query's"
-    if q.is_cuda and q.shape[-1] > 128:
-        return "head_dim > 128"
-    return None
-
-
 def diffusers_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                         scale=None, enable_gqa=False, _parallel_config=None, *,
                         precision: str = "int8", backend: Optional[str] = None) -> torch.Tensor:
@@ -89,16 +64,15 @@ def diffusers_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     if _parallel_config is not None:
         raise RuntimeError("pyops attention does not support diffusers' context parallelism yet; "
                            "use a built-in backend with enable_parallelism")
-    reason = _fallback_reason(query, key, value, attn_mask, dropout_p)
+    b = backend if backend is not None or query.is_cuda else "reference"
+    reason = sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, True, b, "bshd")
     if reason is not None:
-        _warn_once(reason)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        kw = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-        out = _TORCH_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, **kw)
-        return out.transpose(1, 2)
+        _warn_once("diffusers:" + reason, f"pyops attention: falling back to torch SDPA for "
+                   f"{reason}")
+        return torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                          query.shape[2] != key.shape[2], layout="bshd")
     return attention(query, key, value, layout="bshd", scale=scale, precision=precision,
-                     causal=is_causal, backend=backend)
+                     causal=is_causal, backend=b)
 
 
 def _make_backend(precision: str, backend: Optional[str]):
