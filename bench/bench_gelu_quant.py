@@ -71,10 +71,7 @@ def unfused(h):
 
 
 def _self_consistent(b: str, x) -> bool:
-    fp8, y = gelu_quant(x, y_dtype=torch.float32, backend=b)
-    want = pyops.quantize_fp8(y, "row", backend="reference")
-    return (torch.equal(fp8.data.view(torch.uint8), want.data.view(torch.uint8))
-            and torch.equal(fp8.scale.view(torch.int32), want.scale.view(torch.int32)))
+    return U.fp8_row_self_consistent(*gelu_quant(x, y_dtype=torch.float32, backend=b))
 
 
 def providers(device: torch.device, compile_ok: bool, cache: dict):
@@ -91,14 +88,6 @@ def providers(device: torch.device, compile_ok: bool, cache: dict):
             cache["c"] = torch.compile(unfused, dynamic=False)
         ps.append(U.Provider("unfused torch.compile", cache["c"], slow=True, compiles=True))
     return ps
-
-
-def _ok_column(r: dict) -> None:
-    """The harness calls its check column "exact"; here it is self-consistency ("ok")."""
-    if "exact" in r:
-        r["ok"] = r.pop("exact")
-        if r.get("note") == "NOT bit-exact vs reference":
-            r["note"] = "q/scale NOT quantize_fp8 of its own y"
 
 
 def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
@@ -131,7 +120,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
                 p.check = lambda fn, b=p.name.split()[1]: _self_consistent(b, x)
         U.bench_providers(t, base, ps, (x,), nbytes, ceiling_gbps, device, budget,
                           graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                          finish_row=_ok_column)
+                          finish_row=U.ok_column)
         del x, graph_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()

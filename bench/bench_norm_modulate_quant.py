@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import utils as U  # noqa: E402
 
-import pyops  # noqa: E402
 from pyops import _backend  # noqa: E402
 from pyops.ops.norm_modulate_quant import norm_modulate_quant  # noqa: E402
 from pyops.reference import quantize_fp8 as qref  # noqa: E402
@@ -71,10 +70,7 @@ def unfused(x, shift, scale, eps=1e-6):
 
 
 def _self_consistent(fn, x, sh, sc) -> bool:
-    fp8, y = fn(x, sh, sc, y_dtype=torch.float32)
-    want = pyops.quantize_fp8(y, "row", backend="reference")
-    return (torch.equal(fp8.data.view(torch.uint8), want.data.view(torch.uint8))
-            and torch.equal(fp8.scale.view(torch.int32), want.scale.view(torch.int32)))
+    return U.fp8_row_self_consistent(*fn(x, sh, sc, y_dtype=torch.float32))
 
 
 def providers(device: torch.device, compile_ok: bool, cache: dict):
@@ -90,14 +86,6 @@ def providers(device: torch.device, compile_ok: bool, cache: dict):
             cache["c"] = torch.compile(unfused, dynamic=False)
         ps.append(U.Provider("unfused torch.compile", cache["c"], slow=True, compiles=True))
     return ps
-
-
-def _ok_column(r: dict) -> None:
-    """The harness calls its check column "exact"; here it is self-consistency ("ok")."""
-    if "exact" in r:
-        r["ok"] = r.pop("exact")
-        if r.get("note") == "NOT bit-exact vs reference":
-            r["note"] = "q/scale NOT quantize_fp8 of its own y"
 
 
 def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=None) -> U.Table:
@@ -131,7 +119,7 @@ def run(args, device: torch.device, ceiling_gbps, budget: U.Budget, progress=Non
                     lambda *a, **k: norm_modulate_quant(*a, backend=b, **k), x, sh, sc))
         U.bench_providers(t, base, ps, (x, sh, sc), nbytes, ceiling_gbps, device, budget,
                           graph_inputs, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                          finish_row=_ok_column)
+                          finish_row=U.ok_column)
         del x, sh, sc, graph_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
