@@ -121,11 +121,15 @@ def _first(*reasons) -> Optional[str]:
     return next((r for r in reasons if r is not None), None)
 
 
-def _flux_double_ok(b) -> Optional[str]:
-    return _first(_ada_ok(b.norm1, 6), _ada_ok(b.norm1_context, 6),
-                  _attn_ok(b.attn, "FluxAttnProcessor", added=True),
-                  None if _is_layernorm(b.norm2) and _is_layernorm(b.norm2_context)
-                  else "norm2 is not a LayerNorm", _ff_ok(b.ff), _ff_ok(b.ff_context))
+def _double_stream_ok(processor: str) -> Callable:
+    """The precondition of a two-stream block (Flux, HunyuanVideo): adaLN-Zero on both streams,
+    joint attention with the stock ``processor``, LayerNorm + GELU MLP on both streams."""
+    def ok(b) -> Optional[str]:
+        return _first(_ada_ok(b.norm1, 6), _ada_ok(b.norm1_context, 6),
+                      _attn_ok(b.attn, processor, added=True),
+                      None if _is_layernorm(b.norm2) and _is_layernorm(b.norm2_context)
+                      else "norm2 is not a LayerNorm", _ff_ok(b.ff), _ff_ok(b.ff_context))
+    return ok
 
 
 def _flux_single_ok(b) -> Optional[str]:
@@ -157,13 +161,6 @@ def _sd3_ok(b) -> Optional[str]:
     return _first(_ada_ok(b.norm1, 6), ctx,
                   _attn_ok(b.attn, "JointAttnProcessor2_0", added=True),
                   None if _is_layernorm(b.norm2) else "norm2 is not a LayerNorm", _ff_ok(b.ff))
-
-
-def _hunyuan_double_ok(b) -> Optional[str]:
-    return _first(_ada_ok(b.norm1, 6), _ada_ok(b.norm1_context, 6),
-                  _attn_ok(b.attn, "HunyuanVideoAttnProcessor2_0", added=True),
-                  None if _is_layernorm(b.norm2) and _is_layernorm(b.norm2_context)
-                  else "norm2 is not a LayerNorm", _ff_ok(b.ff), _ff_ok(b.ff_context))
 
 
 def _dit_ok(b) -> Optional[str]:
@@ -311,11 +308,14 @@ def _dit_forward(self, x, c):
 
 # class name -> (module the class lives in (prefix), precondition, fused forward)
 FUSED_BLOCKS: dict[str, tuple[str, Callable, Callable]] = {
-    "FluxTransformerBlock": ("diffusers.", _flux_double_ok, _flux_double_forward),
+    "FluxTransformerBlock": ("diffusers.", _double_stream_ok("FluxAttnProcessor"),
+                             _flux_double_forward),
     "FluxSingleTransformerBlock": ("diffusers.", _flux_single_ok, _flux_single_forward),
     "WanTransformerBlock": ("diffusers.", _wan_ok, _wan_forward),
     "JointTransformerBlock": ("diffusers.", _sd3_ok, _sd3_forward),
-    "HunyuanVideoTransformerBlock": ("diffusers.", _hunyuan_double_ok, _hunyuan_double_forward),
+    "HunyuanVideoTransformerBlock": ("diffusers.",
+                                     _double_stream_ok("HunyuanVideoAttnProcessor2_0"),
+                                     _hunyuan_double_forward),
     "DiTBlock": ("pyops.models.dit", _dit_ok, _dit_forward),
 }
 
@@ -325,7 +325,7 @@ def plan(block: nn.Module) -> tuple[Optional[Callable], str]:
     entry = FUSED_BLOCKS.get(type(block).__name__)
     if entry is None or not type(block).__module__.startswith(entry[0]):
         return None, "no fused forward for this block"
-    prefix, ok, fwd = entry
+    _, ok, fwd = entry
     try:
         why = ok(block)
     except AttributeError as e:  # another diffusers version's block layout

@@ -260,9 +260,9 @@ class PatchHandle:
             if orig.weight.device != dev or orig.weight.dtype != dt:
                 orig.to(device=dev, dtype=dt)
             setattr(parent, child, orig)
-        for m in list(_ACTIVE.keys()):
-            if _ACTIVE[m]() is self:
-                del _ACTIVE[m]
+        owner = _ACTIVE.get(self.model)
+        if owner is not None and owner() is self:
+            del _ACTIVE[self.model]
         self._removed = True
         if lost:
             import warnings
