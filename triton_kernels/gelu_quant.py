@@ -43,14 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._amax import pow2 as _pow2
 from ._cvt import (LN2, LOG2E, as_kernel_input, as_kernel_output, f32_to_out, load_f32,
                    out_kind, use_soft_cvt)
+from .norm_modulate_quant import CHUNK, SINGLE_MAX, row_tiling
 from .quantize_fp8 import _abs_mark, _fp8_codes, _fp8_group_scale
 
-SINGLE_MAX = 16384
-CHUNK = 4096
-TILE_ELEMS = 8192
 GELU_TANH = 0  # approximate="tanh" (the C ABI's PYOPS_GELU_TANH)
 GELU_ERF = 1  # approximate="none" (PYOPS_GELU_ERF)
 
@@ -208,15 +205,7 @@ def gelu_quant(x: torch.Tensor, approx: int, q: torch.Tensor, q_scale: torch.Ten
     if approx not in (GELU_TANH, GELU_ERF):
         raise ValueError(f"approx must be {GELU_TANH} (tanh) or {GELU_ERF} (erf), got {approx!r}")
     soft = use_soft_cvt(x)
-    single = K <= single_max
-    if single:
-        BK = _pow2(K)
-        BM = min(max(TILE_ELEMS // BK, 1), _pow2(M))
-    else:
-        BK = min(_pow2(chunk), _pow2(K))
-        BM = 1
-    elems = BM * BK
-    warps = 16 if elems >= 16384 else (8 if elems >= 4096 else 4)
+    single, BM, BK, warps = row_tiling(M, K, single_max, chunk)
     yk = as_kernel_output(y, soft) if y is not None else q_scale
     grid = (triton.cdiv(M, BM),)
     _gelu_quant_kernel[grid](as_kernel_input(x), q.view(torch.uint8), q_scale, yk,

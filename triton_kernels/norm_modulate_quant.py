@@ -29,6 +29,20 @@ CHUNK = 4096
 TILE_ELEMS = 8192
 
 
+def row_tiling(M: int, K: int, single_max: int = SINGLE_MAX, chunk: int = CHUNK):
+    """(single, BM, BK, num_warps) of a row-wise quantizing kernel (this one, gelu_quant): rows
+    of up to ``single_max`` elements in one tile of BM rows x BK (about TILE_ELEMS elements),
+    longer rows one per program in ``chunk``-sized pieces."""
+    single = K <= single_max
+    if single:
+        BK = _pow2(K)
+        BM = min(max(TILE_ELEMS // BK, 1), _pow2(M))
+    else:
+        BK = min(_pow2(chunk), _pow2(K))
+        BM = 1
+    elems = BM * BK
+    return single, BM, BK, 16 if elems >= 16384 else (8 if elems >= 4096 else 4)
+
 @triton.jit
 def _rsqrt_rn(v):
     """1 / sqrt(v), each step IEEE round-to-nearest (tl.math.rsqrt is approximate)."""
@@ -184,15 +198,7 @@ def norm_modulate_quant(x: torch.Tensor, weight: Optional[torch.Tensor],
     wk, bk, shk, sck = (t if t is not None else dummy for t in pk)
     ssh = shift.stride(0) if (shift is not None and shift.shape[0] > 1) else 0
     ssc = scale.stride(0) if (scale is not None and scale.shape[0] > 1) else 0
-    single = D <= single_max
-    if single:
-        BD = _pow2(D)
-        BM = min(max(TILE_ELEMS // BD, 1), _pow2(M))
-    else:
-        BD = min(_pow2(chunk), _pow2(D))
-        BM = 1
-    elems = BM * BD
-    warps = 16 if elems >= 16384 else (8 if elems >= 4096 else 4)
+    single, BM, BD, warps = row_tiling(M, D, single_max, chunk)
     yk = as_kernel_output(y, soft) if y is not None else dummy
     grid = (triton.cdiv(M, BM),)
     _nmq_kernel[grid](xk, wk, bk, shk, sck, q.view(torch.uint8), q_scale, yk,
