@@ -15,6 +15,7 @@ Layout:
 * :mod:`pyops.cache.model`: :class:`CachedModel` (the hooks on a model's blocks, step and block
   levels), :func:`apply` (``pyops.cache_model``), :func:`find_blocks`;
 * :mod:`pyops.cache.chunk`: the chunk level (pyops DiT blocks, via ``DiTBlock.forward_rows``).
+* :mod:`pyops.cache.stats`: ``CachedModel.stats`` (hits, misses, skipped fraction; definitions).
 """
 from __future__ import annotations
 

@@ -23,14 +23,11 @@ from .regions import ChunkRegion, persistent
 
 
 class ChunkLevel:
-    """The chunk-level forward of the gated blocks of one :class:`~pyops.cache.CachedModel`.
+    """The chunk-level forward of the gated blocks of one :class:`~pyops.cache.CachedModel`
+    (counts each forward and each full step in the region, :mod:`pyops.cache.stats`)."""
 
-    ``stats``: the handle's counters (``stats["checks"]`` is incremented once per check).
-    """
-
-    def __init__(self, config: CacheConfig, stats: dict):
+    def __init__(self, config: CacheConfig):
         self.config = config
-        self.stats = stats
 
     def _full_step(self, r: ChunkRegion, step: int, x: torch.Tensor) -> bool:
         cfg = self.config
@@ -55,6 +52,8 @@ class ChunkLevel:
         full = self._full_step(r, step, x)
         r.host_step = step + 1 if not (cfg.num_steps > 0 and step + 1 >= cfg.num_steps) else 0
         g = cfg.groups()
+        r.forwards += 1
+        r.full += int(full)
         if full:
             out = orig(x, c)
             with persistent():
@@ -69,7 +68,6 @@ class ChunkLevel:
         block_similarity(x.contiguous(), r.ref, r.state, threshold=0.0, chunks=cfg.chunks,
                          groups=g, write_ref="never", eps=cfg.eps, metric=r.metric, reuse=r.reuse,
                          backend=cfg.backend)
-        self.stats["checks"] += 1
         m = torch.nan_to_num(r.metric.view(g, cfg.chunks), nan=float("inf")).amax(dim=0)
         idx = torch.topk(m, cfg.budget, sorted=False).indices.sort().values
         lc = N // cfg.chunks

@@ -22,6 +22,7 @@ from ..ops.cache_apply import cache_apply
 from .chunk import ChunkLevel
 from .config import BlockSpec, CacheConfig
 from .regions import ChunkRegion, Region, persistent
+from .stats import snapshot
 
 
 def find_blocks(model: nn.Module) -> tuple[list, list]:
@@ -112,7 +113,7 @@ class CachedModel:
         self._ctx = "default"
         self._calls = 0
         self._removed = False
-        self.stats = {"checks": 0}
+        self._final: Optional[dict] = None  # the stats at remove()
         n = len(self.blocks)
         self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
         if config.level == "chunk":
@@ -121,7 +122,7 @@ class CachedModel:
                 raise TypeError("pyops.cache: level='chunk' needs pyops DiT blocks (it "
                                 "recomputes a token subset inside the block)")
         # the chunk level's forward of the gated blocks (None at step and block level)
-        self._chunk = ChunkLevel(config, self.stats) if config.level == "chunk" else None
+        self._chunk = ChunkLevel(config) if config.level == "chunk" else None
         # what each block had as an instance attribute `forward` before (usually nothing)
         self._prior = [vars(b).get("forward", _MISSING) for b in self.blocks]
         self._wrappers = []
@@ -162,6 +163,7 @@ class CachedModel:
                 else:
                     blk.forward = prior
         self._pre.remove()
+        self._final = None if _graphs.capturing() else self._snapshot()
         for mod in [self.model] + self.blocks:
             owner = _ACTIVE.get(mod)
             if owner is not None and owner() is self:
@@ -179,11 +181,45 @@ class CachedModel:
             self._ctx = prev
 
     def reset(self) -> None:
-        """Start a new generation: every step counter back to 0 (device writes, no sync)."""
+        """Start a new generation: every step counter back to 0 (device writes, no sync). The
+        stats are kept (:meth:`reset_stats` zeroes them)."""
         for regions in self._contexts.values():
             for r in regions.values():
                 r.reset()
         self._calls = 0
+
+    @property
+    def stats(self) -> dict:
+        """Hits, misses and the fraction of gated block computes skipped, per region and in total.
+
+        Returns a new plain dict (ints and floats; definitions in :mod:`pyops.cache.stats`)::
+
+            {"checks": int, "hits": int, "misses": int, "skipped": float,
+             "regions": {key: {"checks", "hits", "misses", "skipped", "blocks", ...}},
+             "contexts": {name: {"checks", "hits", "misses", "skipped", "regions"}}}
+
+        ``key``: -1 for the step level's gated middle, the block index at the block and chunk
+        levels. Counts cover every forward since the handle was made or :meth:`reset_stats`,
+        CUDA-graph replays included (the step and block levels count on the device, an int64
+        add per check captured with it; the chunk level counts on the host). Reading it syncs
+        the device once (eager forwards never sync for it); after :meth:`remove` it returns the
+        counts at removal. Raises ``RuntimeError`` inside a CUDA-graph capture.
+        """
+        if self._removed:
+            return self._final if self._final is not None else self._snapshot()
+        return self._snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the counters of :attr:`stats` (device writes, no sync)."""
+        for regions in self._contexts.values():
+            for r in regions.values():
+                r.reset_stats()
+        self._final = None
+
+    def _snapshot(self) -> dict:
+        c = self.config
+        return snapshot(self._contexts if not self._removed else {},
+                        step_blocks=self.mid[1] - self.mid[0], chunks=c.chunks, budget=c.budget)
 
     def regions(self, context: Optional[str] = None) -> dict:
         return self._contexts.get(context or self._ctx, {})
@@ -228,14 +264,16 @@ class CachedModel:
                 r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
                 r.state = new_state(g, feature.device)
                 r.metric = torch.zeros(g, dtype=torch.float32, device=feature.device)
-                r.reuse = torch.zeros(g, dtype=torch.int32, device=feature.device)
+                r.flags = torch.ones((2, g), dtype=torch.int32, device=feature.device)
+                r.reuse = r.flags[1]  # the check writes row 1; row 0 stays 1 (counts checks)
+                r.reuse.zero_()
             r.residual = []
         block_similarity(feature, r.ref, r.state, threshold=c.threshold, rule=c.rule,
                          warmup=c.warmup, max_reuse=c.max_reuse, num_steps=c.num_steps,
                          last_steps=c.last_steps if c.num_steps > 0 else 0, groups=g,
                          all_groups=g > 1, eps=c.eps, metric=r.metric, reuse=r.reuse,
                          backend=c.backend)
-        self.stats["checks"] += 1
+        r.count()
         return r
 
     def _begin(self, r: Region, streams: list) -> None:
