@@ -197,8 +197,9 @@ setup(
         # bench/run.sh (the README's main job): diffusers (the Flux / Wan models of bench_e2e,
         # bench_cache, bench_sampler), accelerate (diffusers loads a Wan checkpoint, whose
         # modules kept in fp32 need it, only through it: bench_e2e --model), matplotlib
-        # (bench_e2e's PNG), tqdm (its progress bar)
-        "bench": ["diffusers", "accelerate", "matplotlib", "tqdm"],
+        # (bench_e2e's and the CPU demo's PNG), tqdm (progress bars), scikit-learn (the bundled
+        # digits the CPU demo's model, pyops.models.digits, is trained on)
+        "bench": ["diffusers", "accelerate", "matplotlib", "tqdm", "scikit-learn"],
     },
     **kwargs,
 )
