@@ -1,4 +1,4 @@
-"""``python -m pyops info`` | ``python -m pyops demo``."""
+"""``python -m pyops info`` | ``python -m pyops demo [--seed S] [--out DIR] [--steps N] ...``."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyops")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("info", help="versions, GPU, backend per op")
-    d = sub.add_parser("demo", help="quantize a small DiT's weights, print the error per layer")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="samples of a small Flux trained on digits: uncached vs cached "
+                                    "vs FP8 vs few steps (CPU); quality table and a PNG grid")
+    d.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    d.add_argument("--out", default="bench/out", help="folder of demo.png (default bench/out)")
+    d.add_argument("--steps", type=int, default=28, help="steps of the reference, cached and "
+                                                         "FP8 rows (default 28)")
+    d.add_argument("--few-steps", type=int, default=4, help="steps of the few-step row (default 4)")
+    d.add_argument("-n", "--samples", type=int, default=200,
+                   help="samples per row for the metrics (default 200; >= 20)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the model is 64 wide; on the 2-core "
+                        "development machine, shared with other jobs, 2 threads ran the demo "
+                        "2.5x slower than 1)")
     args = p.parse_args(argv)
     if args.cmd in (None, "info"):
         from . import info
@@ -18,7 +29,11 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "demo":
         from .demo import main as demo_main
-        return demo_main(seed=args.seed)
+        try:
+            return demo_main(seed=args.seed, out=args.out, n=args.samples, steps=args.steps,
+                             few_steps=args.few_steps, threads=args.threads)
+        except ValueError as e:
+            p.error(str(e))
     return 2
 
 
