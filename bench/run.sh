@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: set up pyops (with the 'bench' extra: diffusers, accelerate, matplotlib,
-# tqdm), then
+# tqdm, scikit-learn), then
 #   * on a CUDA machine: every benchmark's default run (bench/bench_*.py: the headline shapes
 #     and the key providers), bench_e2e.py first: whole Flux-dev- and Wan-2.1-14B-size
 #     transformers, bf16 vs torch.compile vs pyops.patch vs torchao, and a 4-step generation vs
@@ -8,11 +8,11 @@
 #     H100/H200 by the scripts' own estimates); tables and JSON land in bench/out/, the speed-up
 #     plot in bench/out/e2e.png (BENCH_ARGS="--full" runs every shape and provider,
 #     BENCH_ARGS="--out DIR" writes elsewhere);
-#   * without a GPU: the CPU demo, which quantizes the embedded DiT's weights (FP8 per channel,
-#     FP8 128x128, NVFP4) and prints the error per layer and for the whole model, then
-#     python bench/bench_e2e.py --quick: the same end-to-end pipeline on tiny Flux and Wan
-#     models with the reference backends (a check that it runs; its times are no performance
-#     numbers: the speed numbers need a GPU).
+#   * without a GPU: the CPU demo (python -m pyops demo): a small Flux trained on digits samples
+#     uncached, cached, with FP8 linears and in 4 steps; quality table, samples in
+#     bench/out/demo.png; then python bench/bench_e2e.py --quick: the same end-to-end
+#     pipeline on tiny Flux and Wan models with the reference backends (a check that it runs;
+#     its times are no performance numbers: the speed numbers need a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -68,7 +68,8 @@ else
   echo "== python bench/bench_e2e.py --quick: the end-to-end pipeline on tiny Flux and Wan models"
   echo "   (reference backends); it checks that every step runs, its times mean nothing"
   "$PY" bench/bench_e2e.py --quick --out "$out"
-  echo "done: ran the CPU demo (weight quantization error of the embedded DiT) and the"
+  echo "done: ran the CPU demo (digits samples uncached / cached / FP8 / 4 steps; grid in"
+  echo "      bench/out/demo.png) and the"
   echo "      end-to-end pipeline check on tiny models:"
   where_e2e
   echo "      The speed numbers need a CUDA GPU: run bash bench/run.sh there."
