@@ -324,23 +324,12 @@ def test_bench_quick_smoke(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    for script, extra in (("bench_block_similarity.py", ["--warmup-ms", "2", "--rep-ms", "10"]),
-                          ("bench_cache.py", [])):
+    # bench_cache.py (the caching study) has its own smoke test: tests/test_bench_cache.py
+    for script, extra in (("bench_block_similarity.py", ["--warmup-ms", "2", "--rep-ms", "10"]),):
         r = subprocess.run([sys.executable, str(root / "bench" / script), "--quick", "--device",
                             "cpu", "--out", str(tmp_path), *extra], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    data = json.loads((tmp_path / "cache.json").read_text())
-    rows = data["records"]
-    assert {r["provider"] for r in rows} >= {"uncached", "pyops eager"}
-    assert all("error" not in (r.get("note") or "") for r in rows)
-    zero = [r for r in rows if r["provider"] == "pyops eager" and r["threshold"] == 0.0]
-    assert zero and all(r["rel L1"] == 0.0 and r["skipped"] == 0.0 for r in zero)
-    fbc = {(r["steps"], r["threshold"]): r["skipped"] for r in rows
-           if r["provider"] == "diffusers FBC"}
-    for r in rows:  # same rule as diffusers' First-Block Cache: same decisions
-        if r["provider"] == "pyops eager" and (r["steps"], r["threshold"]) in fbc:
-            assert r["skipped"] == fbc[(r["steps"], r["threshold"])]
     bs = json.loads((tmp_path / "block_similarity.json").read_text())["records"]
     assert any(r["provider"] == "pyops reference" and r.get("ms") for r in bs)
 
