@@ -242,7 +242,7 @@ def _main(seed, out, n, rows, steps, few_steps, preset) -> int:
     from pyops.models import digits as D
 
     c = D.PRESETS[preset]
-    path = D.cache_dir() / f"flux-digits-{D._key(c, 'cpu')}.pt"
+    path = D.model_path(preset)
     _say(f"pyops demo: a diffusers FluxTransformer2DModel trained on scikit-learn's digits "
           f"(preset {preset!r}: {c.layers}+{c.single_layers} blocks, width "
           f"{c.heads * c.head_dim}, {c.size}x{c.size} pixels, {c.tokens} tokens); CPU, "
@@ -305,7 +305,7 @@ def _main(seed, out, n, rows, steps, few_steps, preset) -> int:
             bits.append(f"rel L1 {rl1:.3f}")
         bits.append(f"FD {fd:.2f}, acc {acc:.0f} %")
         panels.append((": ".join([bits[0], ", ".join(bits[1:])]), img))
-    xtr = D._digits(c.size, c.seed)[0]
+    xtr = D.digits(c.size, c.seed)[0]
     pick = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:n]
     floor = m.frechet_distance(xtr[pick])
     print()

@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrainConfig", "PRESETS", "TrainedFlux", "trained_flux", "cache_dir",
-           "frechet_distance", "psnr", "rel_l1"]
+from .metrics import frechet_distance, psnr, rel_l1
+
+__all__ = ["TrainConfig", "PRESETS", "TrainedFlux", "trained_flux", "cache_dir", "model_path",
+           "digits", "frechet_distance", "psnr", "rel_l1"]
 
 FORMAT_VERSION = 1  # bump when the data, packing or training code changes what a file holds
 NULL_CLASS = 10
@@ -100,39 +102,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PYOPS_CACHE_DIR") or Path.home() / ".cache" / "pyops")
 
 
-# ---- metrics ------------------------------------------------------------------------------------
-def rel_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Σ|x − ref| / Σ|ref| in fp64."""
-    x, ref = x.double(), ref.double()
-    return float((x - ref).abs().sum() / ref.abs().sum().clamp_min(1e-300))
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor, peak: float = 2.0) -> float:
-    """PSNR in dB of images in [−1, 1] (``peak`` = the value range, 2): 10·log10(peak² / MSE);
-    inf for identical images."""
-    mse = float((x.double() - ref.double()).pow(2).mean())
-    return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-
-
-def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, d) (Heusel et al. 2017):
-    |μ1 − μ2|² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1^½ Σ2 Σ1^½)^½), in fp64 (symmetric eigendecompositions,
-    so the result is real and ≥ 0 up to rounding)."""
-    f1, f2 = f1.double(), f2.double()
-    m1, m2 = f1.mean(0), f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
-    r1 = _sqrtm_psd(s1)
-    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
-    return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross)
-
-
 # ---- data ---------------------------------------------------------------------------------------
-def _digits(size: int, seed: int):
+def digits(size: int = 8, seed: int = 0):
     """(train images, train labels, test images, test labels): images (N, 1, size, size) fp32 in
     [−1, 1]; a seeded 80/20 split."""
     try:
@@ -193,7 +164,7 @@ class TrainedFlux:
                  cond_table: torch.Tensor, pooled_table: torch.Tensor, info: dict):
         self.config, self.transformer, self.classifier = config, transformer, classifier
         self.cond_table, self.pooled_table, self.info = cond_table, pooled_table, info
-        _, _, self.test_images, self.test_labels = _digits(config.size, config.seed)
+        _, _, self.test_images, self.test_labels = digits(config.size, config.seed)
 
     @property
     def device(self) -> torch.device:
@@ -303,7 +274,7 @@ def train(c: TrainConfig, *, device="cpu", progress: bool = False):
     every random draw comes from a CPU generator). Returns it on the CPU."""
     t0 = time.perf_counter()
     dev = torch.device(device)
-    xtr, ytr, xte, yte = _digits(c.size, c.seed)
+    xtr, ytr, xte, yte = digits(c.size, c.seed)
     torch.manual_seed(c.seed)
     g = torch.Generator().manual_seed(c.seed)
     # classifier first (features for the Fréchet distance)
@@ -385,6 +356,22 @@ def train(c: TrainConfig, *, device="cpu", progress: bool = False):
     return TrainedFlux(c, model, clf, cond_table, pooled_table, info)
 
 
+def _config(preset: Union[str, TrainConfig], overrides: dict) -> TrainConfig:
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"trained_flux: unknown preset {preset!r}; expected one of "
+                             f"{sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    return replace(preset, **overrides) if overrides else preset
+
+
+def model_path(preset: Union[str, TrainConfig] = "quick", train_device="cpu",
+               **overrides) -> Path:
+    """The file :func:`trained_flux` reads and writes for these arguments (it may not exist)."""
+    c = _config(preset, overrides)
+    return cache_dir() / f"flux-digits-{_key(c, torch.device(train_device).type)}.pt"
+
+
 def trained_flux(preset: Union[str, TrainConfig] = "quick", *, device=None,
                  train_device="cpu", retrain: bool = False, progress: bool = False,
                  cache: bool = True, **overrides) -> TrainedFlux:
@@ -397,17 +384,9 @@ def trained_flux(preset: Union[str, TrainConfig] = "quick", *, device=None,
 
     Raises ``ValueError`` for an unknown preset name.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"trained_flux: unknown preset {preset!r}; expected one of "
-                             f"{sorted(PRESETS)}")
-        c = PRESETS[preset]
-    else:
-        c = preset
-    if overrides:
-        c = replace(c, **overrides)
+    c = _config(preset, overrides)
     train_device = torch.device(train_device)
-    path = cache_dir() / f"flux-digits-{_key(c, train_device.type)}.pt"
+    path = model_path(c, train_device)
     m = None
     if cache and not retrain and path.is_file():
         try:
