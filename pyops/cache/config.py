@@ -23,8 +23,9 @@ class CacheConfig:
         ``"chunk"`` (pyops DiT blocks only): each block between them splits its tokens into
         ``chunks`` chunks and recomputes the ``budget`` chunks whose input changed most since
         they were last computed (static shapes: the budget is fixed); recomputed queries attend
-        to the keys/values of all tokens; the other chunks reuse their cached residual. Steps
-        the host counts as warm-up / last steps run the full block. ``threshold`` is unused.
+        to the keys/values of all tokens; the other chunks reuse their cached residual.
+        Warm-up and last steps (counted on the device) run the full block; CUDA graphs need IF
+        nodes (:mod:`pyops.cache.chunk`). ``threshold`` is unused.
     threshold: relative L1 threshold (strict ``<``: 0 never reuses, output is then bit-identical
         to the uncached model). Typical 0.05–0.25.
     rule: ``"last_computed"`` (compare with the last computed step) or ``"accumulate"``

@@ -200,10 +200,10 @@ class CachedModel:
 
         ``key``: -1 for the step level's gated middle, the block index at the block and chunk
         levels. Counts cover every forward since the handle was made or :meth:`reset_stats`,
-        CUDA-graph replays included (the step and block levels count on the device, an int64
-        add per check captured with it; the chunk level counts on the host). Reading it syncs
-        the device once (eager forwards never sync for it); after :meth:`remove` it returns the
-        counts at removal. Raises ``RuntimeError`` inside a CUDA-graph capture.
+        CUDA-graph replays included (every level counts on the device: an int64 add per
+        decision, captured with it). Reading it syncs the device once (eager forwards never
+        sync for it); after :meth:`remove` it returns the counts at removal. Raises
+        ``RuntimeError`` inside a CUDA-graph capture.
         """
         if self._removed:
             return self._final if self._final is not None else self._snapshot()
@@ -397,7 +397,9 @@ def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None
 
     Eager forwards read each decision on the host once (a device sync per gated region per
     forward: the only one). Forwards captured in a torch CUDA graph put each gated region in a
-    CUDA IF node set by the check kernel: replays skip on the device with no sync.
+    CUDA IF node set by the check kernel: replays skip on the device with no sync (chunk level:
+    the full block and the chunk path in two complementary IF nodes, :mod:`pyops.cache.chunk`).
+    Capture after one eager forward at the capture's shapes, then ``handle.reset()``.
 
     Raises: ``ValueError`` for a bad config or an already cached model, ``TypeError`` for a model
     whose blocks are unknown (pass ``blocks=``/``specs=``) or ``level="chunk"`` on non-pyops blocks.

@@ -69,32 +69,47 @@ class Region:
 
 @dataclass
 class ChunkRegion:
-    """State of one block at chunk level (steps counted on the host).
+    """State of one block at chunk level (every decision on the device; :mod:`pyops.cache.chunk`).
 
-    ref: (B, N, D) input at the step each chunk was last computed; residual: ``[(B, N, D)]``,
-    output − input per token at that step; state/metric/reuse: scratch buffers of the per-chunk
-    :func:`pyops.block_similarity` check, (groups·chunks, 4) / (groups·chunks,) (the decision
-    outputs are unused: the ``budget`` most changed chunks are recomputed); host_step: steps seen
-    since the last wrap at ``num_steps``; last_chunks: (budget,) int64, the chunks recomputed at
-    the last partial step; forwards / full: forwards of the block at chunk level since the
-    counters were last zeroed / how many of them ran the full block (host ints: the host decides).
+    Data, per shape: ref: (B, N, D) input at the step each token was last computed; residual:
+    ``[(B, N, D)]``, output − input per token at that step (both in x's dtype); state / metric /
+    reuse: scratch of the per-chunk :func:`pyops.block_similarity` check, (groups·chunks, 4) fp32 /
+    (groups·chunks,) fp32 / int32 (its decision outputs are unused: the ``budget`` most changed
+    chunks are recomputed); last_chunks: (budget,) int64, the chunks recomputed at the last
+    partial step.
+
+    Step machine, per region: step_state: (1, 4) fp32 state of the one-cell check that decides
+    full vs partial (its step counter wraps at ``num_steps``); step_ref: (1, 1) fp32 zeros, its
+    reference; step_metric: (1,) fp32, its metric; fresh: (1, 1) fp32, 1 when the next forward
+    must run the full block (cache empty, new shape, after an error), its feature; flags: (2,)
+    int32, ``[1, partial]``; partial: (1,) int32, a view of ``flags[1:]`` that the check writes
+    (1: the last forward ran the chunk path, 0: the full block); tally: (2,) int64, ``Σ flags``
+    (forwards, partial steps) since the counters were last zeroed. warm_key: the (shape, dtype,
+    device) at which the partial path last ran once on scratch copies (kernels compiled before
+    a capture).
     """
     ref: Optional[torch.Tensor] = None
     state: Optional[torch.Tensor] = None
     metric: Optional[torch.Tensor] = None
     reuse: Optional[torch.Tensor] = None
     residual: list = field(default_factory=list)
-    host_step: int = 0
     last_chunks: Optional[torch.Tensor] = None
-    forwards: int = 0
-    full: int = 0
+    step_state: Optional[torch.Tensor] = None
+    step_ref: Optional[torch.Tensor] = None
+    step_metric: Optional[torch.Tensor] = None
+    fresh: Optional[torch.Tensor] = None
+    flags: Optional[torch.Tensor] = None
+    partial: Optional[torch.Tensor] = None
+    tally: Optional[torch.Tensor] = None
+    warm_key: Any = None
 
     def reset(self) -> None:
-        """Start a new generation: step counters back to 0 (the counters are kept)."""
-        if self.state is not None:
-            self.state.zero_()
-        self.host_step = 0
+        """Start a new generation: the step counter back to 0 (a device write, no sync; the
+        cache and the tally are kept)."""
+        if self.step_state is not None:
+            self.step_state.zero_()
 
     def reset_stats(self) -> None:
-        """Counters back to 0."""
-        self.forwards = self.full = 0
+        """Counters back to 0 (a device write, no sync)."""
+        if self.tally is not None:
+            self.tally.zero_()

@@ -5,7 +5,7 @@ levels: one entry per gated block, keyed by the block's index):
 
 * ``checks``: decisions the region made, one per forward through it (step and block levels: one
   :func:`pyops.block_similarity` call each; chunk level: one forward of the block, full or
-  partial);
+  partial, decided by its step machine);
 * ``hits`` / ``misses``: units reused / computed. The unit is the region at the step and block
   levels (``hits + misses == checks``), a token chunk at the chunk level (``hits + misses ==
   checks × chunks``: a full step computes every chunk, a partial step ``budget`` of them);
@@ -26,6 +26,9 @@ CFG: ``cfg_batched`` halves share one decision (the check ANDs them), so a forwa
 contexts (``alternate_contexts`` / ``CachedModel.context``) each have their own regions, reported
 under ``"contexts"`` by name, and summed per region key in the top-level ``"regions"``.
 
+Every count is kept on the device (an int64 tally per region, ``Σ`` of the decision flags, one
+add per decision captured with it), so CUDA-graph replays count too; this module reads them.
+
 In a capture without IF nodes (``pyops.graphs.supported()`` false) every block still runs and the
 cache is applied by a device-side select: hits then count decisions, not saved work.
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .regions import ChunkRegion, Region
+from .regions import ChunkRegion
 
 
 def _ratio(a: float, b: float) -> float:
@@ -56,13 +59,14 @@ def _read(tensors: list) -> list:
 
 
 def _entry(r, tally, *, blocks: int, chunks: int, budget: int) -> dict:
-    if isinstance(r, ChunkRegion):
-        partial = r.forwards - r.full
+    if isinstance(r, ChunkRegion):  # tally: [forwards, partial steps]
+        forwards, partial = (int(tally[0]), int(tally[1])) if tally is not None else (0, 0)
+        full = forwards - partial
         hits = partial * (chunks - budget)
-        misses = r.full * chunks + partial * budget
-        return {"checks": r.forwards, "hits": hits, "misses": misses,
+        misses = full * chunks + partial * budget
+        return {"checks": forwards, "hits": hits, "misses": misses,
                 "skipped": _ratio(hits, hits + misses), "blocks": 1, "chunks": chunks,
-                "full": r.full, "partial": partial}
+                "full": full, "partial": partial}
     checks, hits = 0, 0
     if tally is not None:  # (2, groups) flattened; the groups share one decision
         g = len(tally) // 2
@@ -104,8 +108,7 @@ def snapshot(contexts: dict, *, step_blocks: int, chunks: int, budget: int) -> d
         raise RuntimeError("pyops.cache: stats read the device counters (a sync); read them "
                            "outside the CUDA-graph capture")
     items = [(name, key, r) for name, regs in contexts.items() for key, r in regs.items()]
-    dev = [(i, r.tally) for i, (_, _, r) in enumerate(items)
-           if isinstance(r, Region) and r.tally is not None]
+    dev = [(i, r.tally) for i, (_, _, r) in enumerate(items) if r.tally is not None]
     vals = dict(zip((i for i, _ in dev), _read([t for _, t in dev])))
     per_ctx: dict = {}
     for i, (name, key, r) in enumerate(items):
