@@ -540,9 +540,12 @@ def _matched(row: dict, ref_fd: Optional[float]) -> Optional[bool]:
     return row["rel L1"] <= TOL_REL_L1 and row["FD"] <= TOL_FD_RATIO * ref_fd
 
 
-def run_row(ctx: Ctx, cfg: Cfg) -> dict:
+def run_row(ctx: Ctx, cfg: Cfg, timed: Optional[bool] = None) -> dict:
     """Run one row: one generation with the counting hooks (its images give the quality
-    columns), then on CUDA ``TIMED_REPS`` timed generations without them (median)."""
+    columns), then, on CUDA (``timed``: None = on CUDA only), ``TIMED_REPS`` timed generations
+    without them (median), each checked to equal the first."""
+    if timed is None:
+        timed = ctx.device.type == "cuda"
     row = dict(steps=ctx.steps, method=cfg.method, knob=cfg.knob, threshold=cfg.threshold,
                **{"fbc rule": cfg.fbc_rule, "params": cfg.p()})
     notes = []
@@ -559,7 +562,7 @@ def run_row(ctx: Ctx, cfg: Cfg) -> dict:
                 total = ctx.steps * ctx.n_blocks
                 row["skipped"] = 1.0 - blocks / total
                 row["attn skipped"] = 1.0 - attn / total
-                if ctx.device.type == "cuda":
+                if timed:
                     times = []
                     for _ in range(TIMED_REPS):
                         _sync(ctx.device)
@@ -698,10 +701,9 @@ def write_png(path: Path, rows: list, env: dict, title: str) -> Optional[str]:
 
 # ---- main -----------------------------------------------------------------------------------------
 def _preset_file(preset: str, train_device: str) -> Optional[Path]:
-    """The cached weights file of ``preset`` trained on ``train_device`` if it exists (the
-    naming of ``pyops.models.digits.trained_flux``)."""
+    """The cached weights file of ``preset`` trained on ``train_device`` if it exists."""
     from pyops.models import digits as D
-    p = D.cache_dir() / f"flux-digits-{D._key(D.PRESETS[preset], train_device)}.pt"
+    p = D.model_path(preset, train_device=train_device)
     return p if p.is_file() else None
 
 

@@ -168,7 +168,7 @@ def test_run_sizes():
     assert sorted(c.threshold for c in cfgs if c.method == B.M_FBC) == [0.1, 0.2]
 
 
-def test_a_failing_method_gives_a_note_row(monkeypatch):
+def test_a_failing_method_gives_a_note_row(monkeypatch, one_thread):
     """A method that raises becomes a row with the error in its note and no numbers; the model
     is checked to be restored after it."""
     B = _bench()
@@ -198,3 +198,36 @@ def test_a_failing_method_gives_a_note_row(monkeypatch):
     finally:
         tm.transformer.proj_out.bias.data.sub_(1.0)
     assert "NOT restored" in row["note"]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only contend with parallel test runs
+    yield
+    torch.set_num_threads(n)
+
+
+def test_repeated_generations_are_identical(one_thread):
+    """The timed generations (CUDA) repeat the counted one: every method resets its state
+    between generations. Run here through the same path on the CPU (timed=True; these times
+    are not reported anywhere)."""
+    B = _bench()
+    from pyops.models import digits as D
+    tm = D.trained_flux("quick")
+    n_blocks = len(tm.transformer.transformer_blocks) + len(
+        tm.transformer.single_transformer_blocks)
+    ctx = B.Ctx(tm, torch.device("cpu"), 6, tm.noise(10, seed=0), torch.arange(10) % 10, n_blocks)
+    ctx.probe_out = ctx.probe()
+    _, cfgs = B.select("quick")
+    ran = set()
+    for cfg in cfgs:
+        if cfg.method in (B.M_GRAPH, B.M_UNC_GRAPH, B.M_CHUNK):
+            continue
+        row = B.run_row(ctx, cfg, timed=True)
+        note = row.get("note") or ""
+        if cfg.method == B.M_CDIT and "not importable" in note:
+            continue
+        assert _measured(row) and row["s"] > 0 and not note, row
+        ran.add(cfg.method)
+    assert {B.M_UNC, B.M_STEP, B.M_BLOCK, B.M_FBC} <= ran
