@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Download the peer wheels the GPU benchmarks compare against (sageattention, torchao) into
+# Download the peer wheels the GPU benchmarks compare against (sageattention, torchao; cache-dit
+# for bench_cache, with transformers and tokenizers, which it imports: ~18 MB of wheels) into
 # .whl/ (git-ignored), and the GPU tests' and benchmarks' own dependencies (pytest, numpy;
 # matplotlib and tqdm for bench_e2e's plot and progress bar; with what they need) into
 # .whl/test/, on a machine with internet, for a GPU machine without it:
@@ -13,7 +14,11 @@
 # dependencies. Never commit the wheels.
 set -eu
 cd "$(dirname "$0")/.."
-PEERS=${PEERS:-"sageattention==1.0.6 torchao==0.18.0"}
+# cache-dit is not in setup.py's 'bench' extra: it pulls in transformers (~130 MB installed;
+# its import took 10-20 s on a 2-core CPU); bench_cache.py notes its rows as not run without it
+DEFAULT_PEERS="sageattention==1.0.6 torchao==0.18.0"
+DEFAULT_PEERS+=" cache-dit==1.5.3 transformers==5.24.0 tokenizers==0.23.3"
+PEERS=${PEERS:-$DEFAULT_PEERS}
 TEST_WHEELS=${TEST_WHEELS:-"pytest numpy"}
 BENCH_WHEELS=${BENCH_WHEELS:-"matplotlib tqdm"}
 git check-ignore -q .whl/x.whl 2>/dev/null || echo /.whl/ >>.git/info/exclude
