@@ -456,25 +456,45 @@ def _reused(h):
     return sum(int(r.reuse[0]) for r in h.regions().values() if r.reuse is not None)
 
 
-def test_readme_caching_snippet_runs_as_written():
-    """The README's caching snippet, executed as written (its `...` stands for the model's other
-    arguments; the embedded DiT has none), with a small DiT, outside torch.no_grad()."""
+class _Pipe:
+    """A stand-in for a diffusers pipeline: ``pipe(prompt, num_inference_steps=n)`` runs n flow
+    Euler steps through whatever module ``pipe.transformer`` holds and returns ``.images``."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def __call__(self, prompt, num_inference_steps):
+        import types
+        x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(len(prompt)))
+        ts = torch.linspace(1.0, 0.0, num_inference_steps + 1)
+        with torch.no_grad():
+            for t0, t1 in zip(ts[:-1], ts[1:]):
+                x = x + (t1 - t0) * self.transformer(x, t0.expand(2))
+        return types.SimpleNamespace(images=[x])
+
+
+def test_readme_caching_snippet_runs_as_written(capsys):
+    """The README's caching snippet, executed as written on a stand-in pipeline over a small DiT:
+    the pipeline's calls go through the cache (one check per step), the printed share is
+    ``stats["skipped"]``, the comment names the defaults, and ``remove()`` restores the model."""
     import re
     from pathlib import Path
     import pyops
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     snippet = next(b for b in blocks if "pyops.cache_model(" in b)
-    code = snippet.replace(", ...)", ")")  # the README's placeholder for other arguments
-    assert "out = cached(hidden_states, timestep)" in code
-    m = _dit()
-    x, t = _dit_inputs(steps=1)[0]
-    with torch.no_grad():
-        want = m(x, t)
-    ns = {"pyops": pyops, "torch": torch, "transformer": m, "hidden_states": x, "timestep": t}
-    exec(compile(code, "README.md", "exec"), ns)
-    ns["cached"].remove()
-    assert torch.equal(ns["out"], want)  # the first step is always computed
+    defaults = C.CacheConfig()
+    assert f"{defaults.level} level, threshold {defaults.threshold}" in snippet
+    pipe = _Pipe(_dit())
+    want = pipe("a cat", num_inference_steps=28).images[0]  # uncached
+    capsys.readouterr()
+    ns = {"pyops": pyops, "pipe": pipe, "prompt": "a cat"}
+    exec(compile(snippet, "README.md", "exec"), ns)
+    printed = float(capsys.readouterr().out)
+    stats = ns["cached"].stats  # after remove(): the counts at removal
+    assert stats["checks"] == 28 and printed == stats["skipped"]
+    assert ns["image"].shape == want.shape
+    assert torch.equal(pipe("a cat", num_inference_steps=28).images[0], want)  # uncached again
 
 
 @pytest.mark.parametrize("level", ["step", "block", "chunk"])
