@@ -9,10 +9,11 @@
 #     plot in bench/out/e2e.png (BENCH_ARGS="--full" runs every shape and provider,
 #     BENCH_ARGS="--out DIR" writes elsewhere);
 #   * without a GPU: the CPU demo (python -m pyops demo): a small Flux trained on digits samples
-#     uncached, cached, with FP8 linears and in 4 steps; quality table, samples in
-#     bench/out/demo.png; then python bench/bench_e2e.py --quick: the same end-to-end
-#     pipeline on tiny Flux and Wan models with the reference backends (a check that it runs;
-#     its times are no performance numbers: the speed numbers need a GPU).
+#     uncached, cached, with FP8 linears and in 4 steps; quality table, samples in demo.png in
+#     the same folder (bench/out or BENCH_ARGS' --out DIR); then python bench/bench_e2e.py
+#     --quick: the same end-to-end pipeline on tiny Flux and Wan models with the reference
+#     backends (a check that it runs; its times are no performance numbers: the speed numbers
+#     need a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -64,12 +65,12 @@ else
   echo "== no CUDA GPU: running the CPU demo and the end-to-end pipeline check instead of the"
   echo "   benchmarks (on a CPU their times are no performance numbers; bash bench/gpu_check.sh"
   echo "   on a GPU machine runs them)"
-  "$PY" -m pyops demo
+  "$PY" -m pyops demo --out "$out"
   echo "== python bench/bench_e2e.py --quick: the end-to-end pipeline on tiny Flux and Wan models"
   echo "   (reference backends); it checks that every step runs, its times mean nothing"
   "$PY" bench/bench_e2e.py --quick --out "$out"
   echo "done: ran the CPU demo (digits samples uncached / cached / FP8 / 4 steps; grid in"
-  echo "      bench/out/demo.png) and the"
+  echo "      $out/demo.png) and the"
   echo "      end-to-end pipeline check on tiny models:"
   where_e2e
   echo "      The speed numbers need a CUDA GPU: run bash bench/run.sh there."

@@ -370,9 +370,10 @@ def test_run_sh_on_a_gpu_runs_bench_e2e_first_and_says_where_its_results_are(tmp
 def test_run_sh_on_a_cpu_runs_the_demo_then_the_quick_pipeline(tmp_path):
     stdout, calls, out = _run_sh(tmp_path, cuda=False)
     assert any(c.startswith("-m pip install") and c.endswith("-e .[bench]") for c in calls)
-    demo = calls.index("-m pyops demo")
+    demo = calls.index(f"-m pyops demo --out {out}")  # BENCH_ARGS' --out: demo.png there too
     e2e = calls.index(f"bench/bench_e2e.py --quick --out {out}")
     assert demo < e2e
+    assert f"{out}/demo.png" in stdout
     assert not [c for c in calls if c.startswith("bench/") and "bench_e2e" not in c]
     assert "The speed numbers need a CUDA GPU" in stdout
     assert f"table: {out}/e2e.md" in stdout and f"plot:  {out}/e2e.png" in stdout
