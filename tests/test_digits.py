@@ -53,6 +53,23 @@ def test_psnr_and_rel_l1():
     assert math.isclose(D.rel_l1(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])), 0.5)
 
 
+def test_metrics_reject_bad_input():
+    """Mismatched shapes would broadcast to a wrong number (rel L1 0, a finite PSNR); fewer than
+    two feature rows give a NaN covariance: clear errors instead."""
+    with pytest.raises(ValueError, match="rel_l1: x .* and ref .* must have one shape"):
+        D.rel_l1(torch.ones(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="psnr: x .* and ref .* must have one shape"):
+        D.psnr(torch.zeros(4, 1), torch.ones(4))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        D.frechet_distance(torch.randn(1, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="same feature size"):
+        D.frechet_distance(torch.randn(5, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        D.frechet_distance(torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError, match="peak"):
+        D.psnr(torch.zeros(2), torch.ones(2), peak=0.0)
+
+
 @needs_deps
 def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PYOPS_CACHE_DIR", str(tmp_path))
