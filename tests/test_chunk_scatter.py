@@ -167,3 +167,33 @@ def test_cuda_graph_capture_replay(backend):
         torch.cuda.synchronize()
         for a, b, what in zip((out, res, ref), want, ("out", "residual", "ref")):
             assert_bits_equal(a, b, f"replay {k} {what}")
+
+
+@pytest.mark.gpu
+def test_triton_offsets_past_two_to_the_31():
+    """B·N·D > 2^31 elements (17 GB in bf16): the element offsets of the last token rows pass
+    int32; the kernel's 64-bit index math writes them right (the tail rows, a recomputed token
+    past 2^31 and one before), and no element is left unwritten."""
+    B, N, D = 1, 2**21 + 8, 1024
+    assert B * N * D > 2**31
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(5)
+    x = torch.randn(B, N, D, device=dev, dtype=torch.bfloat16, generator=g)
+    res = torch.randn(B, N, D, device=dev, dtype=torch.bfloat16, generator=g)
+    ref = torch.zeros(B, N, D, device=dev, dtype=torch.bfloat16)
+    tok = torch.tensor([N - 1, 5, N - 3], device=dev)
+    rows = torch.randn(B, 3, D, device=dev, dtype=torch.bfloat16, generator=g)
+    res_tail, x_tail = res[:, -64:].clone(), x[:, -64:]
+    out = torch.full_like(x, float("nan"))
+    chunk_scatter(out, x, res, rows, tok, ref, backend="triton")
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    want = (x_tail.float() + res_tail.float()).bfloat16()
+    want[:, -1], want[:, -3] = rows[:, 0], rows[:, 2]
+    assert_bits_equal(out[:, -64:], want, "out tail")
+    for t, r in ((N - 1, 0), (5, 1), (N - 3, 2)):
+        assert_bits_equal(res[:, t], (rows[:, r].float() - x[:, t].float()).bfloat16(),
+                          f"residual {t}")
+        assert_bits_equal(ref[:, t], x[:, t], f"ref {t}")
+    assert_bits_equal(res[:, -2], res_tail[:, -2], "residual kept")
+    assert not ref[:, -2].any()
