@@ -127,3 +127,26 @@ def test_quick_model_learned_the_digits(quick):
     # classifier-free guidance (null class 10) runs and keeps the class
     g = m.images(m.sample(noise[:20], labels[:20], steps=8, guidance=2.0))
     assert m.accuracy(g, labels[:20]) > 0.8
+
+
+@needs_deps
+def test_cached_file_loads_without_scikit_learn(tmp_path, monkeypatch):
+    """The weights file carries the held-out split, so a machine that has the file (e.g. a GPU
+    machine without internet) needs no scikit-learn; a file written without it gets it added."""
+    import sys
+    monkeypatch.setenv("PYOPS_CACHE_DIR", str(tmp_path))
+    a = D.trained_flux(TINY)
+    path = D.model_path(TINY)
+    blob = torch.load(path, weights_only=True)
+    assert torch.equal(blob["test_images"], a.test_images)
+    del blob["test_images"], blob["test_labels"]  # a file from before the split was stored
+    torch.save(blob, path)
+    D.trained_flux(TINY)  # loads it (scikit-learn available) and adds the split
+    assert "test_images" in torch.load(path, weights_only=True)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError):
+        D.digits(8)
+    b = D.trained_flux(TINY)
+    assert torch.equal(b.test_images, a.test_images) and torch.equal(b.test_labels, a.test_labels)
+    assert b.frechet_distance(b.test_images[:50]) >= 0.0

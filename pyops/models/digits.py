@@ -4,12 +4,12 @@ Step-to-step similarity, the thing every cache exploits, is a property of a *tra
 sampling trajectory: with random weights nothing is ever skipped. No weights can be downloaded
 here, so this module trains one on data that ships inside scikit-learn: its 1,797 handwritten
 digits (``sklearn.datasets.load_digits``, 8×8 pixels, 16 grey levels; the UCI "Optical
-Recognition of Handwritten Digits" test set), upsampled to 16×16.
+Recognition of Handwritten Digits" test set), as they are (8×8) or upsampled to 16×16.
 
 * The model is a stock ``diffusers.FluxTransformer2DModel`` (reduced size), so diffusers' own
   caches (``FirstBlockCacheConfig``, ...) and cache-dit apply to it unchanged.
-* Images are packed like Flux latents: 2×2 pixel patches, 64 tokens of 4 channels, position ids
-  (0, row, col). Conditioning is the digit class (10 = none, for classifier-free guidance): a
+* Images are packed like Flux latents: 2×2 pixel patches (16 or 64 tokens of 4 channels),
+  position ids (0, row, col). Conditioning is the digit class (10 = none, for classifier-free guidance): a
   fixed random "text" embedding per class (``txt_tokens`` × ``joint_dim``) and pooled vector.
 * Training: rectified flow (Liu et al. 2022; the objective of SD3 and Flux),
   x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0, σ ~ logit-normal(0, 1) (Esser et al. 2024,
@@ -20,12 +20,10 @@ Recognition of Handwritten Digits" test set), upsampled to 16×16.
   trained on the same training split; the held-out 20 % of the digits is the real reference.
 
 ``trained_flux(preset)`` trains once and caches the weights on disk (``$PYOPS_CACHE_DIR``, default
-``~/.cache/pyops``; not part of the package); a missing or stale file is retrained. Training is
-deterministic under the preset's seed on one machine and torch version (CPU; the GPU's kernels may
-differ in the last bits between runs).
-
-Presets (CPU times on 2 cores, measured with torch 2.13 on the development machine):
-``"quick"`` (tests, CPU demo) and ``"study"`` (bench/bench_cache.py; larger and longer).
+``~/.cache/pyops``; the file also holds the held-out split, so a machine that has it needs no
+scikit-learn); a missing or corrupt file is retrained. Training is deterministic under the seed
+on one machine and torch version. Presets: ``"quick"`` (tests, the CPU demo, the CPU study) and
+``"study"`` (bench/bench_cache.py on a GPU).
 """
 from __future__ import annotations
 
@@ -88,9 +86,9 @@ class TrainConfig:
 
 
 PRESETS = {
-    # 8×8 digits, 16 tokens; ~45 s on 2 CPU cores
+    # 8×8 digits, 16 tokens; trained in 44-51 s on 2 CPU cores (torch 2.13, measured)
     "quick": TrainConfig(size=8, train_steps=600),
-    # 16×16 digits, 64 tokens, 3× wider; ~PLACEHOLDER on 2 CPU cores
+    # 16×16 digits, 64 tokens, 1.5× wider, 6 blocks: meant for a GPU (tens of minutes on 2 cores)
     "study": TrainConfig(layers=2, single_layers=4, heads=3, head_dim=32, txt_tokens=4,
                          joint_dim=64, pooled_dim=64, train_steps=1500, batch=64, lr=1e-3,
                          ema=0.998),
@@ -138,6 +136,14 @@ def unpack(tokens: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, 1, s * patch, s * patch)
 
 
+def _ids(c: TrainConfig, device) -> tuple:
+    """Flux position ids: txt_ids (txt_tokens, 3) zeros, img_ids (tokens, 3) = (0, row, col)."""
+    s = float(c.size // c.patch)
+    img = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(s), torch.arange(s),
+                                     indexing="ij"), -1).reshape(-1, 3)
+    return torch.zeros(c.txt_tokens, 3, device=device), img.to(device)
+
+
 class _Classifier(nn.Module):
     """The feature network of the Fréchet distance: pixels → 128 → 64 (features) → 10."""
 
@@ -161,10 +167,12 @@ class TrainedFlux:
     """
 
     def __init__(self, config: TrainConfig, transformer, classifier: _Classifier,
-                 cond_table: torch.Tensor, pooled_table: torch.Tensor, info: dict):
+                 cond_table: torch.Tensor, pooled_table: torch.Tensor, info: dict,
+                 test: Optional[tuple] = None):
         self.config, self.transformer, self.classifier = config, transformer, classifier
         self.cond_table, self.pooled_table, self.info = cond_table, pooled_table, info
-        _, _, self.test_images, self.test_labels = digits(config.size, config.seed)
+        # the held-out split (also stored in the weights file: no scikit-learn needed to load)
+        self.test_images, self.test_labels = test or digits(config.size, config.seed)[2:]
 
     @property
     def device(self) -> torch.device:
@@ -177,11 +185,9 @@ class TrainedFlux:
         self.pooled_table = self.pooled_table.to(device=device, dtype=dtype)
         return self
 
-    # -- inputs --
     def noise(self, n: int, seed: int = 0) -> torch.Tensor:
         """(n, tokens, channels) fp32 standard normal noise on the model's device, seeded."""
-        g = torch.Generator().manual_seed(seed)
-        c = self.config
+        g, c = torch.Generator().manual_seed(seed), self.config
         return torch.randn(n, c.tokens, c.channels, generator=g).to(self.device)
 
     def cond(self, labels) -> dict:
@@ -189,15 +195,9 @@ class TrainedFlux:
         class): ``encoder_hidden_states`` (B, txt_tokens, joint_dim), ``pooled_projections``,
         ``txt_ids``, ``img_ids``."""
         labels = torch.as_tensor(labels, dtype=torch.int64).to(self.cond_table.device)
-        c = self.config
-        s = c.size // c.patch
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(s)),
-                                         torch.arange(float(s)), indexing="ij"), -1)
-        dev = self.device
-        return dict(encoder_hidden_states=self.cond_table[labels],
-                    pooled_projections=self.pooled_table[labels],
-                    txt_ids=torch.zeros(c.txt_tokens, 3, device=dev),
-                    img_ids=ids.reshape(-1, 3).to(dev))
+        txt_ids, img_ids = _ids(self.config, self.device)
+        return dict(encoder_hidden_states=self.cond_table[labels], txt_ids=txt_ids,
+                    pooled_projections=self.pooled_table[labels], img_ids=img_ids)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, labels, model=None) -> torch.Tensor:
         """One forward: the predicted velocity ε − x0 at noise level ``sigma`` ((B,) or scalar,
@@ -233,14 +233,13 @@ class TrainedFlux:
         """Latent tokens → (n, 1, size, size) images, clamped to [−1, 1]."""
         return unpack(tokens.float(), self.config.patch).clamp(-1, 1)
 
-    # -- quality --
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 64) classifier features of images (n, 1, size, size) in [−1, 1]."""
         with torch.no_grad():
             return self.classifier.body(images.float().cpu())
 
     def frechet_distance(self, images: torch.Tensor) -> float:
-        """Fréchet distance between ``images`` and the held-out real digits (360 images) in the
+        """Fréchet distance between ``images`` and the held-out real digits (359 images) in the
         classifier's feature space (lower is better; a second real sample of the same size scores
         the floor set by sampling noise)."""
         return frechet_distance(self.features(images), self.features(self.test_images))
@@ -300,10 +299,7 @@ def train(c: TrainConfig, *, device="cpu", progress: bool = False):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / c.train_steps, 1))))
     xtr_tok = pack(xtr, c.patch)
-    s = c.size // c.patch
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(s)),
-                                     torch.arange(float(s)), indexing="ij"), -1).reshape(-1, 3)
-    ids, txt_ids = ids.to(dev), torch.zeros(c.txt_tokens, 3, device=dev)
+    txt_ids, ids = _ids(c, dev)
     ctab, ptab = cond_table.to(dev), pooled_table.to(dev)
     bar = None
     if progress:
@@ -353,7 +349,17 @@ def train(c: TrainConfig, *, device="cpu", progress: bool = False):
     tail = losses[-max(1, len(losses) // 10):]
     info = dict(seconds=time.perf_counter() - t0, final_loss=sum(tail) / len(tail),
                 classifier_test_accuracy=acc, torch=torch.__version__, device=str(dev))
-    return TrainedFlux(c, model, clf, cond_table, pooled_table, info)
+    return TrainedFlux(c, model, clf, cond_table, pooled_table, info, (xte, yte))
+
+
+def _save(m: TrainedFlux, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(dict(transformer=m.transformer.state_dict(), classifier=m.classifier.state_dict(),
+                    cond_table=m.cond_table, pooled_table=m.pooled_table,
+                    info=json.dumps(m.info), test_images=m.test_images,
+                    test_labels=m.test_labels), tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
 def _config(preset: Union[str, TrainConfig], overrides: dict) -> TrainConfig:
@@ -380,7 +386,7 @@ def trained_flux(preset: Union[str, TrainConfig] = "quick", *, device=None,
     :func:`cache_dir` or trained on the CPU and saved there (``cache=False``: neither read nor
     write). ``device``: where to move it; ``train_device``: where to train it when no cached
     file exists (weights trained on a GPU differ in the last bits from CPU-trained ones, so each
-    device type has its own file). Needs diffusers and scikit-learn.
+    device type has its own file). Needs diffusers, and scikit-learn unless the file exists.
 
     Raises ``ValueError`` for an unknown preset name.
     """
@@ -397,19 +403,18 @@ def trained_flux(preset: Union[str, TrainConfig] = "quick", *, device=None,
             clf = _Classifier(c.size)
             clf.load_state_dict(blob["classifier"])
             clf.eval().requires_grad_(False)
+            test = ((blob["test_images"], blob["test_labels"]) if "test_images" in blob
+                    else None)
             m = TrainedFlux(c, model, clf, blob["cond_table"], blob["pooled_table"],
-                            json.loads(blob["info"]))
+                            json.loads(blob["info"]), test)
         except Exception:  # noqa: BLE001 - a corrupt or incompatible file is retrained
             m = None
     if m is None:
         m = train(c, device=train_device, progress=progress)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(dict(transformer=m.transformer.state_dict(),
-                            classifier=m.classifier.state_dict(), cond_table=m.cond_table,
-                            pooled_table=m.pooled_table, info=json.dumps(m.info)), tmp)
-            os.replace(tmp, path)
+            _save(m, path)
+    elif "test_images" not in blob:  # written before files held the test split: add it
+        _save(m, path)
     if device is not None:
         m.to(device)
     return m
