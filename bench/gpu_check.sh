@@ -96,6 +96,10 @@ ORDER="quantize norm_modulate_quant gelu_quant block_similarity cache_apply samp
 # the GPU tests to run (pytest paths or node ids); "none" skips them
 TESTS=${GPU_CHECK_TESTS:-tests}
 T0=$(date +%s)
+# trained test models (pyops.models.digits: bench_cache, the demo) are kept here, inside the
+# checkout (git-ignored), so weights trained on a CPU can travel with the checkout to a GPU
+# machine that has no scikit-learn: copy ~/.cache/pyops/flux-digits-*.pt into .cache/pyops/
+export PYOPS_CACHE_DIR=${PYOPS_CACHE_DIR:-$ROOT/.cache/pyops}
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
 if [ -z "$DRY" ]; then
