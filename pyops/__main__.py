@@ -28,11 +28,11 @@ def main(argv=None) -> int:
         info()
         return 0
     if args.cmd == "demo":
-        from .demo import main as demo_main
+        from .demo import ArgumentError, main as demo_main
         try:
             return demo_main(seed=args.seed, out=args.out, n=args.samples, steps=args.steps,
                              few_steps=args.few_steps, threads=args.threads)
-        except ValueError as e:
+        except ArgumentError as e:  # a bad argument; any other error keeps its traceback
             p.error(str(e))
     return 2
 

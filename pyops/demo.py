@@ -50,6 +50,11 @@ REQUIRED = (("diffusers", "diffusers"), ("sklearn", "scikit-learn"))
 CLASSES = 10
 
 
+class ArgumentError(ValueError):
+    """A bad argument of :func:`main`, raised before any work (``python -m pyops demo`` turns
+    it, and only it, into a usage error)."""
+
+
 def missing_requirements() -> list[str]:
     """pip names of the packages in :data:`REQUIRED` that cannot be imported."""
     out = []
@@ -207,20 +212,21 @@ def main(seed: int = 0, out: str = "bench/out", n: int = 200, rows: int = 2, ste
     steps: the reference / cached / FP8 step count; few_steps: the few-step row's; preset: the
     :data:`pyops.models.digits.PRESETS` name; threads: ``torch.set_num_threads`` for the run
     (restored afterwards; None: unchanged).
-    Raises ``ValueError`` for ``rows < 1``, ``n < rows·10``, ``steps``/``few_steps`` < 1 or
-    ``threads`` < 1, before any work.
+    Raises :class:`ArgumentError` (a ``ValueError``) for ``rows < 1``, ``n < rows·10``,
+    ``steps``/``few_steps`` < 1, ``threads`` < 1 or an unknown ``preset``, before any work.
     """
     if threads is not None and threads < 1:
-        raise ValueError(f"pyops demo: threads must be >= 1, got {threads}")
+        raise ArgumentError(f"pyops demo: threads must be >= 1, got {threads}")
     from .models.digits import PRESETS
     if preset not in PRESETS:
-        raise ValueError(f"pyops demo: unknown preset {preset!r}; expected one of "
-                         f"{sorted(PRESETS)}")
+        raise ArgumentError(f"pyops demo: unknown preset {preset!r}; expected one of "
+                            f"{sorted(PRESETS)}")
     if rows < 1 or n < rows * CLASSES:
-        raise ValueError(f"pyops demo: need rows >= 1 and n >= rows*10 samples (rows={rows}, "
-                         f"n={n})")
+        raise ArgumentError(f"pyops demo: need rows >= 1 and n >= rows*10 samples "
+                            f"(rows={rows}, n={n})")
     if steps < 1 or few_steps < 1:
-        raise ValueError(f"pyops demo: steps and few_steps must be >= 1 ({steps}, {few_steps})")
+        raise ArgumentError(f"pyops demo: steps and few_steps must be >= 1 ({steps}, "
+                            f"{few_steps})")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -107,6 +107,16 @@ def test_demo_bad_arguments_raise_before_any_work():
         cli.main(["demo", "-n", "5"])
 
 
+def test_cli_turns_only_bad_arguments_into_a_usage_error(monkeypatch):
+    """A ValueError from inside the run (a failing op, a metric) is a real error with its
+    traceback, not argparse's usage message with exit status 2."""
+    def boom(*a, **k):
+        raise ValueError("an error inside the run")
+    monkeypatch.setattr(demo, "_main", boom)
+    with pytest.raises(ValueError, match="inside the run"):
+        cli.main(["demo"])
+
+
 def test_skipped_prefers_stats_and_falls_back_to_the_reuse_flags():
     class WithStats:
         stats = {"checks": 4, "hits": 1, "misses": 3, "skipped": 0.25}
