@@ -19,9 +19,8 @@ def main(argv=None) -> int:
     d.add_argument("-n", "--samples", type=int, default=200,
                    help="samples per row for the metrics (default 200; >= 20)")
     d.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the model is 64 wide; on the 2-core "
-                        "development machine, shared with other jobs, 2 threads ran the demo "
-                        "2.5x slower than 1)")
+                   help="torch CPU threads (default 1: the model is 64 wide, too small for "
+                        "threads to pay; more threads can be slower on a shared machine)")
     args = p.parse_args(argv)
     if args.cmd in (None, "info"):
         from . import info

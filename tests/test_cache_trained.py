@@ -64,7 +64,10 @@ def test_same_steps_skipped_as_diffusers_first_block_cache(setup, threshold):
     """Same rule (relative L1 of the first block's residual against the last computed step),
     same threshold: pyops and diffusers' FirstBlockCache skip the same steps, and the outputs
     agree to rounding (both add the cached residual of the same computed step)."""
-    from diffusers import FirstBlockCacheConfig
+    FirstBlockCacheConfig = getattr(pytest.importorskip("diffusers"), "FirstBlockCacheConfig",
+                                    None)
+    if FirstBlockCacheConfig is None:
+        pytest.skip("the installed diffusers has no FirstBlockCacheConfig")
     m, noise, labels, ref = setup
     cfg = pyops.CacheConfig(level="step", threshold=threshold, warmup=1, last_steps=0, fn=1,
                             bn=0, num_steps=STEPS)

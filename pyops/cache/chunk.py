@@ -136,10 +136,12 @@ class ChunkLevel:
         chunk_scatter(out, x, res, rows, tok, ref, backend=cfg.backend)
 
     def _warm(self, r: ChunkRegion, block, x, c) -> None:
-        """First forward at a shape on CUDA: run the partial path once on scratch copies (the
-        cache is untouched) so that its kernels exist before a capture."""
+        """First forward at a shape on CUDA, when graphs with IF nodes are possible: run the
+        partial path once on scratch copies (the cache is untouched) so that its kernels exist
+        before a capture. Eager-only configurations (``graph=False``) skip it."""
         key = (tuple(x.shape), x.dtype, x.device)
-        if not x.is_cuda or r.warm_key == key:
+        if (not x.is_cuda or r.warm_key == key or not self.config.graph
+                or not _graphs.supported()[0]):
             return
         self._partial(r, block, x, c, torch.empty_like(x), r.residual[0].clone(), r.ref.clone(),
                       record=False)

@@ -248,7 +248,7 @@ class TrainedFlux:
         """Fraction of ``images`` the classifier assigns to ``labels`` (class adherence)."""
         with torch.no_grad():
             pred = self.classifier(images.float().cpu()).argmax(-1)
-        return float((pred == torch.as_tensor(labels)).float().mean())
+        return float((pred == torch.as_tensor(labels).cpu()).float().mean())
 
 
 def _build(c: TrainConfig):
