@@ -32,8 +32,22 @@ For every step count (default run: 28; ``--full``: 28 and 50), one fixed batch o
   attention modules, or ``use_lite_mode`` = whole blocks), ``MagCacheConfig`` (threshold; its
   ``mag_ratios`` from diffusers' own ``calibrate=True`` run on a second noise batch);
 * ``cache-dit DBCache``: ``cache_dit.enable_cache(model, cache_config=DBCacheConfig(Fn, Bn,
-  residual_diff_threshold, max_warmup_steps=1, num_inference_steps))`` on the bare transformer,
-  removed with ``cache_dit.disable_cache(model)`` (run last: it patches the Flux forward).
+  residual_diff_threshold, max_warmup_steps=1, num_inference_steps))`` on a bare transformer,
+  removed with ``cache_dit.disable_cache(model)``; ``model`` is a deep copy of the transformer
+  taken before any method ran, made anew for every row: cache-dit 1.5.3's removal leaves the
+  model changed (its own Flux forward stays as an instance attribute, and its per-forward swap
+  of the block lists re-registers ``single_transformer_blocks`` and ``transformer_blocks`` last,
+  so the children's order changes; diffusers' FirstBlockCache and MagCache take their head and
+  tail blocks in that order, and both broke at the next step count on the model cache-dit had
+  used: FBC with "'NoneType' object is not subscriptable", MagCache's calibration printing
+  nothing).
+
+After every row the shared model is checked to be as it was before the step count's first row:
+one forward on a few samples (bit-identical), and its structure (``structure``: per module its
+children, parameters and buffers in order, instance attributes, torch and diffusers hooks; one
+forward cannot see a child order or a leftover forward that computes the same). A row that
+leaves it changed is noted, and the model is replaced by a fresh copy of the untouched one for
+the rows after it.
 
 A method that is missing or fails gives a row with a note. Columns: ``skipped``: the fraction of
 block computes skipped, counted the same way for every method (forward pre-hooks on a module
@@ -63,12 +77,15 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import copy
+import inspect
 import io
 import os
 import re
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -98,7 +115,7 @@ TOL_FD_RATIO = 1.1
 MATCH_RULE = (f"matched quality: rel L1 <= {TOL_REL_L1} vs the uncached images (same noise) AND "
               f"FD <= {TOL_FD_RATIO} x the uncached model's FD (same step count)")
 
-# methods, in run order (cache-dit last: it patches the Flux forward for good)
+# methods, in run order (cache-dit last; it runs on its own copy of the model)
 M_UNC, M_UNC_GRAPH = "uncached", "uncached graph"
 M_STEP, M_GRAPH, M_BLOCK, M_CHUNK = "pyops step", "pyops step graph", "pyops block", "pyops chunk"
 M_FBC, M_FASTER, M_PAB = "diffusers FBC", "diffusers FasterCache", "diffusers PAB"
@@ -289,9 +306,99 @@ class Unavailable(Exception):
     """A method that cannot run here (not installed, not applicable): a note row."""
 
 
+# ---- is the model as it was? ---------------------------------------------------------------------
+_ABSENT = "<absent>"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+# an attribute a method may leave behind when the class has none: its neutral value
+# (diffusers keeps an empty hook registry on each module after disable_cache)
+_NEUTRAL = {"_diffusers_hook": ()}
+
+
+def _token(v, owner=None, name=None):
+    """A comparable stand-in for an attribute's value: numbers, strings and None by value,
+    anything else by identity; ``owner.name`` bound to ``owner`` from the class's own function
+    of that name stands for that function (diffusers' hook removal leaves each block's
+    ``forward`` so: the same as the class's)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if (owner is not None and isinstance(v, types.MethodType) and v.__self__ is owner
+            and v.__func__ is inspect.getattr_static(type(owner), name, None)):
+        v = v.__func__
+    return ("object", id(v))
+
+
+def structure(model: torch.nn.Module) -> dict:
+    """What a cache must leave as it found it, beyond the numbers of one forward: per module
+    (by qualified name) its type and its instance attributes: children, parameters and buffers
+    as (name, object) in registration order; torch's hook dicts by size; diffusers' hook
+    registry by hook names; anything else by value (numbers, strings, None) or identity (an
+    instance ``forward`` left behind shows here). Compare two with :func:`structure_diff`."""
+    out = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = {}
+        for k, v in vars(m).items():
+            if k in ("_modules", "_parameters", "_buffers"):
+                attrs[k] = tuple((n, id(x)) for n, x in v.items())
+            elif k in _HOOK_DICTS:
+                attrs[k] = len(v)
+            elif k == "_diffusers_hook":
+                attrs[k] = tuple(getattr(v, "hooks", {}) or ())
+            else:
+                attrs[k] = _token(v, m, k)
+        out[name] = (type(m), attrs)
+    return out
+
+
+def structure_diff(before: dict, after: dict) -> list:
+    """The differences between two :func:`structure` records, one short line each (empty:
+    the same). An attribute present on one side only is compared with the class's value (or
+    its neutral value in ``_NEUTRAL``), so ``x._cache_config = None`` over a class attribute
+    ``None`` is no difference."""
+    def cls_value(cls, k):
+        if k in _NEUTRAL:
+            return _NEUTRAL[k]
+        v = inspect.getattr_static(cls, k, _ABSENT)
+        return v if v is _ABSENT else _token(v)
+
+    diffs = []
+    for name in list(before) + [n for n in after if n not in before]:
+        where = name or "model"
+        if name not in after or name not in before:
+            diffs.append(f"{where}: module {'gone' if name not in after else 'added'}")
+            continue
+        (tb, ab), (ta, aa) = before[name], after[name]
+        if tb is not ta:
+            diffs.append(f"{where}: type {tb.__name__} -> {ta.__name__}")
+            continue
+        for k in list(ab) + [k for k in aa if k not in ab]:
+            vb = ab[k] if k in ab else cls_value(tb, k)
+            va = aa[k] if k in aa else cls_value(ta, k)
+            if vb == va:
+                continue
+            kind = {"_modules": "children", "_parameters": "parameters",
+                    "_buffers": "buffers"}.get(k)
+            if kind and sorted(vb) == sorted(va):
+                what = f"{kind} re-registered in another order ({', '.join(n for n, _ in va)})"
+            elif kind:
+                what = f"{kind} changed"
+            elif k not in ab or k not in aa:
+                what = f"attribute {k} {'left behind' if k not in ab else 'removed'}"
+            else:
+                what = f"attribute {k} changed"
+            diffs.append(f"{where}: {what}")
+    return diffs
+
+
 # ---- the run -------------------------------------------------------------------------------------
 @dataclass
 class Ctx:
+    """One step count's run. ``pristine``: a deep copy of the transformer taken before any
+    method ran (the source of a method's private copy and of the repair after a leak; None:
+    copies come from the shared model as it is); ``private``: the model of the method running
+    now when it has its own copy (cache-dit), else None; ``layout``: ``structure`` of the shared
+    model when the context was made (the restore check after every row)."""
     tm: object                 # the TrainedFlux
     device: torch.device
     steps: int
@@ -303,12 +410,31 @@ class Ctx:
     base_s: Optional[float] = None
     probe_out: Optional[torch.Tensor] = None
     mag_ratios: dict = field(default_factory=dict)
+    pristine: Optional[torch.nn.Module] = None
+    private: Optional[torch.nn.Module] = None
+    layout: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = structure(self.shared)
+
+    @property
+    def shared(self):
+        """The transformer every method but cache-dit caches in place."""
+        return self.tm.transformer
 
     @property
     def model(self):
-        return self.tm.transformer
+        """The model the running method caches (and the counters watch)."""
+        return self.private if self.private is not None else self.tm.transformer
+
+    def fresh_copy(self) -> torch.nn.Module:
+        """A deep copy of the untouched transformer (``pristine``, else the shared one)."""
+        return copy.deepcopy(self.pristine if self.pristine is not None else self.shared)
 
     def sample(self, model=None):
+        if model is None:
+            model = self.private  # None: the shared transformer
         return self.tm.sample(self.noise, self.labels, self.steps, model=model)
 
     def probe(self) -> torch.Tensor:
@@ -490,16 +616,22 @@ def _import_cache_dit():
 def _cache_dit(ctx: Ctx, cfg: Cfg):
     cache_dit = _import_cache_dit()
     p = cfg.p()
-    model = ctx.model
     cc = cache_dit.DBCacheConfig(Fn_compute_blocks=p["Fn"], Bn_compute_blocks=p["Bn"],
                                  residual_diff_threshold=p["threshold"], max_warmup_steps=1,
                                  num_inference_steps=ctx.steps)
-    cache_dit.enable_cache(model, cache_config=cc)
+    # its own copy: cache-dit's removal leaves the model changed (see the module docstring)
+    model = ctx.fresh_copy()
+    ctx.private = model
     try:
-        # the context refreshes itself after num_inference_steps forwards: one per generation
-        yield ctx.sample, None
+        cache_dit.enable_cache(model, cache_config=cc)
+        try:
+            # the context refreshes itself after num_inference_steps forwards: one per
+            # generation
+            yield ctx.sample, None
+        finally:
+            cache_dit.disable_cache(model)
     finally:
-        cache_dit.disable_cache(model)
+        ctx.private = None
 
 
 def provider(ctx: Ctx, cfg: Cfg):
@@ -595,15 +727,38 @@ def run_row(ctx: Ctx, cfg: Cfg, timed: Optional[bool] = None) -> dict:
         if ctx.device.type == "cuda":
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(ctx.device)
-    if ctx.probe_out is not None and cfg.method != M_UNC:
-        try:
-            if not torch.equal(ctx.probe(), ctx.probe_out):
-                notes.append("the model is NOT restored after removing this method")
-        except Exception as e:  # noqa: BLE001
-            notes.append(f"restore check failed: {type(e).__name__}")
+    if cfg.method != M_UNC:
+        _check_restored(ctx, notes)
     if notes:
         row["note"] = "; ".join(notes)
     return row
+
+
+def _check_restored(ctx: Ctx, notes: list) -> None:
+    """After a row: is the shared model as it was (one forward bit-identical to
+    ``ctx.probe_out``, the same ``structure`` as ``ctx.layout``)? If not, a note, and (with
+    ``ctx.pristine``) a fresh copy of the untouched model replaces it for the rows after."""
+    leaked = False
+    if ctx.probe_out is not None:
+        try:
+            if not torch.equal(ctx.probe(), ctx.probe_out):
+                notes.append("the model is NOT restored after removing this method")
+                leaked = True
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"restore check failed: {type(e).__name__}")
+            leaked = True
+    if ctx.layout is not None:
+        diffs = structure_diff(ctx.layout, structure(ctx.shared))
+        if diffs:
+            notes.append("the model's structure is NOT restored after removing this method: "
+                         + "; ".join(diffs[:3]) + (f" (+{len(diffs) - 3} more)"
+                                                   if len(diffs) > 3 else ""))
+            leaked = True
+    if leaked and ctx.pristine is not None:
+        ctx.tm.transformer = ctx.fresh_copy()
+        ctx.layout = structure(ctx.shared)
+        notes.append("the bench replaced it with a copy of the untouched model for the next "
+                     "rows")
 
 
 # ---- the headline table and the plot --------------------------------------------------------------
@@ -809,8 +964,9 @@ def main(argv=None) -> int:
         tm.transformer.single_transformer_blocks)
     labels = torch.arange(samples) % 10
     noise = tm.noise(samples, seed=0)
+    pristine = copy.deepcopy(tm.transformer)  # before any method touched it
     for steps in steps_list:
-        ctx = Ctx(tm, device, steps, noise, labels, n_blocks)
+        ctx = Ctx(tm, device, steps, noise, labels, n_blocks, pristine=pristine)
         ctx.probe_out = ctx.probe()
         for cfg in rows_cfg:
             if budget.spent() and cfg.method != M_UNC:

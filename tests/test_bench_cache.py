@@ -200,6 +200,65 @@ def test_a_failing_method_gives_a_note_row(monkeypatch, one_thread):
     assert "NOT restored" in row["note"]
 
 
+def test_a_method_that_changes_the_model_without_changing_its_output_is_flagged(monkeypatch,
+                                                                                one_thread):
+    """What cache-dit left behind computes the same forward, so the one-forward check cannot
+    see it; the structure check does: children re-registered in another order (diffusers' FBC
+    and MagCache pick their head and tail blocks in that order) and an instance ``forward``
+    left behind. With an untouched copy at hand the bench replaces the model, and the next row
+    is clean. What diffusers' own removal leaves (each block's ``forward`` bound from the class,
+    an empty hook registry, ``_cache_config = None``) is no change."""
+    import copy
+    import functools
+    B = _bench()
+    from pyops.models import digits as D
+    tm = D.trained_flux("quick")
+    m = tm.transformer
+    n_blocks = len(m.transformer_blocks) + len(m.single_transformer_blocks)
+    ctx = B.Ctx(tm, torch.device("cpu"), 2, tm.noise(4, seed=0), torch.arange(4) % 10, n_blocks,
+                pristine=copy.deepcopy(m))
+    ctx.probe_out = ctx.probe()
+    B.run_row(ctx, B.Cfg(B.M_UNC, ""))
+    order = list(m._modules)
+    real = B.provider
+
+    def reorder(ctx, cfg):  # what unittest.mock.patch.object does to a child on exit
+        blocks = ctx.shared.transformer_blocks
+        delattr(ctx.shared, "transformer_blocks")
+        ctx.shared.transformer_blocks = blocks
+        return B.contextlib.nullcontext((ctx.sample, None))
+
+    def forward_left(ctx, cfg):
+        ctx.shared.forward = functools.partial(type(ctx.shared).forward, ctx.shared)
+        return B.contextlib.nullcontext((ctx.sample, None))
+
+    def diffusers_leftovers(ctx, cfg):
+        for b in list(ctx.shared.transformer_blocks) + list(ctx.shared.single_transformer_blocks):
+            b.forward = b.forward  # a bound method of the class's forward, on the instance
+        ctx.shared._cache_config = None
+        ctx.shared.enable_cache(B._diffusers_cls(B.M_FBC)(threshold=0.1))
+        ctx.shared.disable_cache()  # leaves empty hook registries
+        return B.contextlib.nullcontext((ctx.sample, None))
+
+    for leak, words in ((reorder, "children re-registered in another order"),
+                        (forward_left, "attribute forward left behind")):
+        monkeypatch.setattr(B, "provider", leak)
+        before = tm.transformer
+        row = B.run_row(ctx, B._fbc(0.3))
+        assert _measured(row) and row["rel L1"] == 0.0, row  # the same images: one forward
+        assert "structure is NOT restored" in row["note"] and words in row["note"], row
+        assert "replaced it with a copy" in row["note"], row
+        assert tm.transformer is not before and list(tm.transformer._modules) == order
+        assert "forward" not in vars(tm.transformer)
+        monkeypatch.setattr(B, "provider", real)
+        clean = B.run_row(ctx, B._fbc(0.3))  # on the replacement: nothing to flag
+        assert _measured(clean) and not clean.get("note"), clean
+
+    monkeypatch.setattr(B, "provider", diffusers_leftovers)
+    row = B.run_row(ctx, B._fbc(0.3))
+    assert _measured(row) and not row.get("note"), row
+
+
 @pytest.fixture
 def one_thread():
     n = torch.get_num_threads()
@@ -231,3 +290,69 @@ def test_repeated_generations_are_identical(one_thread):
         assert _measured(row) and row["s"] > 0 and not note, row
         ran.add(cfg.method)
     assert {B.M_UNC, B.M_STEP, B.M_BLOCK, B.M_FBC} <= ran
+
+
+class FakeCacheDit:
+    """What cache-dit (1.5.3, read in its caching/cache_adapters/cache_adapter.py and
+    caching/patch_functors/functor_flux.py) does to a bare Flux transformer, without its
+    dependencies: ``enable_cache`` gives the model an instance ``forward`` (the Flux patch
+    functor's copy of the class forward, ``_is_patched = True``) wrapped in one that swaps the
+    block lists in with ``unittest.mock.patch.object`` on every call; leaving that patch deletes
+    and re-adds the model's child, so the children's registration order changes
+    (``single_transformer_blocks`` then ``transformer_blocks``, after ``proj_out``).
+    ``disable_cache`` puts back the patch functor's forward, not the class one."""
+
+    class DBCacheConfig:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    @staticmethod
+    def enable_cache(model, cache_config):
+        import contextlib
+        from unittest import mock
+        cls_forward = type(model).forward
+
+        def patched(*a, **k):  # stands for cache-dit's copy of the Flux forward
+            return cls_forward(model, *a, **k)
+
+        def cached(*a, **k):
+            with contextlib.ExitStack() as stack:
+                for name in ("transformer_blocks", "single_transformer_blocks"):
+                    stack.enter_context(mock.patch.object(model, name, getattr(model, name)))
+                return patched(*a, **k)
+        model._is_patched = True
+        model._original_forward = patched
+        model.forward = cached
+
+    @staticmethod
+    def disable_cache(model):
+        model.forward = model._original_forward
+        del model._original_forward
+
+
+@pytest.mark.parametrize("impl", ["fake", "cache_dit"])
+def test_cache_dit_leaves_the_model_of_the_other_methods_alone(impl, monkeypatch, tmp_path,
+                                                               one_thread):
+    """Two step counts in one run (like --full's 28 and 50): cache-dit runs last at the first
+    and must not break diffusers' FirstBlockCache and MagCache at the second. cache-dit leaves
+    the transformer's children re-registered in another order (and its own forward behind);
+    diffusers picks the head and tail blocks of both caches in the children's order, so on the
+    model cache-dit touched FBC's tail block ran before its head ("'NoneType' object is not
+    subscriptable") and MagCache's calibration printed nothing. ``fake``: the same side effects
+    without cache-dit (always runs); ``cache_dit``: the real package, where importable."""
+    B = _bench()
+    if impl == "fake":
+        monkeypatch.setattr(B, "_import_cache_dit", lambda: FakeCacheDit)
+    else:
+        pytest.importorskip("cache_dit")
+    rc = B.main(["--device", "cpu", "--preset", "quick", "--samples", "4", "--steps", "3,4",
+                 "--thresholds", "0.3", "--methods", "FBC,MagCache,cache-dit",
+                 "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "cache.json").read_text())["tables"][0]["rows"]
+    for steps in (3, 4):
+        for m in (B.M_FBC, B.M_MAG, B.M_CDIT):
+            mine = [r for r in rows if r["steps"] == steps and r["method"] == m]
+            assert mine, (steps, m)
+            for r in mine:
+                assert _measured(r) and not r.get("note"), r
