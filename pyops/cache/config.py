@@ -10,6 +10,7 @@ import torch
 from ..ops.block_similarity import RULES
 
 LEVELS = ("step", "block", "chunk")
+FORECAST_ORDERS = (0, 1)  # CacheConfig.forecast: Taylor order of the reused residual
 
 
 @dataclass
@@ -45,6 +46,31 @@ class CacheConfig:
         ``CachedModel.context(name)`` sets the context explicitly instead.
     graph: inside a CUDA-graph capture, wrap skipped regions in IF nodes (``pyops.graphs``);
         without IF support a capture computes everything and selects on the device.
+    forecast: Taylor order of the residual a reused region adds to its input (step and block
+        levels; ``level="chunk"`` raises ``ValueError`` for 1). ``0`` (default): the residual
+        of the last computed step as is (First-Block Cache / TeaCache reuse). ``1``: a
+        first-order forecast from the residuals of the last two computed steps, the idea of
+        TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting: Accelerating Diffusion
+        Models with TaylorSeers", arXiv 2503.06923: extrapolate cached features with finite
+        differences over the step index instead of reusing them). With ``r1`` (output − input
+        per hidden stream) computed at step ``k1`` and ``r0`` at step ``k0 < k1``, a region
+        reused at step ``k`` outputs::
+
+            out = x + r1 + (k − k1) / (k1 − k0) · (r1 − r0)
+
+        formed in fp32 (``r1``, ``r0`` and the coefficient), rounded once to ``x``'s dtype
+        (through :func:`pyops.cache_apply`). ``k`` is the check's step counter (forwards
+        through the region since the start of the generation: ``reset()``, the wrap at
+        ``num_steps``, or a refill after a new shape or an error). Until two residuals of the
+        current generation exist (the first computed step, step 0, which is always computed,
+        starts a new history) the coefficient is 0, i.e. order 0 exactly. ``forecast=1`` keeps
+        the decisions (threshold, rule, warm-up, ``max_reuse``) unchanged; only what a reuse
+        adds changes. Memory: one more residual buffer per hidden stream per gated region (the
+        same shape and dtype as the stream: step level 1 region, block level one per gated
+        block), a (groups, 3) + 2 × (groups,) fp32 bookkeeping per region, and at a reused
+        step a transient fp32 tensor of one stream's size for the forecast. Everything is
+        decided and formed on the device (no host sync, no allocation by data; CUDA-graph
+        capturable): :class:`pyops.cache.regions.Region` documents the bookkeeping.
     """
     level: str = "step"
     threshold: float = 0.12
@@ -62,6 +88,7 @@ class CacheConfig:
     backend: Optional[str] = None
     chunks: int = 8
     budget: int = 2
+    forecast: int = 0
 
     def validate(self, n_blocks: int) -> None:
         """Raise ``ValueError`` for a config that cannot run on a model of ``n_blocks`` blocks."""
@@ -77,6 +104,14 @@ class CacheConfig:
             raise ValueError(f"pyops.cache: fn + bn = {self.fn + self.bn} > {n_blocks} blocks")
         if not (self.threshold >= 0):
             raise ValueError("pyops.cache: threshold must be >= 0")
+        if (not isinstance(self.forecast, int) or isinstance(self.forecast, bool)
+                or self.forecast not in FORECAST_ORDERS):
+            raise ValueError(f"pyops.cache: forecast={self.forecast!r}; expected one of "
+                             f"{FORECAST_ORDERS} (the Taylor order of the reused residual)")
+        if self.level == "chunk" and self.forecast:
+            raise ValueError("pyops.cache: forecast=1 works at the step and block levels; "
+                             "level='chunk' reuses per-token residuals of different steps and "
+                             "has no forecast (use forecast=0)")
         if self.level == "chunk" and not (1 <= self.budget <= self.chunks):
             raise ValueError(f"pyops.cache: budget must be in [1, chunks={self.chunks}], got "
                              f"{self.budget}")

@@ -267,7 +267,11 @@ class CachedModel:
                 r.flags = torch.ones((2, g), dtype=torch.int32, device=feature.device)
                 r.reuse = r.flags[1]  # the check writes row 1; row 0 stays 1 (counts checks)
                 r.reuse.zero_()
+                if c.forecast:
+                    r.clock = torch.zeros(g, dtype=torch.float32, device=feature.device)
             r.residual = []
+        if c.forecast:  # this forward's step, before the check advances the counter in place
+            r.clock.copy_(r.state[:, 0])
         block_similarity(feature, r.ref, r.state, threshold=c.threshold, rule=c.rule,
                          warmup=c.warmup, max_reuse=c.max_reuse, num_steps=c.num_steps,
                          last_steps=c.last_steps if c.num_steps > 0 else 0, groups=g,
@@ -284,6 +288,14 @@ class CachedModel:
             with persistent():
                 r.residual = [torch.zeros(s.shape, dtype=s.dtype, device=s.device)
                               for s in streams]
+                if self.config.forecast:
+                    dev = streams[0].device
+                    g = self._groups()
+                    r.residual_prev = [torch.zeros_like(b) for b in r.residual]
+                    r.history = torch.zeros((g, 3), dtype=torch.float32, device=dev)
+                    r.coef = torch.zeros(g, dtype=torch.float32, device=dev)
+        if _graphs.capturing():
+            r.fixed = True  # the graph holds the residual buffers' addresses: never swap them
         cap = self.config.graph and _graphs.capturing()
         if _graphs.capturing() and not (cap and _graphs.supported()[0]):
             r.mode, r.run, r.token = "select", True, None  # compute, select on the device
@@ -295,7 +307,10 @@ class CachedModel:
         """Leave the region: update the residual cache if it ran, apply it where reused."""
         ins = r.inputs
         g = self._groups()
-        if r.run:
+        fc = self.config.forecast
+        if r.run and fc:
+            self._store_forecast(r, streams_out, ins)
+        elif r.run:
             for buf, o, i in zip(r.residual, streams_out, ins):
                 if r.mode == "select":
                     keep = (r.reuse != 0).repeat_interleave(o.shape[0] // g)
@@ -305,22 +320,73 @@ class CachedModel:
                     torch.sub(o, i, out=buf)
         if r.token is not None:
             _graphs.end(r.token)
+        if fc:
+            self._coefficient(r)
         if r.mode == "eager":
             if not r.run:
                 streams_out = []
-                for i, buf in zip(ins, r.residual):
+                for j, (i, buf) in enumerate(zip(ins, r.residual)):
                     i = i.contiguous()
                     o = torch.empty_like(i)
-                    cache_apply(o, i, buf.contiguous(), r.reuse, groups=g,
-                                backend=self.config.backend)
+                    res = self._forecast(r, j) if fc else buf.contiguous()
+                    cache_apply(o, i, res, r.reuse, groups=g, backend=self.config.backend)
                     streams_out.append(o)
         else:  # "if" / "select": outputs hold the body's values; overwrite where reused
             streams_out = [o.contiguous() for o in streams_out]
-            for o, i, buf in zip(streams_out, ins, r.residual):
-                cache_apply(o, i.contiguous(), buf, r.reuse, groups=g,
+            for j, (o, i, buf) in enumerate(zip(streams_out, ins, r.residual)):
+                res = self._forecast(r, j) if fc else buf
+                cache_apply(o, i.contiguous(), res, r.reuse, groups=g,
                             backend=self.config.backend)
         r.inputs, r.token = None, None
         return streams_out
+
+    # ---- first-order forecast (CacheConfig.forecast = 1) -------------------------------------
+    def _rows(self, flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-group (groups,) tensor repeated over the batch rows of ``like`` and shaped to
+        broadcast against it: (B, 1, ..., 1)."""
+        b, g = like.shape[0], self._groups()
+        rows = flag.view(g, 1).expand(g, b // g).reshape(b)  # no data-dependent size: no sync
+        return rows.view(b, *([1] * (like.dim() - 1)))
+
+    def _store_forecast(self, r: Region, streams_out: list, ins: list) -> None:
+        """A computed step (the region's body ran): ``r0 <- r1``, ``r1 <- out − in`` and the
+        history ``[k1, k0, stored] <- [k, k1, stored + 1 (capped at 2; 1 when k == 0)]``, all
+        by device ops. Mode "select" (a capture without IF nodes: the body ran whatever the
+        decision) updates only the groups that did not reuse."""
+        k = r.clock
+        k1, n = r.history[:, 0], r.history[:, 2]
+        n_new = torch.where(k == 0, torch.ones_like(n), (n + 1).clamp_max(2.0))
+        new = torch.stack([k, k1, n_new], dim=1)
+        if r.mode == "select":
+            keep = r.reuse != 0
+            for r1, r0, o, i in zip(r.residual, r.residual_prev, streams_out, ins):
+                rows = self._rows(keep, r1)
+                r0.copy_(torch.where(rows, r0, r1))
+                r1.copy_(torch.where(rows, r1, o - i))
+            r.history.copy_(torch.where(keep.view(-1, 1), r.history, new))
+            return
+        if r.mode == "eager" and not r.fixed:
+            r.residual, r.residual_prev = r.residual_prev, r.residual  # r0 <- r1: no copy
+        else:  # inside a capture (and after one): the graph holds both buffers' addresses
+            for r1, r0 in zip(r.residual, r.residual_prev):
+                r0.copy_(r1)
+        for buf, o, i in zip(r.residual, streams_out, ins):
+            torch.sub(o, i, out=buf)
+        r.history.copy_(new)
+
+    def _coefficient(self, r: Region) -> None:
+        """``coef = (k − k1) / (k1 − k0)`` where the region reuses and two residuals of this
+        generation are stored, else 0 (device ops; ``k1 > k0`` whenever two are stored)."""
+        k1, k0, n = r.history[:, 0], r.history[:, 1], r.history[:, 2]
+        c = (r.clock - k1) / (k1 - k0).clamp_min(1.0)
+        r.coef.copy_(torch.where((r.reuse != 0) & (n >= 2), c, torch.zeros_like(c)))
+
+    def _forecast(self, r: Region, j: int) -> torch.Tensor:
+        """Stream ``j``'s forecast residual ``r1 + coef · (r1 − r0)`` in fp32 (contiguous, the
+        stream's shape); equal to ``r1`` where ``coef`` is 0."""
+        r1 = r.residual[j].float()
+        f = r1 - r.residual_prev[j].float()
+        return f.mul_(self._rows(r.coef, f)).add_(r1).contiguous()
 
     def _abort(self, r: Region) -> None:
         """A block body raised inside an open region: close the region (side stream, nesting

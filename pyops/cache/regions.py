@@ -31,6 +31,20 @@ class Region:
     (row 0: checks, row 1: reuses), added on the device after every check (one add, captured
     with the check, so graph replays count too); residual: one tensor per hidden stream,
     output − input at the last computed step.
+
+    First-order forecast (``CacheConfig.forecast=1``; all None / empty at order 0), every field
+    on the device and updated by device ops only (no host sync; the same ops run eagerly and
+    inside a CUDA graph): residual_prev: one tensor per hidden stream, the residual of the
+    computed step before the last one (``r0``; ``residual`` is ``r1``); clock: (groups,) fp32,
+    this forward's step (``state[:, 0]`` copied before the check, which advances it in place);
+    history: (groups, 3) fp32 ``[k1, k0, stored]``: the steps of ``residual`` and
+    ``residual_prev`` and how many residuals of the current generation are stored (0–2; a
+    computed step at clock 0 restarts it at 1), updated only where the region computed (inside
+    the IF node's body in a capture, a device select without IF nodes); coef: (groups,) fp32,
+    the last forward's coefficient ``(k − k1) / (k1 − k0)`` where it reused with two residuals
+    stored, else 0. fixed: a CUDA graph captured this region, so the buffers' addresses are baked
+    into it: a computed step copies ``r1`` into ``r0`` from then on; before that an eager
+    computed step swaps the two buffers instead (no copy).
     """
     ref: Optional[torch.Tensor] = None
     state: Optional[torch.Tensor] = None
@@ -39,6 +53,11 @@ class Region:
     reuse: Optional[torch.Tensor] = None
     tally: Optional[torch.Tensor] = None
     residual: list = field(default_factory=list)
+    residual_prev: list = field(default_factory=list)
+    clock: Optional[torch.Tensor] = None
+    history: Optional[torch.Tensor] = None
+    coef: Optional[torch.Tensor] = None
+    fixed: bool = False
     # transient, within one forward
     inputs: Optional[list] = None
     run: bool = True
