@@ -194,7 +194,10 @@ def test_features_compose_ops_not_the_registry(path):
 
 
 # Files allowed over ~400 lines, with the reason.
-LONG_OK = {}
+LONG_OK = {
+    # the hooks of step and block levels plus the forecast bookkeeping; to be split (own issue)
+    "cache/model.py": "CachedModel: hooks, regions and forecast in one class",
+}
 
 
 def test_no_long_files_in_pyops():
