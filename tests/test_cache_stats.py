@@ -278,16 +278,9 @@ def test_chunk_level_reset_stats():
 
 # ---- a tiny diffusers Flux --------------------------------------------------------------------
 def _flux():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
-                               attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=32, pooled_projection_dim=32,
-                               axes_dims_rope=(4, 4, 8)).eval()
-    side = torch.arange(4.0)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), side, side, indexing="ij"), -1)
-    cond = dict(encoder_hidden_states=torch.randn(1, 6, 32), pooled_projections=torch.randn(1, 32),
-                txt_ids=torch.zeros(6, 3), img_ids=img_ids.reshape(16, 3))
+    """test_cache's tiny Flux (the same seed and draws), without its latent shape."""
+    from test_cache import _flux as flux
+    m, _, cond = flux()
     return m, cond
 
 
