@@ -53,6 +53,7 @@ from .ops.norm_modulate_quant import norm_modulate_quant  # noqa: E402
 from .ops.gelu_quant import gelu_quant  # noqa: E402
 from .nn import QuantConfig, QuantLinear, QuantReport, quantize_model  # noqa: E402
 from .ops.linear import linear  # noqa: E402
+from .ops.weight_only_linear import weight_only_linear  # noqa: E402
 from .weights import FP8Weight, NVFP4Weight, QuantizedWeight, quantize_weight  # noqa: E402
 from . import sampler  # noqa: E402
 from .patch import (PatchConfig, PatchHandle, PatchReport, sdpa_override,  # noqa: E402
@@ -81,7 +82,8 @@ __all__ = [
     "FP8Tensor", "NVFP4Tensor", "quantize_fp8", "dequantize_fp8", "quantize_nvfp4",
     "dequantize_nvfp4",
     # quantized linear layers and the fused norm + modulate + quant
-    "norm_modulate_quant", "gelu_quant", "quantize_weight", "linear", "FP8Weight", "NVFP4Weight",
+    "norm_modulate_quant", "gelu_quant", "quantize_weight", "linear", "weight_only_linear",
+    "FP8Weight", "NVFP4Weight",
     "QuantizedWeight", "nn", "QuantLinear", "quantize_model", "QuantConfig", "QuantReport",
     # attention
     "attention", "sdpa",

@@ -11,18 +11,55 @@
   on native-NVFP4 GPUs (sm_100/103/120/121) W4A4 through cuBLASLt (``torch``, variant w4a4;
   UNVERIFIED ON HARDWARE).
 
+* small M (tokens <= ``weight_only_max_m``): ``weight_only_linear``
+  (``pyops/ops/weight_only_linear.py``): W8A16 / W4A16, the weight streamed once, activations not
+  quantized. The routing is a measured policy per (compute capability, format); nothing is
+  measured yet, so by default no shape is routed there (``WEIGHT_ONLY_MAX_M`` is empty).
+  ``PYOPS_LINEAR_WEIGHT_ONLY_MAX_M=<int>`` sets the bound by hand (0: never).
+
 The weight containers and ``quantize_weight`` are in ``pyops/weights.py``.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional, Union
 
 import torch
 
+from .. import _backend
 from ..weights import FP8Weight, NVFP4Weight, QuantizedWeight
 from .fp8_linear import fp8_linear
 from .nvfp4_linear import nvfp4_linear
 from .quantize_fp8 import FP8Tensor
+from .weight_only_linear import weight_only_linear
+
+# ---- routing policy: which M goes to weight_only_linear, per device and format -------------------
+# (compute capability, format) -> the largest M routed to weight_only_linear. Entries only from
+# a measurement (bench/bench_linear.py, bench/RESULTS.md); none exists yet, so nothing is routed.
+WEIGHT_ONLY_MAX_M: dict = {}
+WEIGHT_ONLY_ENV = "PYOPS_LINEAR_WEIGHT_ONLY_MAX_M"
+ROUTE_SOURCE = ("unmeasured: no GPU has measured weight_only_linear against the W8A8 / W4A16 "
+                "GEMMs, so pyops.linear routes no shape to it by default")
+
+
+def weight_only_max_m(device: torch.device, fmt: str) -> int:
+    """The largest token count M that ``pyops.linear`` sends to ``weight_only_linear`` on
+    ``device`` for weights of format ``fmt`` ("fp8" / "nvfp4"): ``PYOPS_LINEAR_WEIGHT_ONLY_MAX_M``
+    if set (an int >= 0; ValueError otherwise), else the measured table ``WEIGHT_ONLY_MAX_M``
+    (empty today: 0), and 0 off CUDA (the references of both paths are then equally exact)."""
+    env = os.environ.get(WEIGHT_ONLY_ENV, "")
+    if env not in ("", "auto"):
+        try:
+            v = int(env)
+        except ValueError:
+            v = -1
+        if v < 0:
+            raise ValueError(f"pyops: {WEIGHT_ONLY_ENV}={env!r}; expected an integer >= 0")
+        return v
+    if device.type != "cuda":
+        return 0
+    return WEIGHT_ONLY_MAX_M.get((_backend.device_capability(device), fmt), 0)
 
 
 def linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeight,
@@ -42,8 +79,14 @@ def linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeight,
     FP8, a deprecated name of ``"torch"`` (one-time FutureWarning).
     Errors (before any launch): TypeError for a qweight that is not a ``QuantizedWeight`` or a
     wrong dtype; ValueError for shape/device mismatches; RuntimeError for a requested backend
-    that cannot run. Details: ``fp8_linear`` and ``nvfp4_linear``.
+    that cannot run. Details: ``fp8_linear`` and ``nvfp4_linear``. With ``backend`` None, calls
+    of at most ``weight_only_max_m`` tokens run ``weight_only_linear`` instead (W8A16 / W4A16;
+    no shape by default until measured).
     """
+    if (backend is None and isinstance(qweight, (FP8Weight, NVFP4Weight))
+            and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == qweight.shape[1]
+            and math.prod(x.shape[:-1]) <= weight_only_max_m(x.device, qweight.format)):
+        return weight_only_linear(x, qweight, bias)
     if isinstance(qweight, FP8Weight):
         return fp8_linear(x, qweight, bias, backend=backend)
     if isinstance(qweight, NVFP4Weight):
