@@ -9,3 +9,4 @@ from . import block_similarity, cache_apply, graph_conditional  # noqa: F401,E40
 from . import attention  # noqa: F401,E402  (registers pyops::attention)
 from . import chunk_scatter  # noqa: F401,E402  (registers pyops::chunk_scatter)
 from . import weight_only_linear  # noqa: F401,E402  (registers pyops::weight_only_linear)
+from . import nvfp4_to_fp8  # noqa: F401,E402  (registers pyops::nvfp4_to_fp8)
