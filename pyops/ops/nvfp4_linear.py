@@ -18,10 +18,15 @@ fp32 (1,), ``bias`` (N,) or None; ``out`` (M, N) in x's dtype. Spec:
   is the weight's 128x4-SWIZZLED padded scale tensor (``NVFP4Weight.swizzled_scales()``), not
   the (N, ceil(K/16)) one: the variant defines the layout (the two shapes coincide when
   N % 128 == 0 and ceil(K/16) % 4 == 0, so it cannot be inferred).
-* ``reference``: any variant; ``"w4a4"`` computes ``nvfp4_linear_w4a4`` (activations quantized),
-  the others the W4A16 spec.
+* ``torch``, variant ``"fp8"`` (large M on Hopper; opt-in until measured): per call the weight
+  is re-encoded as FP8 e4m3 + a per-channel scale (``nvfp4_to_fp8``, one pass, a transient
+  (N, K) byte buffer; its error: ``pyops/reference/nvfp4_to_fp8.py``), x is quantized per token
+  and row-wise ``torch._scaled_mm`` (sm_90+, K, N % 16 == 0, bf16 out) runs the GEMM. Stored
+  memory stays NVFP4. (Published: NVFP4 -> FP8 + the FP8 GEMM gave +62% over W4A16 in vLLM.)
+* ``reference``: any variant; ``"w4a4"`` computes ``nvfp4_linear_w4a4``, ``"fp8"`` the chain's
+  references, the others the W4A16 spec.
 
-``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4`` is a tuning knob: for bf16/fp16
+``PYOPS_NVFP4_LINEAR_VARIANT=fused|dequant|w4a4|fp8`` is a tuning knob: for bf16/fp16
 activations where pyops' Triton kernels run (a GPU, or the CPU with TRITON_INTERPRET=1) it picks
 the variant (``fused`` -> backend ``triton``, ``dequant`` / ``w4a4`` -> backend ``torch``; one
 that cannot run there raises); elsewhere (CPU tensors, fp32 activations) auto mode runs as
@@ -60,8 +65,8 @@ from .quantize_nvfp4 import OP as QUANT_OP
 from .quantize_nvfp4 import quantize_nvfp4_op
 
 OP = "nvfp4_linear"
-VARIANTS = ("fused", "dequant", "w4a4")
-BACKEND_OF_VARIANT = {"fused": "triton", "dequant": "torch", "w4a4": "torch"}
+VARIANTS = ("fused", "dequant", "w4a4", "fp8")
+BACKEND_OF_VARIANT = {"fused": "triton", "dequant": "torch", "w4a4": "torch", "fp8": "torch"}
 VARIANT_ENV = "PYOPS_NVFP4_LINEAR_VARIANT"
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK = ref_q.BLOCK
@@ -69,6 +74,12 @@ BLOCK = ref_q.BLOCK
 
 # ---- backends: destination-passing --------------------------------------------------------------
 def _reference(x, data, scales, g, K: int, bias, out, variant: str) -> None:
+    if variant == "fp8":
+        from ..reference import fp8_linear as ref8, nvfp4_to_fp8 as ref_conv, quantize_fp8 as ref_q8
+        wq, ws = ref_conv.nvfp4_to_fp8(data, scales, g, K)
+        xq, xs = ref_q8.quantize_fp8(x, "row")
+        out.copy_(ref8.fp8_linear(xq, xs.reshape(-1), wq, ws, bias, out.dtype))
+        return
     if variant == "w4a4":
         out.copy_(ref.nvfp4_linear_w4a4(x, data, scales, g, K, bias, out.dtype,
                                         scales_swizzled=True))
@@ -168,7 +179,18 @@ def _w4a4(x, data, scales, g, K: int, bias, out) -> None:
     w4a4_gemm(prepare_w4a4_args(ad, asc, ag, data, scales, g, K), bias, out)
 
 
+def _fp8(x, data, scales, g, K: int, bias, out) -> None:
+    """Variant fp8: NVFP4 -> FP8 per-channel (transient), x per token, _scaled_mm row-wise."""
+    from . import fp8_linear as f8, nvfp4_to_fp8 as conv, quantize_fp8 as q8
+    wq, ws = conv.nvfp4_to_fp8_op(data, scales, g, K, _backend.resolve(conv.OP, x.device))
+    xq, xs = q8.quantize_fp8_op(x, "row", _backend.resolve(q8.OP, x.device))
+    _backend.impl(f8.OP, "torch")(xq, xs.reshape(-1), wq, ws, bias, out)
+
+
 def _torch(x, data, scales, g, K: int, bias, out, variant: str) -> None:
+    if variant == "fp8":
+        _fp8(x, data, scales, g, K, bias, out)
+        return
     if variant == "w4a4":
         _w4a4(x, data, scales, g, K, bias, out)
         return
@@ -195,17 +217,18 @@ def triton_available(device, dtype: Optional[torch.dtype] = None, **_) -> tuple[
 
 
 def torch_variant(native: bool, forced: Optional[str] = None) -> str:
-    """The variant backend ``torch`` runs: ``forced`` if it is ``"dequant"``/``"w4a4"``, else
+    """The variant backend ``torch`` runs: ``forced`` if it is ``"dequant"``/``"w4a4"``/``"fp8"``
+    (``"fp8"`` is never chosen automatically: unmeasured), else
     ``"w4a4"`` on a device with native NVFP4 (``native`` = ``_backend.native_fp4(device)``), else
     ``"dequant"``."""
-    if forced in ("dequant", "w4a4"):
+    if forced in ("dequant", "w4a4", "fp8"):
         return forced
     return "w4a4" if native else "dequant"
 
 
 def torch_available(device, dtype: Optional[torch.dtype] = None,
                     variant: Optional[str] = None, native: Optional[bool] = None,
-                    **_) -> tuple[bool, str]:
+                    N: Optional[int] = None, K: Optional[int] = None, **_) -> tuple[bool, str]:
     """(ok, why) of backend ``torch`` running ``torch_variant(native, variant)`` (``native``
     as ``choose`` computed it; asked of the device when absent): w4a4 needs native NVFP4;
     dequant needs Triton for its weight pass (cuBLAS does the GEMM)."""
@@ -215,6 +238,14 @@ def torch_available(device, dtype: Optional[torch.dtype] = None,
         return ok, why
     if native is None:
         native = _backend.native_fp4(device)
+    if torch_variant(native, variant) == "fp8":
+        from .fp8_linear import scaled_mm_available
+        ok, why = scaled_mm_available(device, N=16 if N is None else N, K=16 if K is None else K,
+                                      out_dtype=torch.bfloat16 if dtype is None else dtype)
+        if ok:
+            ok, why = _backend.triton_runs(device)  # the conversion and quantization passes
+        return ok, (f"fp8: NVFP4 -> FP8 + torch._scaled_mm row-wise ({why})" if ok else
+                    f"variant fp8 (NVFP4 -> FP8 + torch._scaled_mm) cannot run: {why}")
     if torch_variant(native, variant) == "w4a4":
         ok, why = _backend.native_fp4_status(device)
         return ok, (f"w4a4: cuBLASLt NVFP4 GEMM via torch._scaled_mm ({why})" if ok else
@@ -297,7 +328,7 @@ def nvfp4_linear_op(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
     if variant not in VARIANTS or (backend != "reference"
                                    and BACKEND_OF_VARIANT[variant] != backend):
         raise ValueError(f"pyops: nvfp4_linear backend {backend!r} has no variant {variant!r} "
-                         f"(triton: fused; torch: dequant, w4a4; reference: any)")
+                         f"(triton: fused; torch: dequant, w4a4, fp8; reference: any)")
     out = torch.empty((x.shape[0], data.shape[0]), dtype=x.dtype, device=x.device)
     _backend.impl(OP, backend)(x, data, scales, global_scale, K, bias, out, variant)
     return out
