@@ -142,3 +142,21 @@ def test_gpu_fp8_variant_compile_and_graph(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, pyops.linear(new, qw, b))
+
+
+def test_prequantized_fp8_input_skips_the_requantization(monkeypatch):
+    """pyops.linear(FP8Tensor, NVFP4Weight) with the fp8 variant feeds x's codes to the FP8 GEMM
+    as they are; other variants dequantize x (W4A16), as before."""
+    x, qw, b = operands(6, 32, 64)
+    t = pyops.quantize_fp8(x, "row", backend="reference")
+    xq, xs = t.data.reshape(6, 64), t.scale.reshape(6)
+    wq, ws = ref_conv.nvfp4_to_fp8(qw.data, qw.scales.view(torch.uint8), qw.global_scale, 64)
+    monkeypatch.setenv("PYOPS_NVFP4_LINEAR_VARIANT", "fp8")
+    y = pyops.linear(t, qw, b, backend="reference")
+    assert torch.equal(y, ref8.fp8_linear(xq, xs, wq, ws, b, BF16))
+    t3 = pyops.quantize_fp8(x.reshape(2, 3, 64), "row", backend="reference")
+    assert torch.equal(pyops.linear(t3, qw, b, backend="reference").reshape(6, 32), y)
+    monkeypatch.delenv("PYOPS_NVFP4_LINEAR_VARIANT")
+    w4a16 = pyops.linear(t, qw, b, backend="reference")
+    assert torch.equal(w4a16, pyops.linear(t.dequantize(), qw, b, backend="reference"))
+    assert not torch.equal(w4a16, y)

@@ -6,6 +6,8 @@
 * ``FP8Weight`` -> ``fp8_linear`` (``pyops/ops/fp8_linear.py``): W8A8, activations quantized
   per token on the fly unless x is already a row-granularity ``FP8Tensor``; GEMM
   ``torch._scaled_mm`` (backend ``torch``) or our Triton kernel (``triton``).
+* ``NVFP4Weight`` with a per-token ``FP8Tensor`` input where ``nvfp4_linear`` runs its variant
+  ``"fp8"``: x's codes go to the FP8 GEMM as they are (``_nvfp4_fp8_prequantized``).
 * ``NVFP4Weight`` -> ``nvfp4_linear`` (``pyops/ops/nvfp4_linear.py``): W4A16 with our fused
   Triton kernel (``triton``) or a Triton dequant pass + cuBLAS (``torch``, variant dequant);
   on native-NVFP4 GPUs (sm_100/103/120/121) W4A4 through cuBLASLt (``torch``, variant w4a4;
@@ -29,7 +31,11 @@ import torch
 
 from .. import _backend
 from ..weights import FP8Weight, NVFP4Weight, QuantizedWeight
-from .fp8_linear import fp8_linear
+from .._checks import check_same_device
+from ..weights import check_linear_bias
+from . import nvfp4_to_fp8 as _conv
+from .fp8_linear import _prequantized, fp8_linear, fp8_linear_op
+from .nvfp4_linear import choose as _nvfp4_choose
 from .nvfp4_linear import nvfp4_linear
 from .quantize_fp8 import FP8Tensor
 from .weight_only_linear import weight_only_linear
@@ -90,6 +96,31 @@ def linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeight,
     if isinstance(qweight, FP8Weight):
         return fp8_linear(x, qweight, bias, backend=backend)
     if isinstance(qweight, NVFP4Weight):
+        if isinstance(x, FP8Tensor) and x.granularity == "row":
+            y = _nvfp4_fp8_prequantized(x, qweight, bias, backend)
+            if y is not None:
+                return y
         return nvfp4_linear(x, qweight, bias, backend=backend)
     raise TypeError(f"pyops.linear: qweight must come from pyops.quantize_weight, got "
                     f"{type(qweight).__name__}")
+
+
+def _nvfp4_fp8_prequantized(x: FP8Tensor, qweight: NVFP4Weight, bias: Optional[torch.Tensor],
+                            backend: Optional[str]) -> Optional[torch.Tensor]:
+    """An NVFP4 weight with a per-token FP8 input (e.g. from ``pyops.norm_modulate_quant``) where
+    ``nvfp4_linear`` runs its variant ``"fp8"``: the FP8 GEMM takes x's codes and scales as they
+    are (no dequantize + requantize pass); the weight is re-encoded by ``nvfp4_to_fp8``. Returns
+    None where another variant runs (the caller then takes ``nvfp4_linear``'s W4A16 path)."""
+    N, K = qweight.shape
+    xq, xs, lead, out_dtype, dev = _prequantized(x, K)
+    b, variant = _nvfp4_choose(dev, backend, math.prod(lead), N, K, out_dtype)
+    if variant != "fp8":
+        return None
+    check_same_device("linear", xq, data=qweight.data, scales=qweight.scales,
+                      global_scale=qweight.global_scale)
+    check_linear_bias(bias, N, xq)
+    cb = "reference" if b == "reference" else _backend.resolve(_conv.OP, dev)
+    wq, ws = _conv.nvfp4_to_fp8_op(qweight.data, qweight.scales.view(torch.uint8),
+                                   qweight.global_scale, K, cb)
+    y = fp8_linear_op(xq, xs, wq, ws, bias, out_dtype, "reference" if b == "reference" else "torch")
+    return y.view(*lead, N)
