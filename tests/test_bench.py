@@ -324,9 +324,12 @@ def test_headline_shapes_in_default_runs():
     assert {s[1:] for s in att[0]} == {(1, 24, 4608, 128), (1, 40, 32760, 128)}
     assert {"cuDNN SDPA", "pyops int8"} <= set(att[1])
     lin = _bench_module("bench_linear").select("default")
-    assert {s[1:] for s in lin[0]} == {(4608, 3072, 3072), (4608, 3072, 12288),
-                                       (1, 3072, 3072), (16, 3072, 3072)}
-    assert {"bf16 nn.Linear", "pyops fp8 auto", "torchao fp8 rowwise compiled"} <= set(lin[1])
+    # issue #15: M in {1, 16, 64} at the Flux K, N, and M 4608 (Flux) / 32760 (Wan)
+    assert {s[1:] for s in lin[0]} == ({(M, 3072, N) for M in (1, 16, 64) for N in (3072, 12288)}
+                                       | {(4608, 3072, 3072), (4608, 3072, 12288),
+                                          (32760, 5120, 5120)})
+    assert {"bf16 nn.Linear", "pyops fp8 auto", "pyops nvfp4 auto",
+            "torchao fp8 rowwise compiled"} <= set(lin[1])
     for q in ("bench_quantize_fp8", "bench_quantize_nvfp4"):
         assert {s[1:] for s in _bench_module(q).select("default")[0]} == {(4608, 3072),
                                                                           (32760, 5120)}
