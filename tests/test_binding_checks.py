@@ -492,6 +492,66 @@ ATTN_CASES = [
          r"out and lse overlap"),
 ]
 
+WOL_SETUP = """
+W = op("_weight_only_linear_cuda")
+bf, u8, fp8 = torch.bfloat16, torch.uint8, torch.float8_e4m3fn
+x = torch.randn(4, 256, device=DEV, dtype=bf)
+w8 = torch.zeros(32, 256, dtype=u8, device=DEV).view(fp8)
+s8 = torch.ones(32, device=DEV)
+w4 = torch.zeros(32, 128, dtype=u8, device=DEV)
+s4 = torch.full((32, 16), 0x38, dtype=u8, device=DEV)
+g = torch.ones(1, device=DEV)
+out = torch.full((4, 32), -7.0, device=DEV, dtype=bf)
+ws = torch.full((2, 4, 32), -7.0, device=DEV)
+def call(**kw):  # fp8 by default; nvfp4=True switches the weight
+    a = dict(x=x, w=w8, w_scale=s8, global_scale=None, format=0, bias=None, split_k=1, out=out,
+             workspace=None)
+    if kw.pop("nvfp4", False):
+        a.update(w=w4, w_scale=s4, global_scale=g, format=1)
+    a.update(kw)
+    W(*a.values())
+"""
+WOL_CASES = [
+    Case("x on the CPU", "call(x=x.cpu())", r"x must be a CUDA tensor"),
+    Case("x float32", "call(x=x.float())", r"x has dtype Float; supported: bfloat16, float16"),
+    Case("x 3-D", "call(x=x.view(2, 2, 256))", r"x must be a 2-D \(M, K\) view"),
+    Case("x strided along K", "call(x=torch.randn(4, 512, device=DEV, dtype=bf)[:, ::2])",
+         r"x must have unit stride along K"),
+    Case("format 2", "call(format=2)", r"format code 2 is not 0 \(fp8\) or 1 \(nvfp4\)"),
+    Case("fp8 w of another K", "call(w=torch.zeros(32, 255, dtype=fp8, device=DEV))",
+         r"w \(fp8\) must have shape \[32, 256\], got \[32, 255\]"),
+    Case("fp8 w float16", "call(w=torch.zeros(32, 256, dtype=torch.half, device=DEV))",
+         r"w \(fp8\) must be Byte or Float8_e4m3fn, got Half"),
+    Case("fp8 w non-contiguous", "call(w=torch.zeros(256, 32, dtype=u8, device=DEV).t())",
+         r"w \(fp8\) must be contiguous"),
+    Case("fp8 w_scale too short", "call(w_scale=s8[:31])", r"w_scale must have shape \[32\]"),
+    Case("fp8 w_scale float16", "call(w_scale=s8.half())", r"w_scale must be Float, got Half"),
+    Case("fp8 with a global scale", "call(global_scale=g)", r"global_scale must be None"),
+    Case("nvfp4 without a global scale", "call(nvfp4=True, global_scale=None)",
+         r"global_scale is required for format 1"),
+    Case("nvfp4 w as float8", "call(nvfp4=True, w=w4.view(fp8))",
+         r"w \(nvfp4\) must be Byte, got Float8_e4m3fn"),
+    Case("nvfp4 w_scale one block short", "call(nvfp4=True, w_scale=s4[:, :15].contiguous())",
+         r"w_scale \(nvfp4\) must have shape \[32, 16\], got \[32, 15\]"),
+    Case("nvfp4 global_scale of 2", "call(nvfp4=True, global_scale=torch.ones(2, device=DEV))",
+         r"global_scale must hold one float"),
+    Case("bias too short", "call(bias=s8[:31])", r"bias must have shape \[32\], got \[31\]"),
+    Case("bias int32", "call(bias=s8.int())", r"bias has dtype Int; supported"),
+    Case("out float32", "call(out=out.float())", r"out must be BFloat16, got Float"),
+    Case("out too few rows", "call(out=out[:3])", r"out must have shape \[4, 32\], got \[3, 32\]"),
+    Case("split_k 0", "call(split_k=0)", r"split_k must be in \[1, 4\], got 0"),
+    Case("split_k above the chunk count", "call(split_k=5)", r"split_k must be in \[1, 4\]"),
+    Case("split_k 2 without workspace", "call(split_k=2)", r"workspace is required"),
+    Case("workspace of another shape", "call(split_k=2, workspace=ws[:1])",
+         r"workspace must have shape \[2, 4, 32\]"),
+    Case("out overlaps x", "call(out=x.view(-1)[:128].view(4, 32))", r"out and x overlap"),
+    Case("workspace overlaps out", "buf = torch.zeros(400, device=DEV); call(split_k=2, "
+         "workspace=buf[:256].view(2, 4, 32), out=buf[128:192].view(bf).view(4, 32))",
+         r"workspace and out overlap"),
+    Case("M == 0 (accepted: nothing to do)",
+         "call(x=x[:0], out=torch.empty(0, 32, device=DEV, dtype=bf))"),
+]
+
 BINDINGS = {
     "_quantize_fp8_cuda": (FP8_SETUP, FP8_CASES),
     "_quantize_nvfp4_cuda": (NVFP4_SETUP, NVFP4_CASES),
@@ -502,6 +562,7 @@ BINDINGS = {
     "_sample_step_cuda": (STEP_SETUP, STEP_CASES),
     "_graph_set_conditional": (GRAPH_SETUP, GRAPH_CASES),
     "_attention_cuda": (ATTN_SETUP, ATTN_CASES),
+    "_weight_only_linear_cuda": (WOL_SETUP, WOL_CASES),
 }
 
 # One case per binding with a buffer on a second GPU (only where there is one).
@@ -515,6 +576,7 @@ OTHER_GPU = {
     "_sample_step_cuda": "call(noise=z.to('cuda:1'))",
     "_graph_set_conditional": None,  # one tensor only
     "_attention_cuda": "call(ks=ks.to('cuda:1'))",
+    "_weight_only_linear_cuda": "call(w_scale=s8.to('cuda:1'))",
 }
 
 

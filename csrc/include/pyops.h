@@ -19,5 +19,6 @@
 #include "pyops/sample_step.h"
 #include "pyops/graph_conditional.h"
 #include "pyops/attention.h"
+#include "pyops/weight_only_linear.h"
 
 #endif /* PYOPS_H_ */
