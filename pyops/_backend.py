@@ -278,6 +278,10 @@ def _cuda_backend_ok(op: str, device: torch.device) -> tuple[bool, str]:
         return False, "pyops._C does not report the archs it was built for"
     if not _built_for(facts, (major, minor)):
         return False, f"pyops._C built for sm_{','.join(facts.archs)}, device is sm_{major}{minor}"
+    need = _MIN_CAPABILITY.get((op, "cuda"))
+    if need is not None and (major, minor) < need:
+        return False, (f"the CUDA {op} kernel needs sm_{need[0]}{need[1]}+, device is "
+                       f"sm_{major}{minor}")
     return True, facts.why
 
 

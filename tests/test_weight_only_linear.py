@@ -266,3 +266,21 @@ def test_gpu_compile_and_cuda_graph(backend, fmt):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, pyops.weight_only_linear(new, qw, b, backend=backend))
+
+
+def test_cuda_backend_availability(monkeypatch):
+    """The CUDA kernel runs where pyops._C holds it for the device's arch, sm_89+ (its e4m3x2
+    conversion); it is never auto's choice (unverified on hardware)."""
+    dev = torch.device("cuda", 0)
+    for cap, archs, ok in [((9, 0), ("90a",), True), ((10, 0), ("90a", "100a"), True),
+                           ((8, 0), ("80",), False), ((8, 9), ("89",), True),
+                           ((12, 0), ("90a",), False)]:
+        monkeypatch.setattr(_backend, "_EXTENSION", _backend.ExtensionFacts(
+            loaded=True, why="fake", archs=archs, cuda_ops=frozenset({op.OP})))
+        monkeypatch.setattr(_backend, "device_capability", lambda d, cap=cap: cap)
+        got, why = _backend.available(op.OP, "cuda", dev)
+        assert got is ok, (cap, archs, why)
+        if cap == (8, 0):
+            assert "sm_89+" in why
+        monkeypatch.setattr(_backend, "triton_runs", lambda d: (True, "fake"))
+        assert _backend.resolve(op.OP, dev, M=1, N=3072, K=3072, dtype=torch.bfloat16) == "triton"

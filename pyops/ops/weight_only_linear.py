@@ -93,7 +93,7 @@ def triton_available(device, dtype=None, **_) -> tuple[bool, str]:
 
 _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton, available=triton_available)
-_backend.register(OP, "cuda", _cuda, min_capability=(8, 0))  # mma.sync bf16: sm_80+
+_backend.register(OP, "cuda", _cuda, min_capability=(8, 9))  # e4m3x2 cvt: sm_89+
 binding_fake("_weight_only_linear_cuda")
 
 
