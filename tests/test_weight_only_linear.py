@@ -284,3 +284,6 @@ def test_cuda_backend_availability(monkeypatch):
             assert "sm_89+" in why
         monkeypatch.setattr(_backend, "triton_runs", lambda d: (True, "fake"))
         assert _backend.resolve(op.OP, dev, M=1, N=3072, K=3072, dtype=torch.bfloat16) == "triton"
+        # fp32 x: neither kernel takes it, so auto falls through to the reference
+        assert _backend.resolve(op.OP, dev, M=1, N=3072, K=3072, dtype=torch.float32) == \
+            "reference"

@@ -91,9 +91,18 @@ def triton_available(device, dtype=None, **_) -> tuple[bool, str]:
     return _backend.triton_runs(torch.device(device)) if ok else (ok, "Triton " + why)
 
 
+def cuda_available(device, dtype=None, **_) -> tuple[bool, str]:
+    """(ok, why) of the CUDA kernel: bf16/fp16 x (an fp32 x in auto mode must fall through to
+    the reference, not reach the binding's dtype check), pyops._C built for the device, sm_89+."""
+    ok, why = _half(device, dtype)
+    return _backend._cuda_backend_ok(OP, torch.device(device)) if ok else (ok, "the CUDA kernel "
+                                                                            + why)
+
+
 _backend.register(OP, "reference", _reference)
 _backend.register(OP, "triton", _triton, available=triton_available)
-_backend.register(OP, "cuda", _cuda, min_capability=(8, 9))  # e4m3x2 cvt: sm_89+
+_backend.register(OP, "cuda", _cuda, min_capability=(8, 9),  # e4m3x2 cvt: sm_89+
+                  available=cuda_available)
 binding_fake("_weight_only_linear_cuda")
 
 
