@@ -128,6 +128,8 @@ def test_3d_and_non_contiguous(small_tiles, fmt, how):
     x3 = x.reshape(2, 3, 96)
     y3 = pyops.weight_only_linear(x3, qw, b, backend="triton")
     assert y3.shape == (2, 3, 32)
+    bs = torch.stack([b, -b], 1)[:, 0]  # a strided bias (the kernels read bias + n)
+    assert_close(pyops.weight_only_linear(x, qw, bs, backend="triton"), x, qw, b)
 
 
 def test_zero_and_nan_inputs():

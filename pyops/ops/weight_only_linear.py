@@ -182,6 +182,8 @@ def weight_only_linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeig
     if x.device != data.device:
         raise ValueError(f"pyops.linear: x is on {x.device} but the weight is on {data.device}")
     check_linear_bias(bias, N, x)
+    if bias is not None:
+        bias = bias.contiguous()  # both kernels read bias[n] at bias + n
     M = math.prod(lead)
     b = _backend.resolve(OP, x.device, backend, M=M, N=N, K=K, dtype=x.dtype)
     y = weight_only_linear_op(x.reshape(M, K), data, scales, g, fmt, K, bias, b)
