@@ -71,8 +71,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _cuda(x, data, scales, g, fmt: str, K: int, bias, out) -> None:
     M, N = out.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()  # the kernel reads each row's k contiguously
+    if x.stride(1) != 1 or (M > 1 and x.stride(0) < K):
+        x = x.contiguous()  # the kernel reads each row's k contiguously; rows may not overlap
     split = cuda_split_k(M, N, K, fmt, _num_sms(x.device))
     ws = (torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1
           else None)
