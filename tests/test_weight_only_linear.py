@@ -245,6 +245,8 @@ GPU_SHAPES = [(1, 3072, 3072), (5, 12288, 3072), (16, 3072, 12288), (64, 3072, 3
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_backends_match_spec(backend, fmt, M, N, K, dtype):
     x, qw, b = operands(M, N, K, fmt, dtype, bias=M % 2 == 1, kind="outlier")
+    if dtype == torch.float16:  # outlier sums reach fp16's 65504 at K = 12288 (inf != want)
+        x = x * 0.125
     y = pyops.weight_only_linear(x, qw, b, backend=backend)
     assert_close(y, x, qw, b)
     # deterministic: same bits on a second call (fixed split-K order)
