@@ -69,8 +69,8 @@ def test_close_to_w4a16():
 
 
 def test_torch_path_on_cpu_scaled_mm(monkeypatch):
-    """The torch backend's chain (Triton conversion + quantizer in the interpreter, then
-    torch._scaled_mm where this torch has it on CPU) against the reference chain."""
+    """The torch backend's chain (conversion and quantizer by auto mode: the references on CPU
+    tensors; then torch._scaled_mm where this torch has it on CPU) against the reference chain."""
     x, qw, b = operands(5, 48, 160)
     out = torch.empty(5, 48, dtype=BF16)
     try:

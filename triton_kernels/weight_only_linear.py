@@ -36,8 +36,8 @@ FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpret
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, ws_ptr, M, N, K,
                   sxm, sxk, swn, som, son, k_per_split,
                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, IS_BF16: tl.constexpr,
-                  OUT_KIND: tl.constexpr, SOFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  OUT_KIND: tl.constexpr, SOFT: tl.constexpr, INTERPRET: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -53,8 +53,8 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, ws_ptr, M, N, K,
         kk = k0 + rk
         kmask = kk < k_hi
         wb = tl.load(w_ptr + rn_c[:, None] * swn + kk[None, :], mask=kmask[None, :], other=0)
-        w = e4m3_to_f32(wb, SOFT)  # exact; masked bytes are +0
-        if SOFT:  # the interpreter: bf16 as bits, an fp32 MMA (exact products here)
+        w = e4m3_to_f32(wb, SOFT)  # exact (soft: integer decode, before sm_90); masked: +0
+        if INTERPRET:  # the interpreter: bf16 as bits, an fp32 MMA (exact products here)
             xt = load_f32(x_ptr, rm_c[None, :] * sxm + kk[:, None] * sxk, kmask[:, None],
                           IS_BF16)
             acc = tl.dot(w, xt, acc, input_precision="ieee")
@@ -125,15 +125,16 @@ def weight_only_linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor
     ws = (torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1
           else scales)
     o = as_kernel_output(out, soft)
-    xk = as_kernel_input(x) if soft else x
+    interpret = x.device.type != "cuda"
+    xk = as_kernel_input(x) if interpret else x
     b = bias if bias is not None else scales
     grid = (triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(M, c["BLOCK_M"]), split)
     _w8a16_kernel[grid](
         xk, data.view(torch.uint8), scales, b, o, ws, M, N, K,
         x.stride(0), x.stride(1), data.stride(0), out.stride(0), out.stride(1), k_per_split,
         HAS_BIAS=bias is not None, SPLIT_K=split, IS_BF16=x.dtype == torch.bfloat16,
-        OUT_KIND=out_kind(out.dtype), SOFT=soft, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        BLOCK_K=bk, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        OUT_KIND=out_kind(out.dtype), SOFT=soft, INTERPRET=interpret, BLOCK_M=c["BLOCK_M"],
+        BLOCK_N=c["BLOCK_N"], BLOCK_K=bk, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1:
         rb_m, rb_n = 16, 128
         _splitk_reduce_kernel[(triton.cdiv(N, rb_n), triton.cdiv(M, rb_m))](

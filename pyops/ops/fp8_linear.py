@@ -193,6 +193,8 @@ def fp8_linear(x: Union[torch.Tensor, FP8Tensor], qweight: FP8Weight,
                          f"{qweight.data.device}")
     check_same_device("linear", qweight.data, scale=qweight.scale)
     check_linear_bias(bias, N, qweight.data)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias[n] at bias + n
     M = math.prod(lead)
     b = _backend.resolve(OP, dev, backend, M=M, N=N, K=K, out_dtype=out_dtype)
     if xq is None:

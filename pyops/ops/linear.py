@@ -90,8 +90,9 @@ def linear(x: Union[torch.Tensor, FP8Tensor], qweight: QuantizedWeight,
     no shape by default until measured).
     """
     if (backend is None and isinstance(qweight, (FP8Weight, NVFP4Weight))
-            and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == qweight.shape[1]
-            and math.prod(x.shape[:-1]) <= weight_only_max_m(x.device, qweight.format)):
+            and isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dim() >= 1 and x.shape[-1] == qweight.shape[1]
+            and 1 <= math.prod(x.shape[:-1]) <= weight_only_max_m(x.device, qweight.format)):
         return weight_only_linear(x, qweight, bias)
     if isinstance(qweight, FP8Weight):
         return fp8_linear(x, qweight, bias, backend=backend)

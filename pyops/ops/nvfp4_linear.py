@@ -22,7 +22,7 @@ fp32 (1,), ``bias`` (N,) or None; ``out`` (M, N) in x's dtype. Spec:
   is re-encoded as FP8 e4m3 + a per-channel scale (``nvfp4_to_fp8``, one pass, a transient
   (N, K) byte buffer; its error: ``pyops/reference/nvfp4_to_fp8.py``), x is quantized per token
   and row-wise ``torch._scaled_mm`` (sm_90+, K, N % 16 == 0, bf16 out) runs the GEMM. Stored
-  memory stays NVFP4. (Published: NVFP4 -> FP8 + the FP8 GEMM gave +62% over W4A16 in vLLM.)
+  memory stays NVFP4. (Published for vLLM on an H200: +62% over a W4A16 kernel.)
 * ``reference``: any variant; ``"w4a4"`` computes ``nvfp4_linear_w4a4``, ``"fp8"`` the chain's
   references, the others the W4A16 spec.
 
@@ -411,6 +411,7 @@ def nvfp4_linear(x: torch.Tensor, qweight: NVFP4Weight, bias: Optional[torch.Ten
     check_same_device("linear", qweight.data, x=x, scales=qweight.scales,
                       global_scale=qweight.global_scale)
     check_linear_bias(bias, N, x)
+    bias = None if bias is None else bias.contiguous()  # the kernels read bias + n
     b, variant = choose(x.device, backend, M, N, K, x.dtype)
     # the w4a4 variant takes the swizzled scales (its contract; see the module docstring)
     scales = (qweight.swizzled_scales() if variant == "w4a4" else qweight.scales)
