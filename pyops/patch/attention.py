@@ -8,7 +8,8 @@
   work like any built-in backend. ``pyops.patch`` sets it per processor (the process-wide active
   backend stays as it is; the names stay registered).
   diffusers' backend names form a closed ``Enum``; the names are added to its member maps, the
-  way other projects plug backends into this dispatcher.
+  way other projects plug backends into this dispatcher. The backends take part in diffusers'
+  context parallelism (``enable_parallelism``: Ulysses, ring): :mod:`.context_parallel`.
 * any other model calling ``F.scaled_dot_product_attention`` (diffusers SD3's
   ``JointAttnProcessor2_0``, the embedded DiT, your own): :func:`sdpa_override` routes those
   calls through :func:`pyops.sdpa` while it is active. ``pyops.patch`` enters it around the
@@ -59,13 +60,16 @@ def diffusers_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
                         precision: str = "int8", backend: Optional[str] = None) -> torch.Tensor:
     """diffusers' attention-backend contract: query/key/value (B, S, H, D) ("bshd"), output
     (B, Sq, Hq, D) in query's dtype. Runs :func:`pyops.attention` with ``precision``; GQA when
-    Hq is a multiple of Hk. Context parallelism (``_parallel_config``) is not supported yet:
-    RuntimeError."""
-    if _parallel_config is not None:
-        raise RuntimeError("pyops attention does not support diffusers' context parallelism yet; "
-                           "use a built-in backend with enable_parallelism")
+    Hq is a multiple of Hk. With diffusers' context parallelism (``_parallel_config``, set by
+    ``enable_parallelism``): :func:`pyops.patch.context_parallel.cp_attention` (Ulysses, ring,
+    both; its docstring lists the fallbacks and errors)."""
     b = backend if backend is not None or query.is_cuda else "reference"
     reason = sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, True, b, "bshd")
+    if _parallel_config is not None:
+        from .context_parallel import cp_attention
+        return cp_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                            enable_gqa, _parallel_config, precision=precision, backend=b,
+                            reason=reason)
     if reason is not None:
         _warn_once("diffusers:" + reason, f"pyops attention: falling back to torch SDPA for "
                    f"{reason}")
@@ -90,7 +94,9 @@ def register_diffusers_backends(backend: Optional[str] = None) -> dict:
     """Register ``pyops_<precision>`` for every precision in diffusers' attention dispatcher
     (with ``backend``: ``pyops_<precision>_<backend>``, which run that op backend); idempotent.
     The names stay registered for the rest of the process (``remove()`` of a patch only resets
-    the processors). Returns {precision: backend enum member}. Raises ImportError when diffusers
+    the processors). Where diffusers has context parallelism (``enable_parallelism``),
+    the names are registered as capable of it (:mod:`pyops.patch.context_parallel`).
+    Returns {precision: backend enum member}. Raises ImportError when diffusers
     is missing or has no attention dispatcher (diffusers < 0.35), AttributeError when its
     registry has another layout."""
     try:
@@ -103,6 +109,10 @@ def register_diffusers_backends(backend: Optional[str] = None) -> dict:
         if not isinstance(getattr(reg, attr, None), dict):
             raise AttributeError(f"pyops: diffusers {getattr(ad, '__version__', '')} has an "
                                  f"attention registry without {attr}; cannot add a backend")
+    # context parallelism: diffusers' templated Ulysses / ring attention (checked against
+    # 0.42.1) and its set of capable backend names (values), which enable_parallelism checks
+    cp_ok = (callable(getattr(ad, "_templated_context_parallel_attention", None))
+             and isinstance(getattr(reg, "_supports_context_parallel", None), set))
     members = {}
     for p in PRECISIONS:
         name = backend_name(p, backend)
@@ -114,12 +124,19 @@ def register_diffusers_backends(backend: Optional[str] = None) -> dict:
             E._value2member_map_[name] = member
         if member not in reg._backends:
             fn = _make_backend(p, backend)
-            if callable(getattr(reg, "register", None)):
-                reg.register(member)(fn)  # diffusers' own decorator keeps its tables consistent
+            register = getattr(reg, "register", None)
+            if callable(register) and cp_ok and \
+                    "supports_context_parallel" in inspect.signature(register).parameters:
+                # diffusers' own decorator keeps its tables consistent
+                register(member, supports_context_parallel=True)(fn)
+            elif callable(register):
+                register(member)(fn)
             else:
                 reg._backends[member] = fn
                 reg._constraints[member] = []
                 reg._supported_arg_names[member] = set(inspect.signature(fn).parameters)
+        if cp_ok:  # also for a name registered before this flag existed
+            reg._supports_context_parallel.add(member.value)
         members[p] = member
     return members
 
