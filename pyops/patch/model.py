@@ -153,10 +153,8 @@ class PatchHandle:
         if with_dispatch:
             seen = set()
             for name, proc in with_dispatch:
-                if getattr(proc, "_parallel_config", None) is not None:
-                    raise ValueError(
-                        f"pyops.patch: {name} runs diffusers' context parallelism, which pyops "
-                        f"attention does not support yet; patch with attention=None")
+                # diffusers' context parallelism (enable_parallelism, before or after the patch)
+                # runs the pyops backends through pyops.patch.context_parallel
                 if id(proc) not in seen:
                     seen.add(id(proc))
                     self._processors.append((proc, vars(proc).get("_attention_backend",
