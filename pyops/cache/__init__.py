@@ -17,6 +17,8 @@ Layout:
   levels), :func:`apply` (``pyops.cache_model``), :func:`find_blocks`;
 * :mod:`pyops.cache.chunk`: the chunk level (pyops DiT blocks, via ``DiTBlock.forward_rows``;
   full vs partial decided on the device, two complementary IF nodes in a CUDA graph);
+* :mod:`pyops.cache.parallel`: context parallelism (``CacheConfig.process_group``): the sums
+  all-reduced across the ranks before the decision, so every rank decides the same;
 * :mod:`pyops.cache.stats`: ``CachedModel.stats`` (hits, misses, skipped fraction; definitions).
 """
 from __future__ import annotations

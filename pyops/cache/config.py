@@ -3,11 +3,12 @@ block's hidden streams are)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..ops.block_similarity import RULES
+from . import parallel as _cp
 
 LEVELS = ("step", "block", "chunk")
 FORECAST_ORDERS = (0, 1)  # CacheConfig.forecast: Taylor order of the reused residual
@@ -71,6 +72,14 @@ class CacheConfig:
         step a transient fp32 tensor of one stream's size for the forecast. Everything is
         decided and formed on the device (no host sync, no allocation by data; CUDA-graph
         capturable): :class:`pyops.cache.regions.Region` documents the bookkeeping.
+    process_group: context parallelism: the ranks that each hold a shard of the tokens and must
+        take the same decisions (a ``torch.distributed`` ProcessGroup or a 1-D DeviceMesh).
+        Each check all-reduces its ``[Σ|a−ref|, Σ|ref|]`` sums (SUM, on the device, no host
+        sync) over the group before deciding, so every rank skips or computes together
+        (:mod:`pyops.cache.parallel`). None (default): the diffusers context-parallel mesh when
+        the model has one (``enable_parallelism``: ``model._parallel_config``), else no group.
+        A group of one rank runs exactly the single-process path. ``level="chunk"`` under a
+        group of more than one rank raises ``ValueError``.
     """
     level: str = "step"
     threshold: float = 0.12
@@ -89,6 +98,7 @@ class CacheConfig:
     chunks: int = 8
     budget: int = 2
     forecast: int = 0
+    process_group: Any = None
 
     def validate(self, n_blocks: int) -> None:
         """Raise ``ValueError`` for a config that cannot run on a model of ``n_blocks`` blocks."""
@@ -115,6 +125,10 @@ class CacheConfig:
         if self.level == "chunk" and not (1 <= self.budget <= self.chunks):
             raise ValueError(f"pyops.cache: budget must be in [1, chunks={self.chunks}], got "
                              f"{self.budget}")
+
+        if self.process_group is not None and _cp.resolve_group(self.process_group) is not None \
+                and self.level == "chunk":
+            raise _cp.chunk_error()
 
     def groups(self) -> int:
         """Decision groups per forward: 2 when the batch holds both CFG halves, else 1."""

@@ -19,6 +19,7 @@ from torch import nn
 from .. import graphs as _graphs
 from ..ops.block_similarity import block_similarity, new_state
 from ..ops.cache_apply import cache_apply
+from . import parallel as _cp
 from .chunk import ChunkLevel
 from .config import BlockSpec, CacheConfig
 from .regions import ChunkRegion, Region, persistent
@@ -255,11 +256,18 @@ class CachedModel:
     def _groups(self) -> int:
         return self.config.groups()
 
+    def _cp_group(self):
+        """The process group whose ranks must take the same decisions (``config.process_group``
+        or the model's diffusers context-parallel mesh), None for one rank or no group."""
+        return _cp.resolve_group(self.config.process_group, self.model)
+
     def _check(self, key: int, feature: torch.Tensor) -> Region:
         c = self.config
         r = self._region(key)
         g = self._groups()
-        if r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype:
+        group = self._cp_group()  # None: decide locally (one fused op, as without a group)
+        fresh = r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype
+        if fresh:
             with persistent():
                 r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
                 r.state = new_state(g, feature.device)
@@ -270,13 +278,20 @@ class CachedModel:
                 if c.forecast:
                     r.clock = torch.zeros(g, dtype=torch.float32, device=feature.device)
             r.residual = []
+        if group is not None:  # context parallel: all-reduce the sums (and restarts) first
+            if r.sums is None or r.sums.shape[0] != g or r.sums.device != feature.device:
+                r.sums, r.pair = _cp.new_buffers(g, feature.device)
+            _cp.reduce_sums(feature, r.ref, r.state, r.sums, group, groups=g, fresh=fresh)
         if c.forecast:  # this forward's step, before the check advances the counter in place
             r.clock.copy_(r.state[:, 0])
-        block_similarity(feature, r.ref, r.state, threshold=c.threshold, rule=c.rule,
-                         warmup=c.warmup, max_reuse=c.max_reuse, num_steps=c.num_steps,
-                         last_steps=c.last_steps if c.num_steps > 0 else 0, groups=g,
-                         all_groups=g > 1, eps=c.eps, metric=r.metric, reuse=r.reuse,
-                         backend=c.backend)
+        kw = dict(threshold=c.threshold, rule=c.rule, warmup=c.warmup, max_reuse=c.max_reuse,
+                  num_steps=c.num_steps, last_steps=c.last_steps if c.num_steps > 0 else 0,
+                  groups=g, all_groups=g > 1, eps=c.eps, metric=r.metric, reuse=r.reuse,
+                  backend=c.backend)
+        if group is None:
+            block_similarity(feature, r.ref, r.state, **kw)
+        else:
+            _cp.decide_from_sums(feature, r.ref, r.state, r.sums, r.pair, **kw)
         r.count()
         return r
 
@@ -415,6 +430,8 @@ class CachedModel:
                 if src is not None:
                     raise _grad_error(src)
             if level == "chunk":
+                if self._cp_group() is not None:
+                    raise _cp.chunk_error()
                 return self._chunk.forward(self._region(i), blk, orig, *args, **kwargs)
             if level == "block":
                 ins = spec.streams_in(args, kwargs)

@@ -45,6 +45,11 @@ class Region:
     stored, else 0. fixed: a CUDA graph captured this region, so the buffers' addresses are baked
     into it: a computed step copies ``r1`` into ``r0`` from then on; before that an eager
     computed step swaps the two buffers instead (no copy).
+
+    Context parallelism (a process group of more than one rank; None otherwise): sums:
+    (groups, 3) fp32, ``[Σ|a−ref|, Σ|ref|, fresh]`` all-reduced over the group; pair:
+    (2, groups, 1, 2) fp32, the exact feature/reference pair the decision runs on
+    (:mod:`pyops.cache.parallel`).
     """
     ref: Optional[torch.Tensor] = None
     state: Optional[torch.Tensor] = None
@@ -58,6 +63,8 @@ class Region:
     history: Optional[torch.Tensor] = None
     coef: Optional[torch.Tensor] = None
     fixed: bool = False
+    sums: Optional[torch.Tensor] = None
+    pair: Optional[torch.Tensor] = None
     # transient, within one forward
     inputs: Optional[list] = None
     run: bool = True
