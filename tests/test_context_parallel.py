@@ -173,8 +173,37 @@ def _patched_flux():
     return m, kw
 
 
+CACHE_STEPS = 6
+CACHE_EPS = (0.0, 0.002, 0.5, 0.002, 0.004, 0.5)  # per-step input change: reuse, then recompute
+
+
+def _cached_flux(cp_cfg):
+    """A tiny Flux with pyops int8 attention and the step-level cache (its context-parallel
+    group picked up from the model), run for CACHE_STEPS calls whose inputs change by
+    CACHE_EPS: the hits after each call (the decisions) and the outputs."""
+    import pyops
+    pyops.register_diffusers_backends("reference")
+    m, kw = _flux()
+    m.set_attention_backend(_name("int8"))
+    if cp_cfg is not None:
+        with _cpu_only():
+            m.enable_parallelism(config=cp_cfg)
+    h = pyops.cache_model(m, pyops.CacheConfig(level="step", threshold=0.05, warmup=1,
+                                               backend="reference"))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(kw["hidden_states"].shape, generator=g).to(torch.bfloat16)
+    hits, outs = [], []
+    for eps in CACHE_EPS:
+        kwi = dict(kw, hidden_states=kw["hidden_states"] + eps * noise)
+        with torch.no_grad():
+            outs.append(m(**kwi, return_dict=False)[0].float())
+        hits.append(h.stats["hits"])
+    h.remove()
+    return {"hits": hits, "outs": outs}
+
+
 def _launch_2(rank, world):
-    res = {"op": _op_level(rank, world)}
+    res = {"op": _op_level(rank, world), "cached": _cached_flux(_cp(ulysses=2))}
     m, kw = _patched_flux()  # pyops.patch (linears, fused blocks, attention), then CP
     with _cpu_only():
         m.enable_parallelism(config=_cp(ulysses=2))
@@ -218,6 +247,7 @@ def single():
     m, kw = _patched_flux()
     with torch.no_grad():
         res["patched"] = m(**kw, return_dict=False)[0]
+    res["cached"] = _cached_flux(None)
     return res
 
 
@@ -336,3 +366,14 @@ def test_flux_4_ranks(four, two, single):
     # Ulysses 2 x ring 2: per head, the ring of 2 sequence halves of the ring-2 run
     for p in PRECISIONS:
         assert _rel(four[0]["flux", "ulysses2_ring2"][p], two[0]["flux", "ring"][p]) <= ULYSSES_TOL
+
+
+def test_flux_cached_ulysses_same_decisions_on_every_rank(two, single):
+    """The step cache under Ulysses: every rank takes the single-process decision at every step
+    (the relative L1 is all-reduced over the context-parallel group), and the outputs match."""
+    want = single["cached"]["hits"]
+    assert 0 < want[-1] < CACHE_STEPS - 1, want  # some steps reused, some recomputed
+    for r in two:
+        assert r["cached"]["hits"] == want
+        for a, b in zip(r["cached"]["outs"], single["cached"]["outs"]):
+            assert _rel(a, b) <= ULYSSES_TOL
