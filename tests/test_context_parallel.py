@@ -150,6 +150,8 @@ def _op_level(rank, world):
             return dispatch_attention_fn(*qkv, backend=_name(p), parallel_config=cfg, **kw)
         for p in PRECISIONS:
             out[kind, p] = run(*local, p=p).float()
+        # GQA (4 query heads, 2 key/value heads): refused with a clear error, every degree
+        out[kind, "gqa"] = _ring_refusal(lambda: run(local[0], *(t[:, :, :2] for t in local[1:])))
         grad = [t.detach().requires_grad_() for t in local]
         if kind == "ulysses":  # mask, gradients: diffusers' native (torch SDPA) Ulysses path
             with warnings.catch_warnings(record=True) as w:
@@ -316,6 +318,8 @@ def test_op_fallbacks(two):
         assert "ring context parallelism" in r["op"]["ring_mask"]
         assert "attn_mask" in r["op"]["ring_mask"]
         assert "require grad" in r["op"]["ring_grad"]
+        for kind in ("ulysses", "ring"):  # GQA: a clear ValueError (diffusers' native would fail)
+            assert "(GQA) is not supported" in r["op"][kind, "gqa"]
 
 
 # ---- tiny diffusers models -----------------------------------------------------------------

@@ -27,13 +27,15 @@ runs diffusers' own ``_templated_context_parallel_attention`` (written against d
 * Both (unified): diffusers' Ulysses all-to-all, then the ring.
 
 Inference only: :func:`backward_op` raises. The cases pyops attention does not run (an
-attention mask, dropout, inputs that need gradients, inputs other than bf16/fp16, head_dim > 128,
-differing q/k head counts; the list of ``pyops.ops.attention.sdpa_fallback_reason``) go, with a
+attention mask, dropout, inputs that need gradients, inputs other than bf16/fp16, head_dim > 128;
+the list of ``pyops.ops.attention.sdpa_fallback_reason``) go, with a
 one-time warning, to diffusers' ``"native"`` backend with the same parallel config (torch SDPA
 inside diffusers' Ulysses all-to-all; it gathers a key mask) when ``ring_degree == 1``. With
 ``ring_degree > 1`` they raise ValueError: the native backend returns no lse, which the ring
-merge needs. Causal attention raises ValueError: diffusers' templated context parallel
-attention refuses it for every backend.
+merge needs. Causal attention and differing query / key-value head counts (GQA) raise
+ValueError: diffusers' templated context parallel attention refuses them for every backend
+(its Ulysses all-to-all reshapes the keys with the query head count; the native fallback would
+fail there too).
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def cp_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     ``enable_parallelism``): query/key/value (B, S_local, H, D) as diffusers' dispatcher passes
     them; returns (B, S_local, H, D) in query's dtype. ``reason``: why pyops attention cannot
     run these inputs (``sdpa_fallback_reason``) or None. Routes as the module docstring says;
-    ValueError for causal attention, and for a fallback case with ``ring_degree > 1``."""
+    ValueError for causal attention, differing query / key-value head counts, and a fallback
+    case with ``ring_degree > 1``."""
     from diffusers.models import attention_dispatch as ad
 
     cp = parallel_config.context_parallel_config
@@ -89,8 +92,12 @@ def cp_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         raise ValueError("pyops attention under context parallelism: causal attention is not "
                          "supported (diffusers' templated context parallel attention refuses "
                          "it for every backend)")
-    if reason is None and query.shape[2] != key.shape[2]:
-        reason = "differing query and key/value head counts"
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"pyops attention under context parallelism: {query.shape[2]} query heads vs "
+            f"{key.shape[2]} key/value heads (GQA) is not supported: diffusers' templated "
+            f"context parallel attention refuses GQA, and its Ulysses all-to-all splits the "
+            f"key heads by the query head count, for every backend")
     if reason is not None:
         if cp.ring_degree > 1:
             raise ValueError(
