@@ -423,7 +423,9 @@ class CachedModel:
         first = start - 1 if level == "step" else start  # first block that touches the cache
 
         def forward(*args, **kwargs):
-            if start >= stop or not (first <= i < stop):
+            # removed: pass through (a wrapper installed over this one afterwards, e.g. diffusers'
+            # enable_parallelism hooks, keeps calling it; remove() cannot unhook it there)
+            if self._removed or start >= stop or not (first <= i < stop):
                 return orig(*args, **kwargs)
             if torch.is_grad_enabled():  # the block called directly (the model's hook refuses)
                 src = _grad_source(args, kwargs, blk)
