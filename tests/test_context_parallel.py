@@ -52,12 +52,13 @@ def _flux(dtype=torch.bfloat16):
     return m, kw
 
 
-def _wan(dtype=torch.bfloat16):
+def _wan(dtype=torch.bfloat16, num_layers=1):
     from diffusers import WanTransformer3DModel
     torch.manual_seed(0)
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                               in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
-                              ffn_dim=32, num_layers=1, rope_max_seq_len=32).to(dtype).eval()
+                              ffn_dim=32, num_layers=num_layers,
+                              rope_max_seq_len=32).to(dtype).eval()
     g = torch.Generator().manual_seed(1)
     # 32 tokens; a per-token timestep (B, tokens), the Wan 2.2 form: diffusers' CP plan splits
     # it, and a 1-D timestep makes its hook call logger.warning_once, which only exists once
@@ -204,8 +205,43 @@ def _cached_flux(cp_cfg):
     return {"hits": hits, "outs": outs}
 
 
+def _cached_wan_orders():
+    """Wan's plan splits blocks.0 (the step cache's gate): cache_model after enable_parallelism
+    is refused with a clear error; before it, it caches (some hits), and after remove() every
+    block runs again although diffusers' hooks still wrap the cache's wrappers."""
+    import pyops
+    pyops.register_diffusers_backends("reference")
+    res = {}
+    for order in ("cp_first", "cache_first"):
+        m, kw = _wan(num_layers=3)
+        m.set_attention_backend(_name("int8"))
+        cfg = pyops.CacheConfig(level="step", threshold=0.5, backend="reference")
+        try:
+            if order == "cache_first":
+                h = pyops.cache_model(m, cfg)
+            with _cpu_only():
+                m.enable_parallelism(config=_cp(ulysses=2))
+            if order == "cp_first":
+                h = pyops.cache_model(m, cfg)
+        except ValueError as e:
+            res[order] = str(e)
+            continue
+        calls = []
+        m.blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            for _ in range(3):
+                m(**kw, return_dict=False)
+            hits = h.stats["hits"]
+            h.remove()
+            n = len(calls)
+            m(**kw, return_dict=False)
+        res[order] = {"hits": hits, "calls_after_remove": len(calls) - n}
+    return res
+
+
 def _launch_2(rank, world):
-    res = {"op": _op_level(rank, world), "cached": _cached_flux(_cp(ulysses=2))}
+    res = {"op": _op_level(rank, world), "cached": _cached_flux(_cp(ulysses=2)),
+           "wan_orders": _cached_wan_orders()}
     m, kw = _patched_flux()  # pyops.patch (linears, fused blocks, attention), then CP
     with _cpu_only():
         m.enable_parallelism(config=_cp(ulysses=2))
@@ -381,3 +417,14 @@ def test_flux_cached_ulysses_same_decisions_on_every_rank(two, single):
         assert r["cached"]["hits"] == want
         for a, b in zip(r["cached"]["outs"], single["cached"]["outs"]):
             assert _rel(a, b) <= ULYSSES_TOL
+
+
+def test_wan_cache_order(two):
+    """Wan splits its tokens at blocks.0, the step cache's gate: cache_model after
+    enable_parallelism raises a clear ValueError (it failed in a tensor subtraction before);
+    cache_model before enable_parallelism caches, and remove() makes every block run again."""
+    for r in two:
+        assert "Call pyops.cache_model before" in r["wan_orders"]["cp_first"]
+        got = r["wan_orders"]["cache_first"]
+        assert got["hits"] > 0 and got["calls_after_remove"] == 1, got
+        assert got == two[0]["wan_orders"]["cache_first"]

@@ -117,6 +117,10 @@ class CachedModel:
         self._final: Optional[dict] = None  # the stats at remove()
         n = len(self.blocks)
         self.mid = (config.fn, n - config.bn)  # [start, end) of the gated blocks
+        first = config.fn - 1 if config.level == "step" else config.fn
+        j = _cp.split_hook_block(self.blocks, range(max(first, 0), self.mid[1]))
+        if j is not None:
+            raise _cp.split_hook_error(j, self.blocks[j])
         if config.level == "chunk":
             from ..models.dit import DiTBlock
             if not all(isinstance(b, DiTBlock) for b in self.blocks):
@@ -486,7 +490,10 @@ def apply(model: nn.Module, config: Optional[CacheConfig] = None, *, blocks=None
     the full block and the chunk path in two complementary IF nodes, :mod:`pyops.cache.chunk`).
     Capture after one eager forward at the capture's shapes, then ``handle.reset()``.
 
-    Raises: ``ValueError`` for a bad config or an already cached model, ``TypeError`` for a model
+    Raises: ``ValueError`` for a bad config, an already cached model, or a block the cache
+    wraps whose inputs diffusers' context parallelism already splits (``enable_parallelism``
+    before ``cache_model`` on a model whose plan splits at a block, e.g. Wan's ``blocks.0``:
+    call ``cache_model`` first), ``TypeError`` for a model
     whose blocks are unknown (pass ``blocks=``/``specs=``) or ``level="chunk"`` on non-pyops blocks.
     """
     return CachedModel(model, config or CacheConfig(), blocks, specs)

@@ -213,3 +213,26 @@ def chunk_error() -> ValueError:
         "whose queries attend to the keys/values of all tokens, and pyops DiT blocks have no "
         "context-parallel path for that. Use level='step' or 'block', whose decisions are "
         "all-reduced across the group")
+
+
+def split_hook_block(blocks, indices) -> Optional[int]:
+    """The first of ``indices`` whose block carries diffusers' context-parallel input hook
+    (``enable_parallelism`` splits that block's inputs across the ranks, diffusers 0.42.1:
+    ``hooks/context_parallel.py``, hook names ``cp_input---<module>``; Wan's plan splits
+    ``blocks.0``), or None. A cache wrapper installed over such a hook would see the whole
+    sequence going in and this rank's shard coming out."""
+    for i in indices:
+        hooks = getattr(getattr(blocks[i], "_diffusers_hook", None), "hooks", None)
+        if isinstance(hooks, dict) and any(str(k).startswith("cp_input---") for k in hooks):
+            return i
+    return None
+
+
+def split_hook_error(i: int, block) -> ValueError:
+    return ValueError(
+        f"pyops.cache_model: block {i} ({type(block).__name__}) already splits its inputs "
+        f"across the context-parallel ranks (diffusers' enable_parallelism ran first and its "
+        f"plan splits at this block, e.g. Wan's blocks.0): the cache would see the whole "
+        f"sequence going in and one rank's shard coming out. Call pyops.cache_model before "
+        f"enable_parallelism (the cache then sees the shards), or gate from a later block "
+        f"(CacheConfig.fn)")
