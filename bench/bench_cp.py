@@ -49,6 +49,7 @@ rows run on rank 0 alone, before the context-parallel rows, while the other rank
 #   --full, ~2.5 min: adds 1 shape of Wan (4 blocks, 1.6 B parameters, ~300 ms per forward on 1
 #     GPU) and 2 providers (~16 s of 1-GPU rows for Wan, ~8 s for Flux, each mode ~10 s more).
 # estimate-h200-s: 50
+# needs-gpus: 2
 from __future__ import annotations
 
 import argparse

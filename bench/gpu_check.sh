@@ -155,7 +155,7 @@ stage() {
 
 # the benchmark scripts to run, in ORDER, without those another script covers
 bench_scripts() {
-    local covered="" f b n ordered=()
+    local covered="" f b n need ordered=()
     for f in bench/bench_*.py; do
         covered+=" $(sed -n 's/^# bench-covers://p' "$f")"
     done
@@ -166,6 +166,14 @@ bench_scripts() {
     for f in "${ordered[@]}"; do
         b=$(basename "$f")
         case " $covered " in *" $b "*) continue ;; esac
+        # '# needs-gpus: N' (bench_cp): skipped on a machine with fewer GPUs, unless named in
+        # GPU_CHECK_BENCH (its one-GPU rows alone are not what it measures)
+        need=$(sed -n 's/^# needs-gpus: *\([0-9]*\).*/\1/p' "$f" | head -1)
+        if [ -n "$need" ] && [ -z "${GPU_CHECK_BENCH:-}" ] \
+            && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -lt "$need" ]; then
+            echo "[bench ${b%.py}] skipped: needs $need GPUs (GPU_CHECK_BENCH=${b#bench_} runs it)" >&2
+            continue
+        fi
         if [ -n "${GPU_CHECK_BENCH:-}" ]; then
             n=${b#bench_}
             case " $GPU_CHECK_BENCH " in *" ${n%.py} "*) ;; *) continue ;; esac
