@@ -32,6 +32,17 @@ PRECISIONS = ("int8", "bf16")
 RING_FACTOR = 1.5  # ring error / single-process error, both vs the unquantized result
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_active_backend():
+    """diffusers' ModelMixin.set_attention_backend also sets the process-wide active backend
+    (diffusers 0.42.1): put back the one this module found, so later tests' models keep torch's
+    own attention."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    saved = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(saved)
+
+
 # ---- tiny models (the same weights and inputs on every rank: fixed seeds) --------------------
 def _flux(dtype=torch.bfloat16):
     from diffusers import FluxTransformer2DModel

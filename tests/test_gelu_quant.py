@@ -49,18 +49,18 @@ def _fp64_gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return 0.5 * xd * torch.special.erfc(-xd / math.sqrt(2.0))
 
 
-def _tol(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _tol(x: torch.Tensor, y: torch.Tensor, ulps: float = Y_ULPS) -> torch.Tensor:
     """The contract's bound: Y_ULPS * 2^-24 * (|x| + |y|), in fp64."""
-    return Y_ULPS * 2.0**-24 * (x.double().abs() + y.double().abs())
+    return ulps * 2.0**-24 * (x.double().abs() + y.double().abs())
 
 
-def _assert_close(y, want, x, what):
+def _assert_close(y, want, x, what, ulps=Y_ULPS):
     """|y - want| <= _tol(x, want) where want is finite; y non-finite exactly where want is."""
     y, want, x = y.cpu().reshape(-1), want.cpu().reshape(-1), x.cpu().reshape(-1)
     fin = torch.isfinite(want)
     assert torch.equal(fin, torch.isfinite(y)), f"{what}: non-finite positions differ"
     err = (y.double() - want.double()).abs()[fin]
-    tol = _tol(x, want)[fin]
+    tol = _tol(x, want, ulps)[fin]
     if not (err <= tol).all():
         i = int(torch.argmax(err - tol))
         xi = x[fin][i].item()
@@ -130,8 +130,14 @@ def test_reference_against_fp64(approximate):
     x = _special_values()
     q, s, y = ref.gelu_quant(x, approximate)
     _assert_close(y, _fp64_gelu(x, approximate).float(), x, f"reference vs fp64 ({approximate})")
-    # and against torch's own GELU (its CPU kernel orders some operations differently)
-    _assert_close(y, torch.nn.functional.gelu(x, approximate=approximate), x, "vs F.gelu")
+    # and against torch's own GELU, loosely: its CPU kernel depends on the CPU (on an AVX512 CPU
+    # its vectorized erf is off by up to ~5 units of 2^-24 (|x| + |y|), and its erf form
+    # overflows to inf for finite x >= 2^127 (1.7e38): those inputs are left out here; the
+    # fp64 comparison above is the spec's check)
+    keep = (~(torch.isfinite(x) & (x.abs() >= 2.0**127))).reshape(-1)
+    torch_y = torch.nn.functional.gelu(x, approximate=approximate)
+    _assert_close(y.reshape(-1)[keep], torch_y.reshape(-1)[keep], x.reshape(-1)[keep], "vs F.gelu",
+                  ulps=16)
     self_q = pyops.quantize_fp8(y, "row", backend="reference")
     assert_bits_equal(q, self_q.data)
     assert_bits_equal(s, self_q.scale.reshape(-1))
