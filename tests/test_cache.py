@@ -721,3 +721,22 @@ def test_exception_inside_a_region_closes_it(level):
         assert flags == {-1: 0} and torch.equal(got, want)
     else:  # block 2 recomputes; block 1 stored its residual at the failed step and reuses it
         assert flags == {1: 1, 2: 0}
+
+
+def test_state_follows_the_model_to_another_device():
+    """A region whose saved state lives on another device than the features (the model was
+    moved after caching) starts afresh on the features' device instead of failing; simulated on
+    CPU by moving the saved state to the meta device."""
+    m = _dit()
+    inputs = _dit_inputs(drift=[0.002] * STEPS)
+    h = C.apply(m, C.CacheConfig(threshold=0.05, num_steps=STEPS, fn=1, bn=1))
+    with torch.no_grad():
+        m(*inputs[0])
+        for r in h.regions().values():
+            r.ref, r.state = r.ref.to("meta"), r.state.to("meta")
+        y = m(*inputs[1])  # fresh state on the CPU: computed (warm-up), not reused
+    assert all(r.ref.device.type == "cpu" and r.state.device.type == "cpu"
+               for r in h.regions().values())
+    h.remove()
+    with torch.no_grad():
+        assert torch.equal(y, m(*inputs[1]))

@@ -270,7 +270,8 @@ class CachedModel:
         r = self._region(key)
         g = self._groups()
         group = self._cp_group()  # None: decide locally (one fused op, as without a group)
-        fresh = r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype
+        fresh = (r.ref is None or r.ref.shape != feature.shape or r.ref.dtype != feature.dtype
+                 or r.ref.device != feature.device)  # a model moved to another device
         if fresh:
             with persistent():
                 r.ref = torch.zeros(feature.shape, dtype=feature.dtype, device=feature.device)
