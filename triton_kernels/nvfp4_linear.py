@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cvt import NVFP4_BLOCK, e2m1_to_f32, e2m1_unpack, e4m3_to_f32
+from ._cvt import NVFP4_BLOCK, e2m1_to_f32, e2m1_unpack, e4m3_to_f32, f32_to_out, out_kind
 
 FORCE_CONFIG: Optional[dict] = None  # test hook (small blocks for the interpreter)
 NUM_SMS_DEFAULT = 132
@@ -90,8 +90,9 @@ def _nvfp4_linear_kernel(x_ptr, d_ptr, s_ptr, g_ptr, b_ptr, o_ptr, ws_ptr, M, N,
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, g_ptr, b_ptr, o_ptr, M, N, som, son,
-                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, o_ptr, M, N, som, son,
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, PER_ROW: tl.constexpr,
+                          OUT_KIND: tl.constexpr, SOFT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,11 +100,28 @@ def _splitk_reduce_kernel(ws_ptr, g_ptr, b_ptr, o_ptr, M, N, som, son,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):  # fixed order: deterministic
         acc += tl.load(ws_ptr + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)
-    y = acc * tl.load(g_ptr)
+    if PER_ROW:  # one scale per weight row (output column)
+        y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    else:
+        y = acc * tl.load(s_ptr)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + rm[:, None] * som + rn[None, :] * son, y.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + rm[:, None] * som + rn[None, :] * son, f32_to_out(y, OUT_KIND, SOFT),
              mask=mask)
+
+
+def splitk_reduce(ws: torch.Tensor, scale: torch.Tensor, per_row: bool,
+                  bias: Optional[torch.Tensor], out: torch.Tensor, o: torch.Tensor,
+                  soft: bool) -> None:
+    """out (M, N) = sum over s of ws[s] (fp32 (SPLIT_K, M, N) partials, in order) times ``scale``
+    (fp32: (N,) with ``per_row``, else (1,)) + bias, rounded once to out's dtype; ``o`` is out as
+    the kernel writes it (int16 bits for bf16 on the soft path, ``_cvt.as_kernel_output``)."""
+    split, M, N = ws.shape
+    rb_m, rb_n = 16, 128
+    _splitk_reduce_kernel[(triton.cdiv(N, rb_n), triton.cdiv(M, rb_m))](
+        ws, scale, bias if bias is not None else scale, o, M, N, out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, SPLIT_K=split, PER_ROW=per_row,
+        OUT_KIND=out_kind(out.dtype), SOFT=soft, BLOCK_M=rb_m, BLOCK_N=rb_n, num_warps=4)
 
 
 @triton.jit
@@ -191,7 +209,4 @@ def nvfp4_linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
         INTERPRET=x.device.type != "cuda",
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1:
-        rb_m, rb_n = 16, 128
-        _splitk_reduce_kernel[(triton.cdiv(N, rb_n), triton.cdiv(M, rb_m))](
-            ws, global_scale, b, out, M, N, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=rb_m, BLOCK_N=rb_n, num_warps=4)
+        splitk_reduce(ws, global_scale, False, bias, out, out, False)

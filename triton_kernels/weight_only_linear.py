@@ -73,24 +73,6 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, ws_ptr, M, N, K,
         tl.store(ws_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=mask)
 
 
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, o_ptr, M, N, som, son,
-                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                          OUT_KIND: tl.constexpr, SOFT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLIT_K):  # fixed order: deterministic
-        acc += tl.load(ws_ptr + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)
-    y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + rm[:, None] * som + rn[None, :] * son, f32_to_out(y, OUT_KIND, SOFT),
-             mask=mask)
-
-
 def pick_config(M: int, N: int, K: int, num_sms: int = _nvfp4.NUM_SMS_DEFAULT) -> dict:
     """Per-shape config of the FP8 kernel (starting points; unmeasured)."""
     if FORCE_CONFIG is not None:
@@ -135,9 +117,5 @@ def weight_only_linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor
         HAS_BIAS=bias is not None, SPLIT_K=split, IS_BF16=x.dtype == torch.bfloat16,
         OUT_KIND=out_kind(out.dtype), SOFT=soft, INTERPRET=interpret, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], BLOCK_K=bk, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    if split > 1:
-        rb_m, rb_n = 16, 128
-        _splitk_reduce_kernel[(triton.cdiv(N, rb_n), triton.cdiv(M, rb_m))](
-            ws, scales, b, o, M, N, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, SPLIT_K=split, OUT_KIND=out_kind(out.dtype), SOFT=soft,
-            BLOCK_M=rb_m, BLOCK_N=rb_n, num_warps=4)
+    if split > 1:  # fixed-order sum of the partials, per-channel scale, bias, one rounding
+        _nvfp4.splitk_reduce(ws, scales, True, bias, out, o, soft)
