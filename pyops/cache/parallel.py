@@ -131,11 +131,12 @@ def reduce_sums(a: torch.Tensor, ref: torch.Tensor, state: torch.Tensor, sums: t
     """Write ``sums[g] = [Σ|a−ref|, Σ|ref|, fresh]`` over this rank's rows of group ``g`` (fp32,
     ``a − ref`` formed in fp32 as the op does), all-reduce them (SUM) over ``group``, then zero
     the ``state`` rows of every group where some rank was ``fresh``. Device ops only: transient
-    fp32 tensors of ``a``'s size, a few small launches and one all-reduce of ``groups × 3``
+    fp32 tensor of ``a``'s size, a few small launches and one all-reduce of ``groups × 3``
     floats. Returns ``sums``."""
     _check_inputs(a, ref, state, sums, None, groups)
     av, bv = a.reshape(groups, -1), ref.reshape(groups, -1)
-    d = torch.linalg.vector_norm(torch.sub(av.float(), bv), ord=1, dim=1)
+    diff = av.to(torch.float32, copy=True)  # one transient fp32 buffer, a - ref in place
+    d = torch.linalg.vector_norm(diff.sub_(bv), ord=1, dim=1)
     n = torch.linalg.vector_norm(bv, ord=1, dim=1, dtype=torch.float32)
     torch.stack((d, n, torch.full_like(d, 1.0 if fresh else 0.0)), dim=1, out=sums)
     all_reduce_sum_(sums, group)
